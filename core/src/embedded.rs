@@ -1,0 +1,317 @@
+//! Embedded resolution: cryptofeed's `get_proxy(exchange, connection_type)` with proxy pools.
+//!
+//! Order: disabled → direct; the exchange's entry for the connection type; the default's entry;
+//! direct. Exchange ids are matched case-insensitively. A pool yields one enabled member per request:
+//!
+//! - `round_robin`: members in configured order, wrapping around;
+//! - `random`: at random, in proportion to `weight`;
+//! - `least_connections`: the member with the fewest live *leases* (ties: configured order).
+//!
+//! A **lease** is granted to the member each time it is handed out by a `least_connections` pool.
+//! It lives until the answer's TTL passes (the TTL a feed is told to cache the answer for), or until
+//! failure feedback for that proxy URL arrives ([`EmbeddedResolver::release`]), whichever is first.
+//! Weights do not affect `least_connections`.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use rand::distr::Distribution;
+use rand::distr::weighted::WeightedIndex;
+use tokio::time::Instant;
+
+use crate::model::{ConnectionProxies, ProxyConfig, ProxySettings, Strategy};
+
+/// The two kinds of connection a feed makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConnectionType {
+    /// REST / HTTP requests.
+    Http,
+    /// WebSocket streams.
+    Websocket,
+}
+
+impl ConnectionType {
+    /// The wire spelling used in configuration and upstream JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionType::Http => "http",
+            ConnectionType::Websocket => "websocket",
+        }
+    }
+}
+
+impl fmt::Display for ConnectionType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the embedded configuration says for one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolution {
+    /// The proxy to use; `None` means connect directly.
+    pub proxy_url: Option<String>,
+    /// `direct`, `static` (a plain url entry) or the pool's strategy.
+    pub strategy: &'static str,
+    /// The entry's `timeout_seconds` (absent for direct answers).
+    pub timeout_seconds: Option<i64>,
+}
+
+impl Resolution {
+    fn direct() -> Self {
+        Self { proxy_url: None, strategy: "direct", timeout_seconds: None }
+    }
+}
+
+/// Resolves requests against a loaded [`ProxySettings`]; pool state (rotation, leases) lives here.
+#[derive(Debug)]
+pub struct EmbeddedResolver {
+    enabled: bool,
+    default: Scope,
+    exchanges: HashMap<String, Scope>,
+    pools: Vec<std::sync::Arc<Pool>>,
+    lease_ttl: Duration,
+}
+
+#[derive(Debug, Default)]
+struct Scope {
+    http: Option<Entry>,
+    websocket: Option<Entry>,
+}
+
+#[derive(Debug)]
+enum Entry {
+    Url { url: String, timeout_seconds: i64 },
+    Pool(std::sync::Arc<Pool>),
+}
+
+#[derive(Debug)]
+struct Pool {
+    strategy: Strategy,
+    timeout_seconds: i64,
+    /// Enabled members only, in configured order.
+    urls: Vec<String>,
+    next: AtomicUsize,
+    weights: Option<WeightedIndex<f64>>,
+    /// Per member: expiry instants of its live leases, oldest first.
+    leases: Mutex<Vec<VecDeque<Instant>>>,
+}
+
+impl EmbeddedResolver {
+    /// Builds the resolver; `lease_ttl` is how long a `least_connections` lease lives without
+    /// feedback (the TTL answers are given with). `settings` must have passed validation.
+    pub fn new(settings: &ProxySettings, lease_ttl: Duration) -> Self {
+        let mut pools = Vec::new();
+        let default = settings.default.as_ref().map(|c| Scope::new(c, &mut pools)).unwrap_or_default();
+        let exchanges = settings
+            .exchanges
+            .iter()
+            .map(|(id, c)| (id.to_lowercase(), Scope::new(c, &mut pools)))
+            .collect();
+        Self { enabled: settings.enabled, default, exchanges, pools, lease_ttl }
+    }
+
+    /// The proxy for one request (see the module docs for the order and the strategies).
+    pub fn resolve(&self, exchange_id: &str, connection_type: ConnectionType) -> Resolution {
+        if !self.enabled {
+            return Resolution::direct();
+        }
+        let entry = self
+            .exchanges
+            .get(&exchange_id.to_lowercase())
+            .and_then(|s| s.get(connection_type))
+            .or_else(|| self.default.get(connection_type));
+        match entry {
+            None => Resolution::direct(),
+            Some(Entry::Url { url, timeout_seconds }) => Resolution {
+                proxy_url: Some(url.clone()),
+                strategy: "static",
+                timeout_seconds: Some(*timeout_seconds),
+            },
+            Some(Entry::Pool(pool)) => Resolution {
+                proxy_url: Some(pool.pick(self.lease_ttl)),
+                strategy: pool.strategy.as_str(),
+                timeout_seconds: Some(pool.timeout_seconds),
+            },
+        }
+    }
+
+    /// Ends the oldest live lease on `proxy_url` in every pool that has it (failure feedback).
+    /// Returns how many leases ended.
+    pub fn release(&self, proxy_url: &str) -> usize {
+        let mut released = 0;
+        for pool in &self.pools {
+            for (i, url) in pool.urls.iter().enumerate() {
+                if url == proxy_url {
+                    let mut leases = pool.leases.lock().unwrap_or_else(|e| e.into_inner());
+                    if leases[i].pop_front().is_some() {
+                        released += 1;
+                    }
+                }
+            }
+        }
+        released
+    }
+
+    /// Live leases on `proxy_url`, summed over pools (for observability and tests).
+    pub fn live_leases(&self, proxy_url: &str) -> usize {
+        let now = Instant::now();
+        self.pools
+            .iter()
+            .map(|pool| {
+                let leases = pool.leases.lock().unwrap_or_else(|e| e.into_inner());
+                pool.urls
+                    .iter()
+                    .zip(leases.iter())
+                    .filter(|(url, _)| *url == proxy_url)
+                    .map(|(_, l)| l.iter().filter(|&&until| until > now).count())
+                    .sum::<usize>()
+            })
+            .sum()
+    }
+}
+
+impl Scope {
+    fn new(c: &ConnectionProxies, pools: &mut Vec<std::sync::Arc<Pool>>) -> Self {
+        Self {
+            http: c.http.as_ref().and_then(|p| Entry::new(p, pools)),
+            websocket: c.websocket.as_ref().and_then(|p| Entry::new(p, pools)),
+        }
+    }
+
+    fn get(&self, connection_type: ConnectionType) -> Option<&Entry> {
+        match connection_type {
+            ConnectionType::Http => self.http.as_ref(),
+            ConnectionType::Websocket => self.websocket.as_ref(),
+        }
+    }
+}
+
+impl Entry {
+    fn new(config: &ProxyConfig, pools: &mut Vec<std::sync::Arc<Pool>>) -> Option<Self> {
+        if let Some(pool) = &config.pool {
+            let members: Vec<_> = pool.proxies.iter().filter(|m| m.enabled).collect();
+            if members.is_empty() {
+                return None;
+            }
+            let weights = match pool.strategy {
+                Strategy::Random => WeightedIndex::new(members.iter().map(|m| m.weight)).ok(),
+                _ => None,
+            };
+            let pool = std::sync::Arc::new(Pool {
+                strategy: pool.strategy,
+                timeout_seconds: config.timeout_seconds,
+                urls: members.iter().map(|m| m.url.clone()).collect(),
+                next: AtomicUsize::new(0),
+                weights,
+                leases: Mutex::new(vec![VecDeque::new(); members.len()]),
+            });
+            pools.push(pool.clone());
+            return Some(Entry::Pool(pool));
+        }
+        config.url.as_ref().map(|url| Entry::Url { url: url.clone(), timeout_seconds: config.timeout_seconds })
+    }
+}
+
+impl Pool {
+    fn pick(&self, lease_ttl: Duration) -> String {
+        let index = match self.strategy {
+            Strategy::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) % self.urls.len(),
+            Strategy::Random => match &self.weights {
+                Some(w) => w.sample(&mut rand::rng()),
+                None => self.next.fetch_add(1, Ordering::Relaxed) % self.urls.len(),
+            },
+            Strategy::LeastConnections => {
+                let now = Instant::now();
+                let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+                for member in leases.iter_mut() {
+                    member.retain(|&until| until > now);
+                }
+                let index = leases
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(i, l)| (l.len(), *i))
+                    .map_or(0, |(i, _)| i);
+                leases[index].push_back(now + lease_ttl);
+                index
+            }
+        };
+        self.urls[index].clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{PoolConfig, PoolMember};
+
+    fn member(url: &str, weight: f64, enabled: bool) -> PoolMember {
+        PoolMember { url: url.into(), weight, enabled }
+    }
+
+    fn pool_settings(strategy: Strategy, members: Vec<PoolMember>) -> ProxySettings {
+        ProxySettings {
+            enabled: true,
+            default: Some(ConnectionProxies {
+                http: None,
+                websocket: Some(ProxyConfig {
+                    url: None,
+                    timeout_seconds: 30,
+                    pool: Some(PoolConfig { proxies: members, strategy }),
+                }),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn least_connections_leases_expire_with_the_ttl() {
+        let settings = pool_settings(
+            Strategy::LeastConnections,
+            vec![member("socks5://a:1", 1.0, true), member("socks5://b:1", 1.0, true)],
+        );
+        let r = EmbeddedResolver::new(&settings, Duration::from_secs(60));
+        let pick = |r: &EmbeddedResolver| r.resolve("x", ConnectionType::Websocket).proxy_url.unwrap();
+        assert_eq!(pick(&r), "socks5://a:1");
+        assert_eq!(pick(&r), "socks5://b:1");
+        assert_eq!(pick(&r), "socks5://a:1");
+        assert_eq!(r.live_leases("socks5://a:1"), 2);
+        // a has 2 leases, b has 1: b next.
+        assert_eq!(pick(&r), "socks5://b:1");
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert_eq!(r.live_leases("socks5://a:1"), 0);
+        assert_eq!(pick(&r), "socks5://a:1");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failure_release_ends_a_lease() {
+        let settings = pool_settings(
+            Strategy::LeastConnections,
+            vec![member("socks5://a:1", 1.0, true), member("socks5://b:1", 1.0, true)],
+        );
+        let r = EmbeddedResolver::new(&settings, Duration::from_secs(300));
+        let pick = |r: &EmbeddedResolver| r.resolve("x", ConnectionType::Websocket).proxy_url.unwrap();
+        assert_eq!(pick(&r), "socks5://a:1");
+        assert_eq!(pick(&r), "socks5://b:1");
+        assert_eq!(r.release("socks5://b:1"), 1);
+        assert_eq!(pick(&r), "socks5://b:1");
+        assert_eq!(r.release("socks5://nowhere:1"), 0);
+    }
+
+    #[test]
+    fn disabled_members_are_never_picked() {
+        for strategy in [Strategy::RoundRobin, Strategy::Random, Strategy::LeastConnections] {
+            let settings = pool_settings(
+                strategy,
+                vec![member("socks5://off:1", 10.0, false), member("socks5://on:1", 0.1, true)],
+            );
+            let r = EmbeddedResolver::new(&settings, Duration::from_secs(60));
+            for _ in 0..200 {
+                assert_eq!(r.resolve("x", ConnectionType::Websocket).proxy_url.as_deref(), Some("socks5://on:1"));
+            }
+        }
+    }
+}

@@ -1,0 +1,393 @@
+//! Layered configuration loading: built-in defaults → one YAML file → environment variables.
+//!
+//! The `config` crate does the layering and the deep merge. It lacks three things cryptofeed's
+//! environment format needs, which [`EnvSource`] adds: JSON values for lists and objects
+//! (`...__ENDPOINTS=["https://a:8080"]`), numeric-index list elements (`...__PROXIES__0__URL`), and
+//! several prefixes mapped to different subtrees (`CRYPTOFEED_PROXY_*` → `proxy.*`,
+//! `PROXY_BROKER_*` → `server.*`). [`YamlFile`] folds exchange ids to lower case so that YAML's
+//! `Binance` and the environment's `BINANCE` are one exchange.
+//!
+//! Deserialization goes through `serde_path_to_error`, so every error names the key path; range and
+//! format rules are checked afterwards by [`Validate`] implementations. Values of secret keys are
+//! never echoed.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use config::{FileFormat, Map, Source, Value, ValueKind};
+use serde::de::DeserializeOwned;
+
+use crate::redact::{is_secret_path, redact_text};
+
+/// One configuration problem: where, and what is wrong (value and rule).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Key path, e.g. `proxy.default.http.url` (empty for whole-file problems).
+    pub path: String,
+    /// The offending value and the rule it breaks.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in a configuration; start-up stops on any.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// The problems, in the order they were found.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.problems.as_slice() {
+            [one] => write!(f, "invalid configuration: {one}"),
+            many => {
+                write!(f, "invalid configuration ({} problems):", many.len())?;
+                for p in many {
+                    write!(f, "\n  - {p}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl ConfigError {
+    fn single(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { problems: vec![Problem { path: path.into(), message: message.into() }] }
+    }
+}
+
+/// Collects problems during validation.
+#[derive(Debug, Default)]
+pub struct Problems(Vec<Problem>);
+
+impl Problems {
+    /// Records a problem at `path`.
+    pub fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem { path: path.into(), message: message.into() });
+    }
+
+    /// Whether nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Ok when empty, else the collected error.
+    pub fn into_result(self) -> Result<(), ConfigError> {
+        if self.0.is_empty() { Ok(()) } else { Err(ConfigError { problems: self.0 }) }
+    }
+}
+
+/// Rules a loaded configuration must satisfy beyond its types.
+pub trait Validate {
+    /// Records every broken rule; `path` is this value's key path.
+    fn validate(&self, path: &str, problems: &mut Problems);
+}
+
+/// Maps environment variables with a prefix onto a configuration subtree.
+#[derive(Debug, Clone)]
+pub struct EnvMapping {
+    /// Variable prefix, matched case-insensitively, e.g. `CRYPTOFEED_PROXY_`.
+    pub prefix: String,
+    /// Key path the rest of the name is placed under, e.g. `proxy` (empty = root).
+    pub target: String,
+    /// Whole variable names with this prefix that are not configuration keys (e.g. `PROXY_BROKER_CONFIG`).
+    pub exclude: Vec<String>,
+}
+
+impl EnvMapping {
+    /// A mapping from `prefix` to `target`.
+    pub fn new(prefix: &str, target: &str) -> Self {
+        Self { prefix: prefix.to_owned(), target: target.to_owned(), exclude: Vec::new() }
+    }
+
+    /// Leaves a variable out of the mapping.
+    pub fn exclude(mut self, name: &str) -> Self {
+        self.exclude.push(name.to_ascii_uppercase());
+        self
+    }
+}
+
+/// Builds a configuration of type `T` from defaults, an optional YAML file and the environment.
+#[derive(Debug, Clone, Default)]
+pub struct Loader {
+    file: Option<PathBuf>,
+    mappings: Vec<EnvMapping>,
+    env: Option<Vec<(String, String)>>,
+    fold_case: Vec<String>,
+}
+
+impl Loader {
+    /// A loader with no file and no environment mappings.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Reads this YAML file (it must exist).
+    pub fn file(mut self, path: impl AsRef<Path>) -> Self {
+        self.file = Some(path.as_ref().to_owned());
+        self
+    }
+
+    /// Applies environment variables with this mapping.
+    pub fn env_mapping(mut self, mapping: EnvMapping) -> Self {
+        self.mappings.push(mapping);
+        self
+    }
+
+    /// Uses these variables instead of the process environment (tests, embedding).
+    pub fn env_vars<I, K, V>(mut self, vars: I) -> Self
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        self.env = Some(vars.into_iter().map(|(k, v)| (k.into(), v.into())).collect());
+        self
+    }
+
+    /// Lower-cases the keys of the map at this dotted path in the file (e.g. `proxy.exchanges`).
+    pub fn fold_case(mut self, path: &str) -> Self {
+        self.fold_case.push(path.to_owned());
+        self
+    }
+
+    /// Loads, deserializes and validates.
+    pub fn load<T: DeserializeOwned + Validate>(&self) -> Result<T, ConfigError> {
+        let vars = match &self.env {
+            Some(v) => v.clone(),
+            None => std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+                .collect(),
+        };
+        let env = EnvSource::new(&self.mappings, &vars)?;
+        let mut builder = config::Config::builder();
+        if let Some(path) = &self.file {
+            builder = builder.add_source(YamlFile { path: path.clone(), fold_case: self.fold_case.clone() });
+        }
+        let built = builder
+            .add_source(env.clone())
+            .build()
+            .map_err(|e| ConfigError::single("", redact_text(&e.to_string())))?;
+        let value: T = serde_path_to_error::deserialize(built).map_err(|e| {
+            let path = e.path().to_string();
+            let path = if path == "." { String::new() } else { path };
+            let message = if is_secret_path(&path) {
+                "invalid value (not shown: this key holds a secret)".to_owned()
+            } else {
+                redact_text(&e.inner().to_string())
+            };
+            let message = match env.origin_of(&path) {
+                Some(var) => format!("{message} (set by environment variable {var})"),
+                None => message,
+            };
+            ConfigError::single(path, message)
+        })?;
+        let mut problems = Problems::default();
+        value.validate("", &mut problems);
+        problems.into_result()?;
+        Ok(value)
+    }
+}
+
+/// The `config` crate's YAML file source, with map keys folded to lower case at chosen paths.
+#[derive(Debug, Clone)]
+struct YamlFile {
+    path: PathBuf,
+    fold_case: Vec<String>,
+}
+
+impl Source for YamlFile {
+    fn clone_into_box(&self) -> Box<dyn Source + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn collect(&self) -> Result<Map<String, Value>, config::ConfigError> {
+        if !self.path.is_file() {
+            return Err(config::ConfigError::Message(format!(
+                "configuration file {} does not exist or is not a file",
+                self.path.display()
+            )));
+        }
+        let mut map = config::File::from(self.path.as_path()).format(FileFormat::Yaml).collect()?;
+        for path in &self.fold_case {
+            let mut segments = path.split('.');
+            let Some(first) = segments.next() else { continue };
+            let mut node = map.get_mut(first);
+            for seg in segments {
+                node = match node {
+                    Some(Value { kind: ValueKind::Table(t), .. }) => t.get_mut(seg),
+                    _ => None,
+                };
+            }
+            if let Some(Value { kind: ValueKind::Table(table), .. }) = node {
+                let mut folded = Map::new();
+                let mut originals: BTreeMap<String, String> = BTreeMap::new();
+                for (key, value) in table.drain() {
+                    let lower = key.to_lowercase();
+                    if let Some(previous) = originals.insert(lower.clone(), key.clone()) {
+                        return Err(config::ConfigError::Message(format!(
+                            "{path}: keys '{previous}' and '{key}' name the same entry \
+                             (keys here are case-insensitive) in {}",
+                            self.path.display()
+                        )));
+                    }
+                    folded.insert(lower, value);
+                }
+                *table = folded;
+            }
+        }
+        Ok(map)
+    }
+}
+
+/// Environment variables as configuration, cryptofeed-style (see the module docs).
+#[derive(Debug, Clone, Default)]
+struct EnvSource {
+    /// Dotted key path (with `[i]` indexes) → value.
+    values: Vec<(String, Value)>,
+    /// Dotted key path → variable name, for error messages.
+    origins: BTreeMap<String, String>,
+}
+
+impl EnvSource {
+    fn new(mappings: &[EnvMapping], vars: &[(String, String)]) -> Result<Self, ConfigError> {
+        let mut source = EnvSource::default();
+        let mut problems = Problems::default();
+        let mut sorted: Vec<&(String, String)> = vars.iter().collect();
+        // Deterministic order: shorter (outer) keys first, so `X__POOL={...}` then `X__POOL__...`.
+        sorted.sort_by(|a, b| a.0.len().cmp(&b.0.len()).then(a.0.cmp(&b.0)));
+        for (name, raw) in sorted {
+            let upper = name.to_ascii_uppercase();
+            let Some(mapping) = mappings.iter().find(|m| upper.starts_with(&m.prefix.to_ascii_uppercase()))
+            else {
+                continue;
+            };
+            if mapping.exclude.contains(&upper) {
+                continue;
+            }
+            let rest = &upper[mapping.prefix.len()..];
+            if rest.is_empty() {
+                continue;
+            }
+            let mut path = mapping.target.clone();
+            let mut ok = true;
+            for segment in rest.to_lowercase().split("__") {
+                let valid = !segment.is_empty()
+                    && segment.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+                if !valid {
+                    ok = false;
+                    break;
+                }
+                if segment.chars().all(|c| c.is_ascii_digit()) {
+                    path.push_str(&format!("[{segment}]"));
+                } else {
+                    if !path.is_empty() {
+                        path.push('.');
+                    }
+                    path.push_str(segment);
+                }
+            }
+            if !ok {
+                problems.push(
+                    name.clone(),
+                    "environment variable name cannot be mapped to a configuration key \
+                     (segments between `__` must be non-empty letters, digits, `_` or `-`)",
+                );
+                continue;
+            }
+            let trimmed = raw.trim();
+            let value = if trimmed.starts_with('[') || trimmed.starts_with('{') {
+                match serde_json::from_str::<serde_json::Value>(trimmed) {
+                    Ok(json) => json_to_config(json),
+                    Err(e) => {
+                        let shown = if is_secret_path(&path) { "<secret>".to_owned() } else { redact_text(trimmed) };
+                        problems.push(
+                            path.clone(),
+                            format!("'{shown}' from environment variable {name} is not valid JSON ({e})"),
+                        );
+                        continue;
+                    }
+                }
+            } else {
+                Value::new(None, ValueKind::String(raw.clone()))
+            };
+            source.origins.insert(path.clone(), name.clone());
+            source.values.push((path, value));
+        }
+        problems.into_result()?;
+        Ok(source)
+    }
+
+    /// The variable that set `path` or one of its parents.
+    fn origin_of(&self, path: &str) -> Option<&str> {
+        let mut candidate = path;
+        loop {
+            if let Some(var) = self.origins.get(candidate) {
+                return Some(var);
+            }
+            candidate = &candidate[..candidate.rfind(['.', '['])?];
+        }
+    }
+}
+
+impl Source for EnvSource {
+    fn clone_into_box(&self) -> Box<dyn Source + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn collect(&self) -> Result<Map<String, Value>, config::ConfigError> {
+        Ok(self.values.iter().cloned().collect())
+    }
+
+    fn collect_to(&self, cache: &mut Value) -> Result<(), config::ConfigError> {
+        // Applied one at a time, in order, through the crate's own path setter, so that a JSON
+        // list set by one variable can be refined element by element by a longer one.
+        for (key, value) in &self.values {
+            OneValue(key.clone(), value.clone()).collect_to(cache)?;
+        }
+        Ok(())
+    }
+}
+
+/// A single `key = value`, applied with the `config` crate's path semantics (`a.b[0].c`).
+#[derive(Debug, Clone)]
+struct OneValue(String, Value);
+
+impl Source for OneValue {
+    fn clone_into_box(&self) -> Box<dyn Source + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn collect(&self) -> Result<Map<String, Value>, config::ConfigError> {
+        Ok([(self.0.clone(), self.1.clone())].into_iter().collect())
+    }
+}
+
+fn json_to_config(json: serde_json::Value) -> Value {
+    let kind = match json {
+        serde_json::Value::Null => ValueKind::Nil,
+        serde_json::Value::Bool(b) => ValueKind::Boolean(b),
+        serde_json::Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => ValueKind::I64(i),
+            (None, Some(f)) => ValueKind::Float(f),
+            _ => ValueKind::String(n.to_string()),
+        },
+        serde_json::Value::String(s) => ValueKind::String(s),
+        serde_json::Value::Array(items) => ValueKind::Array(items.into_iter().map(json_to_config).collect()),
+        serde_json::Value::Object(map) => {
+            ValueKind::Table(map.into_iter().map(|(k, v)| (k, json_to_config(v))).collect())
+        }
+    };
+    Value::new(None, kind)
+}

@@ -1,0 +1,206 @@
+//! The rules of the `proxy:` block, shared by the broker and the client crate.
+
+use url::Url;
+
+pub use crate::load::{Problems, Validate};
+use crate::model::{ConnectionProxies, ExternalServiceConfig, PoolConfig, ProxyConfig, ProxySettings};
+use crate::redact::redact_url;
+
+/// Proxy URL schemes a feed can use.
+pub const PROXY_SCHEMES: &[&str] = &["http", "https", "socks4", "socks4a", "socks5", "socks5h"];
+
+/// Longest exchange id.
+pub const MAX_EXCHANGE_ID_LEN: usize = 64;
+
+/// Checks an exchange id: 1..=64 characters of `[A-Za-z0-9._-]`. The error is the rule broken.
+pub fn check_exchange_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("must not be empty (1..=64 characters of [A-Za-z0-9._-])".into());
+    }
+    if id.len() > MAX_EXCHANGE_ID_LEN {
+        return Err(format!("is {} characters long (1..=64 characters of [A-Za-z0-9._-])", id.len()));
+    }
+    if let Some(c) = id.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+        return Err(format!("contains {c:?} (1..=64 characters of [A-Za-z0-9._-])"));
+    }
+    Ok(())
+}
+
+/// Checks a proxy URL: an allowed scheme, a host and a port. The error names the rule broken and
+/// never contains the password.
+pub fn check_proxy_url(raw: &str) -> Result<Url, String> {
+    let shown = redact_url(raw);
+    let url = Url::parse(raw).map_err(|e| format!("'{shown}' is not a valid URL ({e})"))?;
+    if !PROXY_SCHEMES.contains(&url.scheme()) {
+        return Err(format!(
+            "'{shown}' has scheme '{}' (allowed: {})",
+            url.scheme(),
+            PROXY_SCHEMES.join(", ")
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("'{shown}' has no host (scheme://[user:pass@]host:port)"));
+    }
+    // `Url::port` is None both when absent and when it equals the scheme's default (http:80), so
+    // look at the text: a port must be written out.
+    if url.port().is_none() && !has_explicit_port(raw) {
+        return Err(format!("'{shown}' has no port (scheme://[user:pass@]host:port)"));
+    }
+    if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("'{shown}' has a path, query or fragment (scheme://[user:pass@]host:port)"));
+    }
+    Ok(url)
+}
+
+fn has_explicit_port(raw: &str) -> bool {
+    let after_scheme = raw.split_once("://").map_or(raw, |(_, r)| r);
+    let authority = after_scheme.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+    let port = match host_port.rfind(']') {
+        Some(close) => host_port[close + 1..].strip_prefix(':'),
+        None => host_port.rsplit_once(':').map(|(_, p)| p),
+    };
+    port.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Checks an upstream endpoint: an http(s) URL with a host.
+pub fn check_endpoint_url(raw: &str) -> Result<Url, String> {
+    let shown = redact_url(raw);
+    let url = Url::parse(raw).map_err(|e| format!("'{shown}' is not a valid URL ({e})"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("'{shown}' has scheme '{}' (allowed: http, https)", url.scheme()));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("'{shown}' has no host"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("'{shown}' has a query or fragment (a base URL is expected)"));
+    }
+    Ok(url)
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() { key.to_owned() } else { format!("{path}.{key}") }
+}
+
+/// Checks `value` against an inclusive range; records a problem naming the rule if outside.
+pub fn check_range(problems: &mut Problems, path: String, value: i64, min: i64, max: i64) {
+    if !(min..=max).contains(&value) {
+        problems.push(path, format!("{value} is out of range (allowed {min}..={max})"));
+    }
+}
+
+impl Validate for ProxySettings {
+    fn validate(&self, path: &str, problems: &mut Problems) {
+        if let Some(default) = &self.default {
+            default.validate(&join(path, "default"), problems);
+        }
+        let mut seen = std::collections::BTreeMap::new();
+        for (id, proxies) in &self.exchanges {
+            let p = join(path, &format!("exchanges.{id}"));
+            if let Err(rule) = check_exchange_id(id) {
+                problems.push(p.clone(), format!("exchange id '{id}' {rule}"));
+            }
+            if let Some(other) = seen.insert(id.to_lowercase(), id) {
+                problems.push(
+                    p.clone(),
+                    format!("exchange ids '{other}' and '{id}' are the same (ids are case-insensitive)"),
+                );
+            }
+            proxies.validate(&p, problems);
+        }
+        self.external_service.validate(&join(path, "external_service"), problems);
+    }
+}
+
+impl Validate for ConnectionProxies {
+    fn validate(&self, path: &str, problems: &mut Problems) {
+        if let Some(http) = &self.http {
+            http.validate(&join(path, "http"), problems);
+        }
+        if let Some(ws) = &self.websocket {
+            ws.validate(&join(path, "websocket"), problems);
+        }
+    }
+}
+
+impl Validate for ProxyConfig {
+    fn validate(&self, path: &str, problems: &mut Problems) {
+        check_range(problems, join(path, "timeout_seconds"), self.timeout_seconds, 1, 300);
+        match (&self.url, &self.pool) {
+            (Some(url), None) => {
+                if let Err(rule) = check_proxy_url(url) {
+                    problems.push(join(path, "url"), rule);
+                }
+            }
+            (None, Some(pool)) => pool.validate(&join(path, "pool"), problems),
+            (None, None) => problems.push(path, "needs `url` or `pool` (neither is set)"),
+            (Some(_), Some(_)) => problems.push(
+                path,
+                "sets both `url` and `pool`; set one (a pool entry picks among its members, a url entry always answers that url)",
+            ),
+        }
+    }
+}
+
+impl Validate for PoolConfig {
+    fn validate(&self, path: &str, problems: &mut Problems) {
+        let list = join(path, "proxies");
+        if self.proxies.is_empty() {
+            problems.push(list.clone(), "is empty (a pool needs at least one proxy)");
+        } else if !self.proxies.iter().any(|m| m.enabled) {
+            problems.push(list.clone(), "has no enabled member (at least one must be enabled)");
+        }
+        for (i, member) in self.proxies.iter().enumerate() {
+            let p = format!("{list}[{i}]");
+            if let Err(rule) = check_proxy_url(&member.url) {
+                problems.push(format!("{p}.url"), rule);
+            }
+            if !(member.weight.is_finite() && (0.1..=10.0).contains(&member.weight)) {
+                problems.push(format!("{p}.weight"), format!("{} is out of range (allowed 0.1..=10.0)", member.weight));
+            }
+        }
+    }
+}
+
+impl Validate for ExternalServiceConfig {
+    fn validate(&self, path: &str, problems: &mut Problems) {
+        check_range(problems, join(path, "timeout_seconds"), self.timeout_seconds, 1, 60);
+        check_range(problems, join(path, "cache_ttl_seconds"), self.cache_ttl_seconds, 60, 3600);
+        for (i, endpoint) in self.endpoints.iter().enumerate() {
+            if let Err(rule) = check_endpoint_url(endpoint) {
+                problems.push(format!("{}[{i}]", join(path, "endpoints")), rule);
+            }
+        }
+        if self.enabled && self.endpoints.is_empty() {
+            problems.push(join(path, "endpoints"), "is empty while `enabled` is true (at least one endpoint is needed)");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_urls_need_scheme_host_and_port() {
+        assert!(check_proxy_url("socks5://h:1080").is_ok());
+        assert!(check_proxy_url("http://user:pw@h:80").is_ok());
+        assert!(check_proxy_url("socks5h://[::1]:1080").is_ok());
+        assert!(check_proxy_url("http://h").unwrap_err().contains("no port"));
+        assert!(check_proxy_url("ftp://h:21").unwrap_err().contains("scheme 'ftp'"));
+        assert!(check_proxy_url("h:1080").is_err());
+        assert!(check_proxy_url("socks5://:1080").is_err());
+        let err = check_proxy_url("gopher://u:topsecret@h:1").unwrap_err();
+        assert!(!err.contains("topsecret"), "{err}");
+    }
+
+    #[test]
+    fn exchange_ids_follow_the_charset_and_length() {
+        assert!(check_exchange_id("binance_futures").is_ok());
+        assert!(check_exchange_id("Binance.US-2").is_ok());
+        assert!(check_exchange_id("").is_err());
+        assert!(check_exchange_id(&"a".repeat(65)).is_err());
+        assert!(check_exchange_id("bin ance").is_err());
+    }
+}
