@@ -179,13 +179,20 @@ impl Loader {
             .add_source(env.clone())
             .build()
             .map_err(|e| ConfigError::single("", redact_text(&e.to_string())))?;
+        let snapshot = built.clone();
         let value: T = serde_path_to_error::deserialize(built).map_err(|e| {
             let path = e.path().to_string();
             let path = if path == "." { String::new() } else { path };
             let message = if is_secret_path(&path) {
                 "invalid value (not shown: this key holds a secret)".to_owned()
             } else {
-                redact_text(&e.inner().to_string())
+                let mut message = strip_key_suffix(&e.inner().to_string());
+                if let Some(shown) = scalar_at(&snapshot, &path) {
+                    if !message.contains(&shown) {
+                        message = format!("'{shown}': {message}");
+                    }
+                }
+                redact_text(&message)
             };
             let message = match env.origin_of(&path) {
                 Some(var) => format!("{message} (set by environment variable {var})"),
@@ -197,6 +204,27 @@ impl Loader {
         value.validate("", &mut problems);
         problems.into_result()?;
         Ok(value)
+    }
+}
+
+/// The `config` crate appends " for key `a.b`" (and sometimes " in <origin>") to type errors; the
+/// path is reported separately, so drop the repetition.
+fn strip_key_suffix(message: &str) -> String {
+    match message.find(" for key `") {
+        Some(i) => message[..i].to_owned(),
+        None => message.to_owned(),
+    }
+}
+
+/// The scalar value at `path`, as text, for error messages.
+fn scalar_at(config: &config::Config, path: &str) -> Option<String> {
+    if path.is_empty() {
+        return None;
+    }
+    let value = config.get::<Value>(path).ok()?;
+    match value.kind {
+        ValueKind::Table(_) | ValueKind::Array(_) | ValueKind::Nil => None,
+        _ => Some(value.to_string()),
     }
 }
 

@@ -96,7 +96,7 @@ fn default_true() -> bool {
 }
 
 /// How a pool picks a member.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
     /// Members in configured order, one per request.
@@ -120,7 +120,7 @@ impl Strategy {
 }
 
 /// How the broker authenticates to upstream proxy services.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AuthMethod {
     /// `Authorization: Bearer {token}`.
@@ -131,6 +131,26 @@ pub enum AuthMethod {
     /// Client certificate (`cert_file`, `key_file`), server checked against `ca_file`.
     MutualTls,
 }
+
+/// Enums are read as strings (environment values are strings too) so that a bad value gets serde's
+/// "unknown variant `x`, expected one of ..." message.
+macro_rules! string_enum {
+    ($ty:ident { $($text:literal => $variant:ident),+ $(,)? }) => {
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                const VARIANTS: &[&str] = &[$($text),+];
+                let text = String::deserialize(deserializer)?;
+                match text.as_str() {
+                    $($text => Ok($ty::$variant),)+
+                    other => Err(de::Error::unknown_variant(other, VARIANTS)),
+                }
+            }
+        }
+    };
+}
+
+string_enum!(Strategy { "round_robin" => RoundRobin, "random" => Random, "least_connections" => LeastConnections });
+string_enum!(AuthMethod { "bearer_token" => BearerToken, "api_key" => ApiKey, "mutual_tls" => MutualTls });
 
 /// The design's `ExternalProxyServiceConfig`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
