@@ -7,7 +7,10 @@ use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
-    let fds = protox::compile(["proxybroker/v1/broker.proto", "proxybroker/v1/admin.proto"], ["proto"])?;
+    let fds = protox::compile(
+        ["proxybroker/v1/broker.proto", "proxybroker/v1/admin.proto"],
+        ["proto"],
+    )?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("proxybroker_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure().compile_fds(fds)?;

@@ -22,7 +22,8 @@ impl AdminService {
     }
 }
 
-const NOT_YET: &str = "arrives with upstream delegation (issue 3): this build resolves from the embedded configuration only";
+const NOT_YET: &str =
+    "arrives with upstream delegation (issue 3): this build resolves from the embedded configuration only";
 
 #[tonic::async_trait]
 impl ProxyBrokerAdmin for AdminService {
@@ -33,7 +34,10 @@ impl ProxyBrokerAdmin for AdminService {
         Err(Error::Unimplemented(NOT_YET).into())
     }
 
-    async fn list_cache(&self, _request: Request<pb::ListCacheRequest>) -> Result<Response<pb::ListCacheResponse>, Status> {
+    async fn list_cache(
+        &self,
+        _request: Request<pb::ListCacheRequest>,
+    ) -> Result<Response<pb::ListCacheResponse>, Status> {
         Err(Error::Unimplemented(NOT_YET).into())
     }
 
@@ -48,6 +52,8 @@ impl ProxyBrokerAdmin for AdminService {
         &self,
         _request: Request<pb::GetEffectiveConfigRequest>,
     ) -> Result<Response<pb::GetEffectiveConfigResponse>, Status> {
-        Ok(Response::new(pb::GetEffectiveConfigResponse { config_json: self.broker.config().redacted_json() }))
+        Ok(Response::new(pb::GetEffectiveConfigResponse {
+            config_json: self.broker.config().redacted_json(),
+        }))
     }
 }

@@ -23,7 +23,10 @@ impl Broker {
     pub fn new(config: BrokerConfig) -> Self {
         let ttl = Duration::from_secs(config.proxy.external_service.cache_ttl_seconds.unsigned_abs());
         let embedded = EmbeddedResolver::new(&config.proxy, ttl);
-        Self { config: Arc::new(config), embedded }
+        Self {
+            config: Arc::new(config),
+            embedded,
+        }
     }
 
     /// The configuration in force.
@@ -38,12 +41,17 @@ impl Broker {
 
     /// The embedded configuration's answer: EMBEDDED with a proxy, DIRECT without.
     fn embedded_answer(&self, lookup: &Lookup) -> pb::ProxyResponse {
-        let Resolution { proxy_url, strategy, timeout_seconds } =
-            self.embedded.resolve(&lookup.exchange_id, lookup.connection_type);
+        let Resolution {
+            proxy_url,
+            strategy,
+            timeout_seconds,
+        } = self.embedded.resolve(&lookup.exchange_id, lookup.connection_type);
         let ttl_seconds = u32::try_from(self.config.proxy.external_service.cache_ttl_seconds).unwrap_or(300);
         let mut metadata = prost_types::Struct::default();
         if let Some(timeout) = timeout_seconds {
-            metadata.fields.insert("timeout_seconds".into(), number(timeout as f64));
+            metadata
+                .fields
+                .insert("timeout_seconds".into(), number(timeout as f64));
         }
         let (source, fallback_policy) = match proxy_url {
             Some(_) => (pb::ProxySource::Embedded, pb::FallbackPolicy::EmbeddedFallback),
@@ -70,5 +78,7 @@ impl Broker {
 }
 
 fn number(n: f64) -> prost_types::Value {
-    prost_types::Value { kind: Some(prost_types::value::Kind::NumberValue(n)) }
+    prost_types::Value {
+        kind: Some(prost_types::value::Kind::NumberValue(n)),
+    }
 }

@@ -60,11 +60,20 @@ impl Validate for BrokerConfig {
 
 impl Validate for ServerConfig {
     fn validate(&self, path: &str, problems: &mut Problems) {
-        check_range(problems, format!("{path}.shutdown_grace_seconds"), self.shutdown_grace_seconds, 0, 300);
+        check_range(
+            problems,
+            format!("{path}.shutdown_grace_seconds"),
+            self.shutdown_grace_seconds,
+            0,
+            300,
+        );
         if self.listen.port() != 0 && self.listen == self.metrics_listen {
             problems.push(
                 format!("{path}.metrics_listen"),
-                format!("'{}' is the same address as server.listen (they must differ)", self.metrics_listen),
+                format!(
+                    "'{}' is the same address as server.listen (they must differ)",
+                    self.metrics_listen
+                ),
             );
         }
     }

@@ -24,7 +24,10 @@ pub enum Error {
 impl Error {
     /// A request-validation error.
     pub fn invalid(field: &'static str, rule: impl Into<String>) -> Self {
-        Error::InvalidArgument { field, rule: rule.into() }
+        Error::InvalidArgument {
+            field,
+            rule: rule.into(),
+        }
     }
 }
 

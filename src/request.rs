@@ -56,9 +56,10 @@ fn connection_type(field: &'static str, raw: i32) -> Result<ConnectionType, Erro
     match pb::ConnectionType::try_from(raw) {
         Ok(pb::ConnectionType::Http) => Ok(ConnectionType::Http),
         Ok(pb::ConnectionType::Websocket) => Ok(ConnectionType::Websocket),
-        Ok(pb::ConnectionType::Unspecified) => {
-            Err(Error::invalid(field, "must be CONNECTION_TYPE_HTTP or CONNECTION_TYPE_WEBSOCKET (got UNSPECIFIED)"))
-        }
+        Ok(pb::ConnectionType::Unspecified) => Err(Error::invalid(
+            field,
+            "must be CONNECTION_TYPE_HTTP or CONNECTION_TYPE_WEBSOCKET (got UNSPECIFIED)",
+        )),
         Err(_) => Err(Error::invalid(
             field,
             format!("must be CONNECTION_TYPE_HTTP or CONNECTION_TYPE_WEBSOCKET (got unknown value {raw})"),
@@ -68,7 +69,10 @@ fn connection_type(field: &'static str, raw: i32) -> Result<ConnectionType, Erro
 
 fn max_len(field: &'static str, value: &str, max: usize) -> Result<(), Error> {
     if value.len() > max {
-        return Err(Error::invalid(field, format!("is {} bytes long (at most {max})", value.len())));
+        return Err(Error::invalid(
+            field,
+            format!("is {} bytes long (at most {max})", value.len()),
+        ));
     }
     Ok(())
 }
@@ -91,7 +95,10 @@ impl TryFrom<pb::ProxyRequest> for Lookup {
         if let Some(metadata) = &req.metadata {
             let size = metadata.encoded_len();
             if size > MAX_METADATA_BYTES {
-                return Err(Error::invalid("metadata", format!("is {size} bytes encoded (at most {MAX_METADATA_BYTES})")));
+                return Err(Error::invalid(
+                    "metadata",
+                    format!("is {size} bytes encoded (at most {MAX_METADATA_BYTES})"),
+                ));
             }
         }
         Ok(Lookup {

@@ -70,7 +70,10 @@ pub async fn run(
         let draining = draining.clone();
         async move {
             shutdown.await;
-            tracing::info!(grace_seconds = grace.as_secs(), "shutting down: health NOT_SERVING, draining in-flight calls");
+            tracing::info!(
+                grace_seconds = grace.as_secs(),
+                "shutting down: health NOT_SERVING, draining in-flight calls"
+            );
             health.set_service_status("", ServingStatus::NotServing).await;
             for name in SERVICE_NAMES {
                 health.set_service_status(*name, ServingStatus::NotServing).await;

@@ -25,7 +25,10 @@ impl BrokerService {
 
 #[tonic::async_trait]
 impl ProxyBroker for BrokerService {
-    async fn request_proxy(&self, request: Request<pb::ProxyRequest>) -> Result<Response<pb::ProxyResponse>, Status> {
+    async fn request_proxy(
+        &self,
+        request: Request<pb::ProxyRequest>,
+    ) -> Result<Response<pb::ProxyResponse>, Status> {
         let req = request.into_inner();
         let span = tracing::info_span!(
             "RequestProxy",

@@ -14,7 +14,10 @@ async fn design_example_resolves_override_pool_and_default() {
     assert_eq!(r.strategy, "static");
     let a = broker.ask("BINANCE", ConnectionType::Websocket).await;
     let b = broker.ask("Binance", ConnectionType::Websocket).await;
-    assert_eq!((a.proxy_url.as_str(), b.proxy_url.as_str()), ("socks5://de-1:1080", "socks5://nl-1:1080"));
+    assert_eq!(
+        (a.proxy_url.as_str(), b.proxy_url.as_str()),
+        ("socks5://de-1:1080", "socks5://nl-1:1080")
+    );
     assert_eq!(a.strategy, "round_robin");
     let k = broker.ask("kraken", ConnectionType::Websocket).await;
     assert_eq!(k.proxy_url, "socks5://proxy.example.com:1081");

@@ -62,7 +62,11 @@ pub struct Resolution {
 
 impl Resolution {
     fn direct() -> Self {
-        Self { proxy_url: None, strategy: "direct", timeout_seconds: None }
+        Self {
+            proxy_url: None,
+            strategy: "direct",
+            timeout_seconds: None,
+        }
     }
 }
 
@@ -105,13 +109,23 @@ impl EmbeddedResolver {
     /// feedback (the TTL answers are given with). `settings` must have passed validation.
     pub fn new(settings: &ProxySettings, lease_ttl: Duration) -> Self {
         let mut pools = Vec::new();
-        let default = settings.default.as_ref().map(|c| Scope::new(c, &mut pools)).unwrap_or_default();
+        let default = settings
+            .default
+            .as_ref()
+            .map(|c| Scope::new(c, &mut pools))
+            .unwrap_or_default();
         let exchanges = settings
             .exchanges
             .iter()
             .map(|(id, c)| (id.to_lowercase(), Scope::new(c, &mut pools)))
             .collect();
-        Self { enabled: settings.enabled, default, exchanges, pools, lease_ttl }
+        Self {
+            enabled: settings.enabled,
+            default,
+            exchanges,
+            pools,
+            lease_ttl,
+        }
     }
 
     /// The proxy for one request (see the module docs for the order and the strategies).
@@ -212,7 +226,10 @@ impl Entry {
             pools.push(pool.clone());
             return Some(Entry::Pool(pool));
         }
-        config.url.as_ref().map(|url| Entry::Url { url: url.clone(), timeout_seconds: config.timeout_seconds })
+        config.url.as_ref().map(|url| Entry::Url {
+            url: url.clone(),
+            timeout_seconds: config.timeout_seconds,
+        })
     }
 }
 
@@ -249,7 +266,11 @@ mod tests {
     use crate::model::{PoolConfig, PoolMember};
 
     fn member(url: &str, weight: f64, enabled: bool) -> PoolMember {
-        PoolMember { url: url.into(), weight, enabled }
+        PoolMember {
+            url: url.into(),
+            weight,
+            enabled,
+        }
     }
 
     fn pool_settings(strategy: Strategy, members: Vec<PoolMember>) -> ProxySettings {
@@ -260,7 +281,10 @@ mod tests {
                 websocket: Some(ProxyConfig {
                     url: None,
                     timeout_seconds: 30,
-                    pool: Some(PoolConfig { proxies: members, strategy }),
+                    pool: Some(PoolConfig {
+                        proxies: members,
+                        strategy,
+                    }),
                 }),
             }),
             ..Default::default()
@@ -271,7 +295,10 @@ mod tests {
     async fn least_connections_leases_expire_with_the_ttl() {
         let settings = pool_settings(
             Strategy::LeastConnections,
-            vec![member("socks5://a:1", 1.0, true), member("socks5://b:1", 1.0, true)],
+            vec![
+                member("socks5://a:1", 1.0, true),
+                member("socks5://b:1", 1.0, true),
+            ],
         );
         let r = EmbeddedResolver::new(&settings, Duration::from_secs(60));
         let pick = |r: &EmbeddedResolver| r.resolve("x", ConnectionType::Websocket).proxy_url.unwrap();
@@ -290,7 +317,10 @@ mod tests {
     async fn failure_release_ends_a_lease() {
         let settings = pool_settings(
             Strategy::LeastConnections,
-            vec![member("socks5://a:1", 1.0, true), member("socks5://b:1", 1.0, true)],
+            vec![
+                member("socks5://a:1", 1.0, true),
+                member("socks5://b:1", 1.0, true),
+            ],
         );
         let r = EmbeddedResolver::new(&settings, Duration::from_secs(300));
         let pick = |r: &EmbeddedResolver| r.resolve("x", ConnectionType::Websocket).proxy_url.unwrap();
@@ -306,11 +336,17 @@ mod tests {
         for strategy in [Strategy::RoundRobin, Strategy::Random, Strategy::LeastConnections] {
             let settings = pool_settings(
                 strategy,
-                vec![member("socks5://off:1", 10.0, false), member("socks5://on:1", 0.1, true)],
+                vec![
+                    member("socks5://off:1", 10.0, false),
+                    member("socks5://on:1", 0.1, true),
+                ],
             );
             let r = EmbeddedResolver::new(&settings, Duration::from_secs(60));
             for _ in 0..200 {
-                assert_eq!(r.resolve("x", ConnectionType::Websocket).proxy_url.as_deref(), Some("socks5://on:1"));
+                assert_eq!(
+                    r.resolve("x", ConnectionType::Websocket).proxy_url.as_deref(),
+                    Some("socks5://on:1")
+                );
             }
         }
     }

@@ -16,6 +16,6 @@ pub mod validate;
 pub use embedded::{ConnectionType, EmbeddedResolver, Resolution};
 pub use load::{ConfigError, EnvMapping, Loader, Problem};
 pub use model::{
-    AuthMethod, ConnectionProxies, ExternalServiceConfig, PoolConfig, PoolMember, ProxyConfig,
-    ProxySettings, Strategy,
+    AuthMethod, ConnectionProxies, ExternalServiceConfig, PoolConfig, PoolMember, ProxyConfig, ProxySettings,
+    Strategy,
 };

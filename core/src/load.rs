@@ -63,7 +63,12 @@ impl fmt::Display for ConfigError {
 
 impl ConfigError {
     fn single(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { problems: vec![Problem { path: path.into(), message: message.into() }] }
+        Self {
+            problems: vec![Problem {
+                path: path.into(),
+                message: message.into(),
+            }],
+        }
     }
 }
 
@@ -74,7 +79,10 @@ pub struct Problems(Vec<Problem>);
 impl Problems {
     /// Records a problem at `path`.
     pub fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.0.push(Problem { path: path.into(), message: message.into() });
+        self.0.push(Problem {
+            path: path.into(),
+            message: message.into(),
+        });
     }
 
     /// Whether nothing was recorded.
@@ -84,7 +92,11 @@ impl Problems {
 
     /// Ok when empty, else the collected error.
     pub fn into_result(self) -> Result<(), ConfigError> {
-        if self.0.is_empty() { Ok(()) } else { Err(ConfigError { problems: self.0 }) }
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems: self.0 })
+        }
     }
 }
 
@@ -108,7 +120,11 @@ pub struct EnvMapping {
 impl EnvMapping {
     /// A mapping from `prefix` to `target`.
     pub fn new(prefix: &str, target: &str) -> Self {
-        Self { prefix: prefix.to_owned(), target: target.to_owned(), exclude: Vec::new() }
+        Self {
+            prefix: prefix.to_owned(),
+            target: target.to_owned(),
+            exclude: Vec::new(),
+        }
     }
 
     /// Leaves a variable out of the mapping.
@@ -173,7 +189,10 @@ impl Loader {
         let env = EnvSource::new(&self.mappings, &vars)?;
         let mut builder = config::Config::builder();
         if let Some(path) = &self.file {
-            builder = builder.add_source(YamlFile { path: path.clone(), fold_case: self.fold_case.clone() });
+            builder = builder.add_source(YamlFile {
+                path: path.clone(),
+                fold_case: self.fold_case.clone(),
+            });
         }
         let built = builder
             .add_source(env.clone())
@@ -187,10 +206,10 @@ impl Loader {
                 "invalid value (not shown: this key holds a secret)".to_owned()
             } else {
                 let mut message = strip_key_suffix(&e.inner().to_string());
-                if let Some(shown) = scalar_at(&snapshot, &path) {
-                    if !message.contains(&shown) {
-                        message = format!("'{shown}': {message}");
-                    }
+                if let Some(shown) = scalar_at(&snapshot, &path)
+                    && !message.contains(&shown)
+                {
+                    message = format!("'{shown}': {message}");
                 }
                 redact_text(&message)
             };
@@ -247,18 +266,27 @@ impl Source for YamlFile {
                 self.path.display()
             )));
         }
-        let mut map = config::File::from(self.path.as_path()).format(FileFormat::Yaml).collect()?;
+        let mut map = config::File::from(self.path.as_path())
+            .format(FileFormat::Yaml)
+            .collect()?;
         for path in &self.fold_case {
             let mut segments = path.split('.');
             let Some(first) = segments.next() else { continue };
             let mut node = map.get_mut(first);
             for seg in segments {
                 node = match node {
-                    Some(Value { kind: ValueKind::Table(t), .. }) => t.get_mut(seg),
+                    Some(Value {
+                        kind: ValueKind::Table(t),
+                        ..
+                    }) => t.get_mut(seg),
                     _ => None,
                 };
             }
-            if let Some(Value { kind: ValueKind::Table(table), .. }) = node {
+            if let Some(Value {
+                kind: ValueKind::Table(table),
+                ..
+            }) = node
+            {
                 let mut folded = Map::new();
                 let mut originals: BTreeMap<String, String> = BTreeMap::new();
                 for (key, value) in table.drain() {
@@ -297,7 +325,9 @@ impl EnvSource {
         sorted.sort_by(|a, b| a.0.len().cmp(&b.0.len()).then(a.0.cmp(&b.0)));
         for (name, raw) in sorted {
             let upper = name.to_ascii_uppercase();
-            let Some(mapping) = mappings.iter().find(|m| upper.starts_with(&m.prefix.to_ascii_uppercase()))
+            let Some(mapping) = mappings
+                .iter()
+                .find(|m| upper.starts_with(&m.prefix.to_ascii_uppercase()))
             else {
                 continue;
             };
@@ -312,7 +342,9 @@ impl EnvSource {
             let mut ok = true;
             for segment in rest.to_lowercase().split("__") {
                 let valid = !segment.is_empty()
-                    && segment.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+                    && segment
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
                 if !valid {
                     ok = false;
                     break;
@@ -339,7 +371,11 @@ impl EnvSource {
                 match serde_json::from_str::<serde_json::Value>(trimmed) {
                     Ok(json) => json_to_config(json),
                     Err(e) => {
-                        let shown = if is_secret_path(&path) { "<secret>".to_owned() } else { redact_text(trimmed) };
+                        let shown = if is_secret_path(&path) {
+                            "<secret>".to_owned()
+                        } else {
+                            redact_text(trimmed)
+                        };
                         problems.push(
                             path.clone(),
                             format!("'{shown}' from environment variable {name} is not valid JSON ({e})"),

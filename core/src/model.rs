@@ -58,7 +58,11 @@ pub const DEFAULT_PROXY_TIMEOUT_SECONDS: i64 = 30;
 impl ProxyConfig {
     /// A plain entry with one URL and the default timeout.
     pub fn from_url(url: impl Into<String>) -> Self {
-        Self { url: Some(url.into()), timeout_seconds: DEFAULT_PROXY_TIMEOUT_SECONDS, pool: None }
+        Self {
+            url: Some(url.into()),
+            timeout_seconds: DEFAULT_PROXY_TIMEOUT_SECONDS,
+            pool: None,
+        }
     }
 }
 
@@ -220,11 +224,17 @@ impl<'de> Deserialize<'de> for ConnectionProxies {
                 f.write_str("an object with `http`/`rest` and `websocket`/`ws`, or a proxy URL string")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(ConnectionProxies { http: Some(ProxyConfig::from_url(v)), websocket: None })
+                Ok(ConnectionProxies {
+                    http: Some(ProxyConfig::from_url(v)),
+                    websocket: None,
+                })
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
                 let o = ConnectionProxiesObject::deserialize(de::value::MapAccessDeserializer::new(map))?;
-                Ok(ConnectionProxies { http: o.http, websocket: o.websocket })
+                Ok(ConnectionProxies {
+                    http: o.http,
+                    websocket: o.websocket,
+                })
             }
         }
         deserializer.deserialize_any(V)
@@ -260,7 +270,11 @@ impl<'de> Deserialize<'de> for ProxyConfig {
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
                 let o = ProxyConfigObject::deserialize(de::value::MapAccessDeserializer::new(map))?;
-                Ok(ProxyConfig { url: o.url, timeout_seconds: o.timeout_seconds, pool: o.pool })
+                Ok(ProxyConfig {
+                    url: o.url,
+                    timeout_seconds: o.timeout_seconds,
+                    pool: o.pool,
+                })
             }
         }
         deserializer.deserialize_any(V)

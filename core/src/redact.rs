@@ -85,9 +85,8 @@ fn redact_value(value: &Value, secret: bool) -> Value {
 
 /// Whether a configuration key path holds a secret, so error messages must not echo its value.
 pub fn is_secret_path(path: &str) -> bool {
-    path.split(['.', '[']).any(|segment| {
-        SECRET_MAPS.contains(&segment) || SECRET_KEYS.contains(&segment)
-    })
+    path.split(['.', '['])
+        .any(|segment| SECRET_MAPS.contains(&segment) || SECRET_KEYS.contains(&segment))
 }
 
 #[cfg(test)]
@@ -96,7 +95,10 @@ mod tests {
 
     #[test]
     fn url_password_is_masked_and_the_rest_kept() {
-        assert_eq!(redact_url("socks5://alice:s3cret@p1:1080"), "socks5://alice:***@p1:1080");
+        assert_eq!(
+            redact_url("socks5://alice:s3cret@p1:1080"),
+            "socks5://alice:***@p1:1080"
+        );
         assert_eq!(redact_url("http://u:p@h:1/x?y#z"), "http://u:***@h:1/x?y#z");
         assert_eq!(redact_url("http://u@h:1"), "http://u@h:1");
         assert_eq!(redact_url("http://h:1"), "http://h:1");

@@ -18,9 +18,15 @@ pub fn check_exchange_id(id: &str) -> Result<(), String> {
         return Err("must not be empty (1..=64 characters of [A-Za-z0-9._-])".into());
     }
     if id.len() > MAX_EXCHANGE_ID_LEN {
-        return Err(format!("is {} characters long (1..=64 characters of [A-Za-z0-9._-])", id.len()));
+        return Err(format!(
+            "is {} characters long (1..=64 characters of [A-Za-z0-9._-])",
+            id.len()
+        ));
     }
-    if let Some(c) = id.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
         return Err(format!("contains {c:?} (1..=64 characters of [A-Za-z0-9._-])"));
     }
     Ok(())
@@ -47,7 +53,9 @@ pub fn check_proxy_url(raw: &str) -> Result<Url, String> {
         return Err(format!("'{shown}' has no port (scheme://[user:pass@]host:port)"));
     }
     if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
-        return Err(format!("'{shown}' has a path, query or fragment (scheme://[user:pass@]host:port)"));
+        return Err(format!(
+            "'{shown}' has a path, query or fragment (scheme://[user:pass@]host:port)"
+        ));
     }
     Ok(url)
 }
@@ -68,19 +76,28 @@ pub fn check_endpoint_url(raw: &str) -> Result<Url, String> {
     let shown = redact_url(raw);
     let url = Url::parse(raw).map_err(|e| format!("'{shown}' is not a valid URL ({e})"))?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(format!("'{shown}' has scheme '{}' (allowed: http, https)", url.scheme()));
+        return Err(format!(
+            "'{shown}' has scheme '{}' (allowed: http, https)",
+            url.scheme()
+        ));
     }
     if url.host_str().is_none_or(str::is_empty) {
         return Err(format!("'{shown}' has no host"));
     }
     if url.query().is_some() || url.fragment().is_some() {
-        return Err(format!("'{shown}' has a query or fragment (a base URL is expected)"));
+        return Err(format!(
+            "'{shown}' has a query or fragment (a base URL is expected)"
+        ));
     }
     Ok(url)
 }
 
 fn join(path: &str, key: &str) -> String {
-    if path.is_empty() { key.to_owned() } else { format!("{path}.{key}") }
+    if path.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{path}.{key}")
+    }
 }
 
 /// Checks `value` against an inclusive range; records a problem naming the rule if outside.
@@ -109,7 +126,8 @@ impl Validate for ProxySettings {
             }
             proxies.validate(&p, problems);
         }
-        self.external_service.validate(&join(path, "external_service"), problems);
+        self.external_service
+            .validate(&join(path, "external_service"), problems);
     }
 }
 
@@ -126,7 +144,13 @@ impl Validate for ConnectionProxies {
 
 impl Validate for ProxyConfig {
     fn validate(&self, path: &str, problems: &mut Problems) {
-        check_range(problems, join(path, "timeout_seconds"), self.timeout_seconds, 1, 300);
+        check_range(
+            problems,
+            join(path, "timeout_seconds"),
+            self.timeout_seconds,
+            1,
+            300,
+        );
         match (&self.url, &self.pool) {
             (Some(url), None) => {
                 if let Err(rule) = check_proxy_url(url) {
@@ -149,7 +173,10 @@ impl Validate for PoolConfig {
         if self.proxies.is_empty() {
             problems.push(list.clone(), "is empty (a pool needs at least one proxy)");
         } else if !self.proxies.iter().any(|m| m.enabled) {
-            problems.push(list.clone(), "has no enabled member (at least one must be enabled)");
+            problems.push(
+                list.clone(),
+                "has no enabled member (at least one must be enabled)",
+            );
         }
         for (i, member) in self.proxies.iter().enumerate() {
             let p = format!("{list}[{i}]");
@@ -157,7 +184,10 @@ impl Validate for PoolConfig {
                 problems.push(format!("{p}.url"), rule);
             }
             if !(member.weight.is_finite() && (0.1..=10.0).contains(&member.weight)) {
-                problems.push(format!("{p}.weight"), format!("{} is out of range (allowed 0.1..=10.0)", member.weight));
+                problems.push(
+                    format!("{p}.weight"),
+                    format!("{} is out of range (allowed 0.1..=10.0)", member.weight),
+                );
             }
         }
     }
@@ -165,15 +195,30 @@ impl Validate for PoolConfig {
 
 impl Validate for ExternalServiceConfig {
     fn validate(&self, path: &str, problems: &mut Problems) {
-        check_range(problems, join(path, "timeout_seconds"), self.timeout_seconds, 1, 60);
-        check_range(problems, join(path, "cache_ttl_seconds"), self.cache_ttl_seconds, 60, 3600);
+        check_range(
+            problems,
+            join(path, "timeout_seconds"),
+            self.timeout_seconds,
+            1,
+            60,
+        );
+        check_range(
+            problems,
+            join(path, "cache_ttl_seconds"),
+            self.cache_ttl_seconds,
+            60,
+            3600,
+        );
         for (i, endpoint) in self.endpoints.iter().enumerate() {
             if let Err(rule) = check_endpoint_url(endpoint) {
                 problems.push(format!("{}[{i}]", join(path, "endpoints")), rule);
             }
         }
         if self.enabled && self.endpoints.is_empty() {
-            problems.push(join(path, "endpoints"), "is empty while `enabled` is true (at least one endpoint is needed)");
+            problems.push(
+                join(path, "endpoints"),
+                "is empty while `enabled` is true (at least one endpoint is needed)",
+            );
         }
     }
 }
@@ -188,7 +233,11 @@ mod tests {
         assert!(check_proxy_url("http://user:pw@h:80").is_ok());
         assert!(check_proxy_url("socks5h://[::1]:1080").is_ok());
         assert!(check_proxy_url("http://h").unwrap_err().contains("no port"));
-        assert!(check_proxy_url("ftp://h:21").unwrap_err().contains("scheme 'ftp'"));
+        assert!(
+            check_proxy_url("ftp://h:21")
+                .unwrap_err()
+                .contains("scheme 'ftp'")
+        );
         assert!(check_proxy_url("h:1080").is_err());
         assert!(check_proxy_url("socks5://:1080").is_err());
         let err = check_proxy_url("gopher://u:topsecret@h:1").unwrap_err();

@@ -33,7 +33,12 @@ impl TestBroker {
             .connect()
             .await
             .unwrap();
-        Self { addr, channel, shutdown: Some(tx), task: Some(task) }
+        Self {
+            addr,
+            channel,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
     }
 
     /// Loads a configuration from YAML text and `env` (instead of the process environment) and
@@ -75,7 +80,10 @@ impl TestBroker {
 }
 
 /// Loads a configuration from optional YAML text and the given environment variables.
-pub fn load(yaml: Option<&str>, env: &[(&str, &str)]) -> Result<BrokerConfig, proxy_broker_core::ConfigError> {
+pub fn load(
+    yaml: Option<&str>,
+    env: &[(&str, &str)],
+) -> Result<BrokerConfig, proxy_broker_core::ConfigError> {
     let file = yaml.map(|text| {
         let mut f = tempfile::Builder::new().suffix(".yaml").tempfile().unwrap();
         std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
