@@ -1,10 +1,14 @@
 //! gRPC glue for `proxybroker.v1.ProxyBrokerAdmin`.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
+use proxy_broker_core::redact::redact_url;
 use tonic::{Request, Response, Status};
 
+use crate::breaker::Kind;
 use crate::broker::Broker;
+use crate::cache::ConnectionTypeKey;
 use crate::error::Error;
 use crate::pb;
 use crate::pb::proxy_broker_admin_server::ProxyBrokerAdmin;
@@ -22,38 +26,117 @@ impl AdminService {
     }
 }
 
-const NOT_YET: &str =
-    "arrives with upstream delegation (issue 3): this build resolves from the embedded configuration only";
-
 #[tonic::async_trait]
 impl ProxyBrokerAdmin for AdminService {
     async fn list_upstreams(
         &self,
         _request: Request<pb::ListUpstreamsRequest>,
     ) -> Result<Response<pb::ListUpstreamsResponse>, Status> {
-        Err(Error::Unimplemented(NOT_YET).into())
+        let Some(d) = self.broker.delegation() else {
+            return Ok(Response::new(pb::ListUpstreamsResponse {
+                upstreams: Vec::new(),
+                feedback: Some(pb::FeedbackStats { ejections: self.broker.ejections(), ..Default::default() }),
+                delegation_enabled: false,
+            }));
+        };
+        let upstreams = d
+            .upstreams
+            .endpoints()
+            .iter()
+            .map(|e| {
+                let snap = e.breaker.snapshot();
+                let stats = e.stats();
+                pb::UpstreamStatus {
+                    endpoint: e.name.to_string(),
+                    breaker_state: match snap.kind {
+                        Kind::Closed => pb::BreakerState::Closed,
+                        Kind::Open => pb::BreakerState::Open,
+                        Kind::HalfOpen => pb::BreakerState::HalfOpen,
+                        Kind::Disabled => pb::BreakerState::Disabled,
+                    }
+                    .into(),
+                    consecutive_failures: snap.consecutive_failures,
+                    total_requests: stats.total_requests,
+                    total_failures: stats.total_failures,
+                    last_error: stats.last_error,
+                    last_latency_ms: stats.last_latency.map(|l| u32::try_from(l.as_millis()).unwrap_or(u32::MAX)),
+                    seconds_until_probe: snap.until_probe.map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX)),
+                }
+            })
+            .collect();
+        let s = &d.feedback.stats;
+        let feedback = pb::FeedbackStats {
+            enqueued: s.enqueued.load(Ordering::Relaxed),
+            forwarded: s.forwarded.load(Ordering::Relaxed),
+            failed: s.failed.load(Ordering::Relaxed),
+            dropped: s.dropped.load(Ordering::Relaxed),
+            queued: d.feedback.queued() as u64,
+            ejections: self.broker.ejections(),
+        };
+        Ok(Response::new(pb::ListUpstreamsResponse { upstreams, feedback: Some(feedback), delegation_enabled: true }))
     }
 
-    async fn list_cache(
-        &self,
-        _request: Request<pb::ListCacheRequest>,
-    ) -> Result<Response<pb::ListCacheResponse>, Status> {
-        Err(Error::Unimplemented(NOT_YET).into())
+    async fn list_cache(&self, request: Request<pb::ListCacheRequest>) -> Result<Response<pb::ListCacheResponse>, Status> {
+        let filter = request.into_inner().exchange_id.to_lowercase();
+        let Some(d) = self.broker.delegation() else {
+            return Ok(Response::new(pb::ListCacheResponse::default()));
+        };
+        let now = d.cache.now();
+        let entries = d
+            .cache
+            .list()
+            .into_iter()
+            .filter(|(k, _)| filter.is_empty() || k.exchange == filter)
+            .map(|(k, c)| {
+                let expiry = if now < c.fresh_until {
+                    i64::try_from((c.fresh_until - now).as_secs()).unwrap_or(i64::MAX)
+                } else {
+                    -i64::try_from((now - c.fresh_until).as_secs()).unwrap_or(i64::MAX)
+                };
+                pb::CacheEntry {
+                    exchange_id: k.exchange,
+                    connection_type: match k.connection_type {
+                        ConnectionTypeKey::Http => pb::ConnectionType::Http,
+                        ConnectionTypeKey::Websocket => pb::ConnectionType::Websocket,
+                    }
+                    .into(),
+                    region: k.region.unwrap_or_default(),
+                    proxy_url: redact_url(&c.answer.proxy_url),
+                    upstream_endpoint: c.endpoint.to_string(),
+                    seconds_to_expiry: expiry,
+                    stale: now >= c.fresh_until,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ListCacheResponse { entries }))
     }
 
     async fn invalidate_cache(
         &self,
-        _request: Request<pb::InvalidateCacheRequest>,
+        request: Request<pb::InvalidateCacheRequest>,
     ) -> Result<Response<pb::InvalidateCacheResponse>, Status> {
-        Err(Error::Unimplemented(NOT_YET).into())
+        use pb::invalidate_cache_request::Target;
+        let target = request.into_inner().target;
+        let removed = match (target, self.broker.delegation()) {
+            (None, _) => return Err(Error::invalid("target", "set `exchange_id` or `all: true`").into()),
+            (Some(Target::All(false)), _) => {
+                return Err(Error::invalid("all", "must be true to drop every entry").into());
+            }
+            (Some(Target::ExchangeId(id)), _) if id.is_empty() => {
+                return Err(Error::invalid("exchange_id", "must not be empty (use `all: true` for everything)").into());
+            }
+            (Some(_), None) => 0,
+            (Some(Target::All(true)), Some(d)) => d.cache.invalidate_all(),
+            (Some(Target::ExchangeId(id)), Some(d)) => d.cache.invalidate_exchange(&id),
+        };
+        tracing::info!(removed, "cache invalidated by admin request");
+        Ok(Response::new(pb::InvalidateCacheResponse { removed: u32::try_from(removed).unwrap_or(u32::MAX) }))
     }
 
     async fn get_effective_config(
         &self,
         _request: Request<pb::GetEffectiveConfigRequest>,
     ) -> Result<Response<pb::GetEffectiveConfigResponse>, Status> {
-        Ok(Response::new(pb::GetEffectiveConfigResponse {
-            config_json: self.broker.config().redacted_json(),
-        }))
+        Ok(Response::new(pb::GetEffectiveConfigResponse { config_json: self.broker.config().redacted_json() }))
     }
 }

@@ -16,9 +16,6 @@ pub enum Error {
     /// Every upstream failed and falling back was not allowed.
     #[error("{0}")]
     Unavailable(String),
-    /// The call is declared in the contract but its behaviour arrives in a later release.
-    #[error("{0}")]
-    Unimplemented(&'static str),
 }
 
 impl Error {
@@ -37,7 +34,6 @@ impl From<Error> for Status {
         match error {
             Error::InvalidArgument { .. } => Status::invalid_argument(message),
             Error::Unavailable(_) => Status::unavailable(message),
-            Error::Unimplemented(_) => Status::unimplemented(message),
         }
     }
 }

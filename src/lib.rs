@@ -1,17 +1,27 @@
 //! proxy-broker: a gRPC service that tells crypto market-data feeds which proxy to use.
 //!
 //! Modules, one concern each: [`config`] (the configuration file), [`request`] (request
-//! validation), [`broker`] (the decision), [`service`] and [`admin`] (gRPC glue), [`server`]
-//! (wiring), [`error`] (errors and their status codes), [`pb`] (generated code).
+//! validation), [`broker`] (the decision), [`upstream`] (HTTP client, endpoints, auth),
+//! [`breaker`] (per-endpoint circuit breakers), [`cache`] and [`coalesce`] (answer cache, single
+//! flight), [`feedback`] (background forwarding), [`service`] and [`admin`] (gRPC glue),
+//! [`server`] (wiring), [`clock`] (time source), [`json`] (Struct ↔ JSON), [`error`] (errors and
+//! their status codes), [`pb`] (generated code).
 
 pub mod admin;
+pub mod breaker;
 pub mod broker;
+pub mod cache;
+pub mod clock;
+pub mod coalesce;
 pub mod config;
 pub mod error;
+pub mod feedback;
+pub mod json;
 pub mod pb;
 pub mod request;
 pub mod server;
 pub mod service;
+pub mod upstream;
 
 pub use config::BrokerConfig;
-pub use server::run;
+pub use server::{run, serve};

@@ -30,6 +30,9 @@ pub const SERVICE_NAMES: &[&str] = &[
 /// Why the server could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    /// Configuration that only shows up when building the broker (e.g. an unreadable credential file).
+    #[error(transparent)]
+    Config(#[from] proxy_broker_core::ConfigError),
     /// The reflection service could not load the descriptors.
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -38,18 +41,26 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Serves the broker on `listener` until `shutdown` completes.
-///
-/// On shutdown, health turns NOT_SERVING for every service at once, new connections are refused,
-/// and in-flight calls get `server.shutdown_grace_seconds` to finish; long-lived streams (health
-/// `Watch`) are cut when the grace period ends.
+/// Builds the broker for `config` and serves it on `listener` until `shutdown` completes.
 pub async fn run(
     listener: TcpListener,
     config: BrokerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let grace = Duration::from_secs(config.server.shutdown_grace_seconds.unsigned_abs());
-    let broker = Arc::new(Broker::new(config));
+    serve(listener, Arc::new(Broker::new(config)?), shutdown).await
+}
+
+/// Serves `broker` on `listener` until `shutdown` completes.
+///
+/// On shutdown, health turns NOT_SERVING for every service at once, new connections are refused,
+/// and in-flight calls get `server.shutdown_grace_seconds` to finish; long-lived streams (health
+/// `Watch`) are cut when the grace period ends.
+pub async fn serve(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let grace = Duration::from_secs(broker.config().server.shutdown_grace_seconds.unsigned_abs());
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::Serving).await;

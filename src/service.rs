@@ -29,6 +29,7 @@ impl ProxyBroker for BrokerService {
         &self,
         request: Request<pb::ProxyRequest>,
     ) -> Result<Response<pb::ProxyResponse>, Status> {
+        let deadline = grpc_deadline(request.metadata());
         let req = request.into_inner();
         let span = tracing::info_span!(
             "RequestProxy",
@@ -41,7 +42,7 @@ impl ProxyBroker for BrokerService {
         async move {
             let result = async {
                 let lookup = Lookup::try_from(req)?;
-                self.broker.request_proxy(&lookup).await
+                self.broker.request_proxy(&lookup, deadline).await
             }
             .await;
             let span = tracing::Span::current();
@@ -74,5 +75,46 @@ impl ProxyBroker for BrokerService {
         );
         self.broker.report_feedback(&feedback);
         Ok(Response::new(pb::ReportFeedbackResponse { accepted: true }))
+    }
+}
+
+/// The caller's deadline from the `grpc-timeout` header, less 10 % kept to answer with a fallback.
+fn grpc_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<tokio::time::Instant> {
+    let timeout = parse_grpc_timeout(metadata.get("grpc-timeout")?.to_str().ok()?)?;
+    Some(tokio::time::Instant::now() + timeout - timeout / 10)
+}
+
+/// Parses a `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
+pub fn parse_grpc_timeout(value: &str) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_grpc_timeout;
+    use std::time::Duration;
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit() {
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("7x"), None);
+        assert_eq!(parse_grpc_timeout("S"), None);
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
     }
 }

@@ -11,6 +11,10 @@
 //! It lives until the answer's TTL passes (the TTL a feed is told to cache the answer for), or until
 //! failure feedback for that proxy URL arrives ([`EmbeddedResolver::release`]), whichever is first.
 //! Weights do not affect `least_connections`.
+//!
+//! **Ejection** (outlier detection driven by feedback, see [`EmbeddedResolver::eject`]): an ejected
+//! member is skipped for 30 s × the number of times it has been ejected (at most 300 s). At most
+//! `max_ejection_percent` of a pool's members are ejected at once, so a pool never empties.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -98,11 +102,29 @@ struct Pool {
     timeout_seconds: i64,
     /// Enabled members only, in configured order.
     urls: Vec<String>,
+    weights: Vec<f64>,
     next: AtomicUsize,
-    weights: Option<WeightedIndex<f64>>,
-    /// Per member: expiry instants of its live leases, oldest first.
-    leases: Mutex<Vec<VecDeque<Instant>>>,
+    state: Mutex<PoolState>,
 }
+
+#[derive(Debug)]
+struct PoolState {
+    /// Per member: expiry instants of its live leases, oldest first.
+    leases: Vec<VecDeque<Instant>>,
+    /// Per member: ejected until (if ever) and how many times.
+    ejections: Vec<Ejection>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Ejection {
+    until: Option<Instant>,
+    times: u32,
+}
+
+/// First ejection period; the n-th ejection lasts n times this.
+pub const EJECTION_BASE: Duration = Duration::from_secs(30);
+/// Longest ejection period.
+pub const EJECTION_MAX: Duration = Duration::from_secs(300);
 
 impl EmbeddedResolver {
     /// Builds the resolver; `lease_ttl` is how long a `least_connections` lease lives without
@@ -160,8 +182,8 @@ impl EmbeddedResolver {
         for pool in &self.pools {
             for (i, url) in pool.urls.iter().enumerate() {
                 if url == proxy_url {
-                    let mut leases = pool.leases.lock().unwrap_or_else(|e| e.into_inner());
-                    if leases[i].pop_front().is_some() {
+                    let mut state = pool.lock();
+                    if state.leases[i].pop_front().is_some() {
                         released += 1;
                     }
                 }
@@ -170,16 +192,53 @@ impl EmbeddedResolver {
         released
     }
 
+    /// Ejects `proxy_url` from every pool that has it (feedback says it keeps failing), unless that
+    /// would eject more than `max_percent` of the pool. Returns the number of pools it was
+    /// ejected from.
+    pub fn eject(&self, proxy_url: &str, max_percent: u8) -> usize {
+        let now = Instant::now();
+        let mut ejected = 0;
+        for pool in &self.pools {
+            let Some(i) = pool.urls.iter().position(|u| u == proxy_url) else { continue };
+            let mut state = pool.lock();
+            if state.ejections[i].until.is_some_and(|until| until > now) {
+                continue;
+            }
+            let current = state.ejections.iter().filter(|e| e.until.is_some_and(|u| u > now)).count();
+            let allowed = pool.urls.len() * usize::from(max_percent.min(100)) / 100;
+            if current + 1 > allowed {
+                continue;
+            }
+            let e = &mut state.ejections[i];
+            e.times += 1;
+            e.until = Some(now + (EJECTION_BASE * e.times).min(EJECTION_MAX));
+            ejected += 1;
+        }
+        ejected
+    }
+
+    /// Whether `proxy_url` is currently ejected from any pool.
+    pub fn is_ejected(&self, proxy_url: &str) -> bool {
+        let now = Instant::now();
+        self.pools.iter().any(|pool| {
+            let state = pool.lock();
+            pool.urls
+                .iter()
+                .zip(state.ejections.iter())
+                .any(|(u, e)| u == proxy_url && e.until.is_some_and(|until| until > now))
+        })
+    }
+
     /// Live leases on `proxy_url`, summed over pools (for observability and tests).
     pub fn live_leases(&self, proxy_url: &str) -> usize {
         let now = Instant::now();
         self.pools
             .iter()
             .map(|pool| {
-                let leases = pool.leases.lock().unwrap_or_else(|e| e.into_inner());
+                let state = pool.lock();
                 pool.urls
                     .iter()
-                    .zip(leases.iter())
+                    .zip(state.leases.iter())
                     .filter(|(url, _)| *url == proxy_url)
                     .map(|(_, l)| l.iter().filter(|&&until| until > now).count())
                     .sum::<usize>()
@@ -211,17 +270,16 @@ impl Entry {
             if members.is_empty() {
                 return None;
             }
-            let weights = match pool.strategy {
-                Strategy::Random => WeightedIndex::new(members.iter().map(|m| m.weight)).ok(),
-                _ => None,
-            };
             let pool = std::sync::Arc::new(Pool {
                 strategy: pool.strategy,
                 timeout_seconds: config.timeout_seconds,
                 urls: members.iter().map(|m| m.url.clone()).collect(),
+                weights: members.iter().map(|m| m.weight).collect(),
                 next: AtomicUsize::new(0),
-                weights,
-                leases: Mutex::new(vec![VecDeque::new(); members.len()]),
+                state: Mutex::new(PoolState {
+                    leases: vec![VecDeque::new(); members.len()],
+                    ejections: vec![Ejection::default(); members.len()],
+                }),
             });
             pools.push(pool.clone());
             return Some(Entry::Pool(pool));
@@ -234,25 +292,39 @@ impl Entry {
 }
 
 impl Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn pick(&self, lease_ttl: Duration) -> String {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let eligible: Vec<bool> =
+            state.ejections.iter().map(|e| !e.until.is_some_and(|until| until > now)).collect();
+        // Ejection never covers a whole pool, but if configuration makes it so, ignore it.
+        let eligible = if eligible.iter().any(|&e| e) { eligible } else { vec![true; self.urls.len()] };
+        let n = self.urls.len();
         let index = match self.strategy {
-            Strategy::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) % self.urls.len(),
-            Strategy::Random => match &self.weights {
-                Some(w) => w.sample(&mut rand::rng()),
-                None => self.next.fetch_add(1, Ordering::Relaxed) % self.urls.len(),
-            },
+            Strategy::RoundRobin => {
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                (0..n).map(|k| (start + k) % n).find(|&i| eligible[i]).unwrap_or(start % n)
+            }
+            Strategy::Random => {
+                let weights = self.weights.iter().zip(&eligible).map(|(&w, &ok)| if ok { w } else { 0.0 });
+                WeightedIndex::new(weights).map_or(0, |dist| dist.sample(&mut rand::rng()))
+            }
             Strategy::LeastConnections => {
-                let now = Instant::now();
-                let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
-                for member in leases.iter_mut() {
+                for member in state.leases.iter_mut() {
                     member.retain(|&until| until > now);
                 }
-                let index = leases
+                let index = state
+                    .leases
                     .iter()
                     .enumerate()
+                    .filter(|(i, _)| eligible[*i])
                     .min_by_key(|(i, l)| (l.len(), *i))
                     .map_or(0, |(i, _)| i);
-                leases[index].push_back(now + lease_ttl);
+                state.leases[index].push_back(now + lease_ttl);
                 index
             }
         };
@@ -329,6 +401,39 @@ mod tests {
         assert_eq!(r.release("socks5://b:1"), 1);
         assert_eq!(pick(&r), "socks5://b:1");
         assert_eq!(r.release("socks5://nowhere:1"), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejected_members_are_skipped_until_the_period_ends_and_periods_grow() {
+        let urls = ["socks5://a:1", "socks5://b:1", "socks5://c:1", "socks5://d:1"];
+        let settings = pool_settings(Strategy::RoundRobin, urls.iter().map(|u| member(u, 1.0, true)).collect());
+        let r = EmbeddedResolver::new(&settings, Duration::from_secs(60));
+        let picks = |r: &EmbeddedResolver| -> Vec<String> {
+            (0..8).map(|_| r.resolve("x", ConnectionType::Websocket).proxy_url.unwrap()).collect()
+        };
+        assert_eq!(r.eject("socks5://b:1", 50), 1);
+        assert!(picks(&r).iter().all(|u| u != "socks5://b:1"));
+        // 50 % of 4 is 2: a second ejection is allowed, a third is refused.
+        assert_eq!(r.eject("socks5://c:1", 50), 1);
+        assert_eq!(r.eject("socks5://d:1", 50), 0);
+        assert!(picks(&r).iter().all(|u| u == "socks5://a:1" || u == "socks5://d:1"));
+        tokio::time::advance(EJECTION_BASE + Duration::from_millis(1)).await;
+        assert!(!r.is_ejected("socks5://b:1"));
+        assert!(picks(&r).contains(&"socks5://b:1".to_owned()));
+        // Second ejection of b lasts twice as long.
+        assert_eq!(r.eject("socks5://b:1", 50), 1);
+        tokio::time::advance(EJECTION_BASE + Duration::from_secs(1)).await;
+        assert!(r.is_ejected("socks5://b:1"));
+        tokio::time::advance(EJECTION_BASE).await;
+        assert!(!r.is_ejected("socks5://b:1"));
+    }
+
+    #[test]
+    fn ejection_never_exceeds_the_percentage_even_for_tiny_pools() {
+        let settings = pool_settings(Strategy::Random, vec![member("socks5://only:1", 1.0, true)]);
+        let r = EmbeddedResolver::new(&settings, Duration::from_secs(60));
+        assert_eq!(r.eject("socks5://only:1", 50), 0);
+        assert_eq!(r.resolve("x", ConnectionType::Websocket).proxy_url.as_deref(), Some("socks5://only:1"));
     }
 
     #[test]

@@ -166,7 +166,9 @@ pub struct ExternalServiceConfig {
     pub endpoints: Vec<String>,
     /// How to authenticate to the upstreams.
     pub auth_method: AuthMethod,
-    /// Credentials for `auth_method` (secret: never printed).
+    /// Credentials for `auth_method` (secret: never printed): `token` or `token_file`
+    /// (bearer_token), `api_key` or `api_key_file` (api_key), `cert_file` + `key_file` + `ca_file`
+    /// (mutual_tls); `ca_file` may be given with any method to trust a private CA.
     pub auth_credentials: BTreeMap<String, String>,
     /// Per-attempt upstream timeout, 1..=60 seconds.
     pub timeout_seconds: i64,
@@ -176,6 +178,23 @@ pub struct ExternalServiceConfig {
     pub circuit_breaker_enabled: bool,
     /// When every upstream fails, answer from the embedded configuration (else fail).
     pub fallback_to_embedded: bool,
+    /// Consecutive failures that open an endpoint's breaker, 1..=100.
+    pub failure_threshold: i64,
+    /// First open period of a tripped breaker, 1..=300 seconds; doubles on each re-trip.
+    pub open_seconds: i64,
+    /// Longest open period after repeated re-trips, `open_seconds`..=3600 seconds.
+    pub max_open_seconds: i64,
+    /// How long past its TTL a cached answer may still be served when every upstream fails,
+    /// 0..=86400 seconds (0 disables stale-if-error).
+    pub stale_if_error_seconds: i64,
+    /// Most cached upstream answers kept, 1..=10000000.
+    pub cache_max_entries: i64,
+    /// Feedback reports waiting to be forwarded upstream, 1..=1000000; overflow drops the oldest.
+    pub feedback_queue_size: i64,
+    /// Consecutive failure reports for one proxy URL that eject it, 1..=100.
+    pub eject_after_failures: i64,
+    /// Most of one embedded pool that may be ejected at once, 0..=100 percent.
+    pub max_ejection_percent: i64,
 }
 
 impl Default for ExternalServiceConfig {
@@ -189,6 +208,14 @@ impl Default for ExternalServiceConfig {
             cache_ttl_seconds: 300,
             circuit_breaker_enabled: true,
             fallback_to_embedded: true,
+            failure_threshold: 5,
+            open_seconds: 30,
+            max_open_seconds: 300,
+            stale_if_error_seconds: 600,
+            cache_max_entries: 100_000,
+            feedback_queue_size: 10_000,
+            eject_after_failures: 3,
+            max_ejection_percent: 50,
         }
     }
 }

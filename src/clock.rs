@@ -1,0 +1,51 @@
+//! Where the broker's notion of "now" comes from, for the cache and the circuit breakers.
+//!
+//! Production uses [`SystemClock`] (tokio's `Instant`, so unit tests can pause it). Integration
+//! tests run the real server over real sockets, where tokio's paused clock would also fire I/O
+//! timeouts early; they use [`ManualClock`] instead, which only moves when the test says so.
+
+use std::fmt::Debug;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// A source of the current instant.
+pub trait Clock: Send + Sync + Debug + 'static {
+    /// Now.
+    fn now(&self) -> Instant;
+}
+
+/// The real clock (tokio's, so `#[tokio::test(start_paused = true)]` controls it).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
+
+/// A clock that moves only when told: real time plus an offset the test advances.
+#[derive(Debug, Default)]
+pub struct ManualClock {
+    offset: Mutex<Duration>,
+}
+
+impl ManualClock {
+    /// A clock at real time.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Moves the clock forward by `by`.
+    pub fn advance(&self, by: Duration) {
+        *self.offset.lock().unwrap_or_else(|e| e.into_inner()) += by;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Instant {
+        Instant::now() + *self.offset.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
