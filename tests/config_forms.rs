@@ -1140,7 +1140,6 @@ async fn success_feedback_keeps_the_least_connections_lease() {
 // --- Merges that lose or reject configuration (see the report) ------------------------------------
 
 #[tokio::test]
-#[ignore = "bug: YAML alias `rest` plus env `..__HTTP__URL` for the same exchange fails with `duplicate field `http`` (or `websocket` for `ws`) instead of env winning (core/src/load.rs merges raw keys before aliases are resolved)"]
 async fn env_canonical_key_wins_over_a_yaml_alias_for_the_same_entry() {
     let yaml = r#"
 proxy:
@@ -1177,7 +1176,6 @@ proxy:
 }
 
 #[tokio::test]
-#[ignore = "bug: env `..__BINANCE__WEBSOCKET__URL` silently drops the YAML shorthand `binance: \"http://..\"` (its http entry) instead of merging (core/src/load.rs: a string parent is replaced by a table)"]
 async fn env_adds_to_a_yaml_bare_string_exchange_without_dropping_its_http_entry() {
     let yaml = r#"
 proxy:
@@ -1205,7 +1203,6 @@ proxy:
 }
 
 #[tokio::test]
-#[ignore = "bug: env `..__HTTP__TIMEOUT_SECONDS=5` over a YAML shorthand `http: \"http://..\"` fails with `needs url or pool` instead of keeping the YAML url (core/src/load.rs: a string parent is replaced by a table)"]
 async fn env_timeout_refines_a_yaml_bare_string_proxy_config() {
     let yaml = r#"
 proxy:
@@ -1231,7 +1228,6 @@ proxy:
 }
 
 #[tokio::test]
-#[ignore = "bug: exchange ids inside a JSON env value (`CRYPTOFEED_PROXY_EXCHANGES={\"Binance\":..}`) are not case-folded, so with YAML `binance` the load fails with `exchange ids 'Binance' and 'binance' are the same` (core/src/load.rs)"]
 async fn env_json_exchange_ids_merge_case_insensitively_with_yaml() {
     let yaml = r#"
 proxy:
@@ -1261,7 +1257,6 @@ proxy:
 }
 
 #[tokio::test]
-#[ignore = "bug: a proxy URL with surrounding whitespace passes validation (url::Url::parse trims) and is answered untrimmed, e.g. proxy_url \"  http://p:3128  \" (core/src/validate.rs check_proxy_url)"]
 async fn answered_proxy_urls_never_carry_surrounding_whitespace() {
     let env = [
         ("CRYPTOFEED_PROXY_ENABLED", "true"),

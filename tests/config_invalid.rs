@@ -707,7 +707,6 @@ fn scalar_in_place_of_the_proxy_block_is_rejected() {
 }
 
 #[test]
-#[ignore = "bug: `proxy: [true]` (a list in place of the proxy block) loads as `enabled: true` — serde's derived visit_seq fills struct fields positionally (core/src/model.rs ProxySettings; same for `server: [..]`)"]
 fn list_in_place_of_the_proxy_block_is_rejected() {
     assert_yaml_rejected("proxy: [true]\n", &["proxy", "invalid type"]);
     assert_yaml_rejected("server: ['127.0.0.1:1']\n", &["server", "invalid type"]);
