@@ -89,7 +89,9 @@ impl BrokerConfig {
         let loader = Loader::new()
             .env_mapping(EnvMapping::new(PROXY_ENV_PREFIX, "proxy"))
             .env_mapping(server_env)
-            .fold_case("proxy.exchanges");
+            .proxy_block("proxy")
+            .table("server")
+            .table("proxy.external_service");
         match file {
             Some(path) => loader.file(path),
             None => loader,

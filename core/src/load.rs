@@ -140,7 +140,8 @@ pub struct Loader {
     file: Option<PathBuf>,
     mappings: Vec<EnvMapping>,
     env: Option<Vec<(String, String)>>,
-    fold_case: Vec<String>,
+    proxy_root: Option<String>,
+    tables: Vec<String>,
 }
 
 impl Loader {
@@ -172,9 +173,17 @@ impl Loader {
         self
     }
 
-    /// Lower-cases the keys of the map at this dotted path in the file (e.g. `proxy.exchanges`).
-    pub fn fold_case(mut self, path: &str) -> Self {
-        self.fold_case.push(path.to_owned());
+    /// Where cryptofeed's `proxy:` block sits (e.g. `proxy`). Each source is normalized there
+    /// before merging: exchange ids lower-cased, aliases (`rest`, `ws`) renamed and shorthands
+    /// (bare strings) expanded, so that YAML and environment refer to the same keys.
+    pub fn proxy_block(mut self, path: &str) -> Self {
+        self.proxy_root = Some(path.to_owned());
+        self
+    }
+
+    /// Requires the value at this dotted path, if present, to be a mapping.
+    pub fn table(mut self, path: &str) -> Self {
+        self.tables.push(path.to_owned());
         self
     }
 
@@ -186,18 +195,28 @@ impl Loader {
                 .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
                 .collect(),
         };
-        let env = EnvSource::new(&self.mappings, &vars)?;
+        let shape = Shape {
+            proxy_root: self.proxy_root.clone(),
+        };
+        let env = EnvSource::new(&self.mappings, &vars, &shape)?;
         let mut builder = config::Config::builder();
         if let Some(path) = &self.file {
             builder = builder.add_source(YamlFile {
                 path: path.clone(),
-                fold_case: self.fold_case.clone(),
+                shape: shape.clone(),
             });
         }
         let built = builder
             .add_source(env.clone())
             .build()
             .map_err(|e| ConfigError::single("", redact_text(&e.to_string())))?;
+        let tree: Value = built
+            .clone()
+            .try_deserialize()
+            .map_err(|e| ConfigError::single("", e.to_string()))?;
+        let mut problems = Problems::default();
+        shape.check_tables(&tree, &self.tables, &mut problems);
+        problems.into_result()?;
         let snapshot = built.clone();
         let value: T = serde_path_to_error::deserialize(built).map_err(|e| {
             let path = e.path().to_string();
@@ -247,11 +266,11 @@ fn scalar_at(config: &config::Config, path: &str) -> Option<String> {
     }
 }
 
-/// The `config` crate's YAML file source, with map keys folded to lower case at chosen paths.
+/// The `config` crate's YAML file source, normalized by [`Shape`].
 #[derive(Debug, Clone)]
 struct YamlFile {
     path: PathBuf,
-    fold_case: Vec<String>,
+    shape: Shape,
 }
 
 impl Source for YamlFile {
@@ -266,45 +285,236 @@ impl Source for YamlFile {
                 self.path.display()
             )));
         }
-        let mut map = config::File::from(self.path.as_path())
+        let map = config::File::from(self.path.as_path())
             .format(FileFormat::Yaml)
             .collect()?;
-        for path in &self.fold_case {
-            let mut segments = path.split('.');
-            let Some(first) = segments.next() else { continue };
-            let mut node = map.get_mut(first);
-            for seg in segments {
-                node = match node {
-                    Some(Value {
-                        kind: ValueKind::Table(t),
-                        ..
-                    }) => t.get_mut(seg),
-                    _ => None,
-                };
+        let mut root = Value::new(None, ValueKind::Table(map));
+        self.shape
+            .normalize(&[], &mut root)
+            .map_err(|e| config::ConfigError::Message(format!("{e} (in {})", self.path.display())))?;
+        match root.kind {
+            ValueKind::Table(map) => Ok(map),
+            _ => Ok(Map::new()),
+        }
+    }
+}
+
+/// Where a value sits inside cryptofeed's `proxy:` block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// The block itself.
+    Settings,
+    /// `exchanges`: keys are exchange ids.
+    Exchanges,
+    /// `default` or `exchanges.<id>`: `http`/`websocket` (aliases `rest`/`ws`), or a bare URL.
+    ConnectionProxies,
+    /// `...http` or `...websocket`: a proxy config, or a bare URL.
+    ProxyConfig,
+    /// `...pool`.
+    Pool,
+    /// `...pool.proxies`.
+    Members,
+    /// `...pool.proxies[i]`.
+    Member,
+    /// Anything else.
+    Other,
+}
+
+impl Role {
+    fn child(self, key: &str) -> Role {
+        match (self, key) {
+            (Role::Settings, "exchanges") => Role::Exchanges,
+            (Role::Settings, "default") | (Role::Exchanges, _) => Role::ConnectionProxies,
+            (Role::ConnectionProxies, "http" | "websocket") => Role::ProxyConfig,
+            (Role::ProxyConfig, "pool") => Role::Pool,
+            (Role::Pool, "proxies") => Role::Members,
+            _ => Role::Other,
+        }
+    }
+
+    fn element(self) -> Role {
+        if self == Role::Members {
+            Role::Member
+        } else {
+            Role::Other
+        }
+    }
+
+    /// The canonical spelling of `key` here (aliases and exchange-id case folded).
+    fn canonical(self, key: &str) -> String {
+        match (self, key) {
+            (Role::Exchanges, id) => id.to_lowercase(),
+            (Role::ConnectionProxies, "rest") => "http".to_owned(),
+            (Role::ConnectionProxies, "ws") => "websocket".to_owned(),
+            (_, other) => other.to_owned(),
+        }
+    }
+
+    fn is_table(self) -> bool {
+        matches!(self, Role::Settings | Role::Exchanges | Role::Pool | Role::Member)
+    }
+}
+
+/// The cryptofeed-specific normalization applied to each source before merging.
+#[derive(Debug, Clone, Default)]
+struct Shape {
+    proxy_root: Option<String>,
+}
+
+impl Shape {
+    /// The role of an absolute key path (segments; list indexes as `[i]`).
+    fn role(&self, path: &[String]) -> Role {
+        let Some(root) = &self.proxy_root else {
+            return Role::Other;
+        };
+        let root: Vec<&str> = if root.is_empty() {
+            Vec::new()
+        } else {
+            root.split('.').collect()
+        };
+        if path.len() < root.len() || path.iter().zip(&root).any(|(a, b)| a != b) {
+            return Role::Other;
+        }
+        path[root.len()..].iter().fold(Role::Settings, |role, seg| {
+            if seg.starts_with('[') {
+                role.element()
+            } else {
+                role.child(seg)
             }
-            if let Some(Value {
-                kind: ValueKind::Table(table),
-                ..
-            }) = node
-            {
+        })
+    }
+
+    /// Normalizes `value`, which sits at `path`: folds keys, renames aliases, expands shorthands.
+    fn normalize(&self, path: &[String], value: &mut Value) -> Result<(), String> {
+        let role = self.role(path);
+        let dotted = || dotted(path);
+        match (&mut value.kind, role) {
+            (ValueKind::String(url), Role::ConnectionProxies) => {
+                let url = url.clone();
+                *value = table([("http", table([("url", string(url))]))]);
+            }
+            (ValueKind::String(url), Role::ProxyConfig) => {
+                let url = url.clone();
+                *value = table([("url", string(url))]);
+            }
+            (ValueKind::Table(map), _) => {
                 let mut folded = Map::new();
                 let mut originals: BTreeMap<String, String> = BTreeMap::new();
-                for (key, value) in table.drain() {
-                    let lower = key.to_lowercase();
-                    if let Some(previous) = originals.insert(lower.clone(), key.clone()) {
-                        return Err(config::ConfigError::Message(format!(
-                            "{path}: keys '{previous}' and '{key}' name the same entry \
-                             (keys here are case-insensitive) in {}",
-                            self.path.display()
-                        )));
+                for (key, child) in map.drain() {
+                    let canonical = role.canonical(&key);
+                    if let Some(previous) = originals.insert(canonical.clone(), key.clone()) {
+                        let at = dotted();
+                        return Err(if role == Role::Exchanges {
+                            format!(
+                                "{at}: keys '{previous}' and '{key}' name the same exchange (exchange ids are case-insensitive)"
+                            )
+                        } else {
+                            format!(
+                                "{at}: keys '{previous}' and '{key}' name the same entry (`rest` is `http`, `ws` is `websocket`)"
+                            )
+                        });
                     }
-                    folded.insert(lower, value);
+                    folded.insert(canonical, child);
                 }
-                *table = folded;
+                for (key, child) in folded.iter_mut() {
+                    let mut child_path = path.to_vec();
+                    child_path.push(key.clone());
+                    self.normalize(&child_path, child)?;
+                }
+                *map = folded;
+            }
+            (ValueKind::Array(items), _) => {
+                for (i, item) in items.iter_mut().enumerate() {
+                    let mut child_path = path.to_vec();
+                    child_path.push(format!("[{i}]"));
+                    self.normalize(&child_path, item)?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The canonical form of an environment key path.
+    fn canonical_path(&self, path: &[String]) -> Vec<String> {
+        let mut out: Vec<String> = Vec::with_capacity(path.len());
+        for seg in path {
+            let canonical = if seg.starts_with('[') {
+                seg.clone()
+            } else {
+                self.role(&out).canonical(seg)
+            };
+            out.push(canonical);
+        }
+        out
+    }
+
+    /// Mappings must be mappings: serde would otherwise read a list into a struct by position.
+    fn check_tables(&self, tree: &Value, extra: &[String], problems: &mut Problems) {
+        fn walk(
+            shape: &Shape,
+            path: &mut Vec<String>,
+            value: &Value,
+            extra: &[String],
+            problems: &mut Problems,
+        ) {
+            let role = shape.role(path);
+            let required = role.is_table() || extra.contains(&dotted(path)) || path.is_empty();
+            let allowed_string = matches!(role, Role::ConnectionProxies | Role::ProxyConfig);
+            match &value.kind {
+                ValueKind::Table(map) => {
+                    for (k, v) in map {
+                        path.push(k.clone());
+                        walk(shape, path, v, extra, problems);
+                        path.pop();
+                    }
+                }
+                ValueKind::Array(items) => {
+                    if required || allowed_string {
+                        problems.push(
+                            dotted(path),
+                            "invalid type: found a list, expected a mapping (key: value pairs)",
+                        );
+                        return;
+                    }
+                    for (i, v) in items.iter().enumerate() {
+                        path.push(format!("[{i}]"));
+                        walk(shape, path, v, extra, problems);
+                        path.pop();
+                    }
+                }
+                ValueKind::Nil => {}
+                _ if required => problems.push(
+                    dotted(path),
+                    format!("'{value}': invalid type, expected a mapping (key: value pairs)"),
+                ),
+                _ => {}
             }
         }
-        Ok(map)
+        walk(self, &mut Vec::new(), tree, extra, problems);
     }
+}
+
+fn dotted(path: &[String]) -> String {
+    let mut out = String::new();
+    for seg in path {
+        if !seg.starts_with('[') && !out.is_empty() {
+            out.push('.');
+        }
+        out.push_str(seg);
+    }
+    out
+}
+
+fn string(s: String) -> Value {
+    Value::new(None, ValueKind::String(s))
+}
+
+fn table<const N: usize>(entries: [(&str, Value); N]) -> Value {
+    Value::new(
+        None,
+        ValueKind::Table(entries.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()),
+    )
 }
 
 /// Environment variables as configuration, cryptofeed-style (see the module docs).
@@ -317,7 +527,7 @@ struct EnvSource {
 }
 
 impl EnvSource {
-    fn new(mappings: &[EnvMapping], vars: &[(String, String)]) -> Result<Self, ConfigError> {
+    fn new(mappings: &[EnvMapping], vars: &[(String, String)], shape: &Shape) -> Result<Self, ConfigError> {
         let mut source = EnvSource::default();
         let mut problems = Problems::default();
         let mut sorted: Vec<&(String, String)> = vars.iter().collect();
@@ -338,7 +548,12 @@ impl EnvSource {
             if rest.is_empty() {
                 continue;
             }
-            let mut path = mapping.target.clone();
+            let mut segments: Vec<String> = mapping
+                .target
+                .split('.')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect();
             let mut ok = true;
             for segment in rest.to_lowercase().split("__") {
                 let valid = !segment.is_empty()
@@ -350,12 +565,9 @@ impl EnvSource {
                     break;
                 }
                 if segment.chars().all(|c| c.is_ascii_digit()) {
-                    path.push_str(&format!("[{segment}]"));
+                    segments.push(format!("[{segment}]"));
                 } else {
-                    if !path.is_empty() {
-                        path.push('.');
-                    }
-                    path.push_str(segment);
+                    segments.push(segment.to_owned());
                 }
             }
             if !ok {
@@ -366,8 +578,10 @@ impl EnvSource {
                 );
                 continue;
             }
+            let segments = shape.canonical_path(&segments);
+            let path = dotted(&segments);
             let trimmed = raw.trim();
-            let value = if trimmed.starts_with('[') || trimmed.starts_with('{') {
+            let mut value = if trimmed.starts_with('[') || trimmed.starts_with('{') {
                 match serde_json::from_str::<serde_json::Value>(trimmed) {
                     Ok(json) => json_to_config(json),
                     Err(e) => {
@@ -386,6 +600,10 @@ impl EnvSource {
             } else {
                 Value::new(None, ValueKind::String(raw.clone()))
             };
+            if let Err(e) = shape.normalize(&segments, &mut value) {
+                problems.push(path.clone(), format!("{e} (from environment variable {name})"));
+                continue;
+            }
             source.origins.insert(path.clone(), name.clone());
             source.values.push((path, value));
         }

@@ -36,6 +36,11 @@ pub fn check_exchange_id(id: &str) -> Result<(), String> {
 /// never contains the password.
 pub fn check_proxy_url(raw: &str) -> Result<Url, String> {
     let shown = redact_url(raw);
+    if raw.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "'{shown}' contains whitespace or control characters (percent-encode them)"
+        ));
+    }
     let url = Url::parse(raw).map_err(|e| format!("'{shown}' is not a valid URL ({e})"))?;
     if !PROXY_SCHEMES.contains(&url.scheme()) {
         return Err(format!(
@@ -74,6 +79,9 @@ fn has_explicit_port(raw: &str) -> bool {
 /// Checks an upstream endpoint: an http(s) URL with a host.
 pub fn check_endpoint_url(raw: &str) -> Result<Url, String> {
     let shown = redact_url(raw);
+    if raw.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("'{shown}' contains whitespace or control characters"));
+    }
     let url = Url::parse(raw).map_err(|e| format!("'{shown}' is not a valid URL ({e})"))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(format!(
@@ -289,6 +297,16 @@ mod tests {
         );
         assert!(check_proxy_url("h:1080").is_err());
         assert!(check_proxy_url("socks5://:1080").is_err());
+        assert!(
+            check_proxy_url("  http://p:3128  ")
+                .unwrap_err()
+                .contains("whitespace")
+        );
+        assert!(
+            check_proxy_url("http://alice:hun ter2@h:1")
+                .unwrap_err()
+                .contains("whitespace")
+        );
         let err = check_proxy_url("gopher://u:topsecret@h:1").unwrap_err();
         assert!(!err.contains("topsecret"), "{err}");
     }
