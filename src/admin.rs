@@ -35,7 +35,10 @@ impl ProxyBrokerAdmin for AdminService {
         let Some(d) = self.broker.delegation() else {
             return Ok(Response::new(pb::ListUpstreamsResponse {
                 upstreams: Vec::new(),
-                feedback: Some(pb::FeedbackStats { ejections: self.broker.ejections(), ..Default::default() }),
+                feedback: Some(pb::FeedbackStats {
+                    ejections: self.broker.ejections(),
+                    ..Default::default()
+                }),
                 delegation_enabled: false,
             }));
         };
@@ -59,8 +62,12 @@ impl ProxyBrokerAdmin for AdminService {
                     total_requests: stats.total_requests,
                     total_failures: stats.total_failures,
                     last_error: stats.last_error,
-                    last_latency_ms: stats.last_latency.map(|l| u32::try_from(l.as_millis()).unwrap_or(u32::MAX)),
-                    seconds_until_probe: snap.until_probe.map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX)),
+                    last_latency_ms: stats
+                        .last_latency
+                        .map(|l| u32::try_from(l.as_millis()).unwrap_or(u32::MAX)),
+                    seconds_until_probe: snap
+                        .until_probe
+                        .map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX)),
                 }
             })
             .collect();
@@ -73,10 +80,17 @@ impl ProxyBrokerAdmin for AdminService {
             queued: d.feedback.queued() as u64,
             ejections: self.broker.ejections(),
         };
-        Ok(Response::new(pb::ListUpstreamsResponse { upstreams, feedback: Some(feedback), delegation_enabled: true }))
+        Ok(Response::new(pb::ListUpstreamsResponse {
+            upstreams,
+            feedback: Some(feedback),
+            delegation_enabled: true,
+        }))
     }
 
-    async fn list_cache(&self, request: Request<pb::ListCacheRequest>) -> Result<Response<pb::ListCacheResponse>, Status> {
+    async fn list_cache(
+        &self,
+        request: Request<pb::ListCacheRequest>,
+    ) -> Result<Response<pb::ListCacheResponse>, Status> {
         let filter = request.into_inner().exchange_id.to_lowercase();
         let Some(d) = self.broker.delegation() else {
             return Ok(Response::new(pb::ListCacheResponse::default()));
@@ -123,20 +137,28 @@ impl ProxyBrokerAdmin for AdminService {
                 return Err(Error::invalid("all", "must be true to drop every entry").into());
             }
             (Some(Target::ExchangeId(id)), _) if id.is_empty() => {
-                return Err(Error::invalid("exchange_id", "must not be empty (use `all: true` for everything)").into());
+                return Err(Error::invalid(
+                    "exchange_id",
+                    "must not be empty (use `all: true` for everything)",
+                )
+                .into());
             }
             (Some(_), None) => 0,
             (Some(Target::All(true)), Some(d)) => d.cache.invalidate_all(),
             (Some(Target::ExchangeId(id)), Some(d)) => d.cache.invalidate_exchange(&id),
         };
         tracing::info!(removed, "cache invalidated by admin request");
-        Ok(Response::new(pb::InvalidateCacheResponse { removed: u32::try_from(removed).unwrap_or(u32::MAX) }))
+        Ok(Response::new(pb::InvalidateCacheResponse {
+            removed: u32::try_from(removed).unwrap_or(u32::MAX),
+        }))
     }
 
     async fn get_effective_config(
         &self,
         _request: Request<pb::GetEffectiveConfigRequest>,
     ) -> Result<Response<pb::GetEffectiveConfigResponse>, Status> {
-        Ok(Response::new(pb::GetEffectiveConfigResponse { config_json: self.broker.config().redacted_json() }))
+        Ok(Response::new(pb::GetEffectiveConfigResponse {
+            config_json: self.broker.config().redacted_json(),
+        }))
     }
 }

@@ -75,8 +75,13 @@ pub enum Event {
 /// may go (`true`) or is refused.
 pub fn transition(state: State, event: Event, now: Instant, policy: &Policy, jitter: f64) -> (State, bool) {
     let open_for = |trips: u32| {
-        let doubled = policy.open.saturating_mul(1u32 << (trips.saturating_sub(1)).min(16));
-        doubled.min(policy.max_open).mul_f64(jitter).min(policy.max_open.mul_f64(1.1))
+        let doubled = policy
+            .open
+            .saturating_mul(1u32 << (trips.saturating_sub(1)).min(16));
+        doubled
+            .min(policy.max_open)
+            .mul_f64(jitter)
+            .min(policy.max_open.mul_f64(1.1))
     };
     match (state, event) {
         (State::Closed { .. }, Event::Acquire) => (state, true),
@@ -84,30 +89,58 @@ pub fn transition(state: State, event: Event, now: Instant, policy: &Policy, jit
         (State::Closed { failures }, Event::Failure) => {
             let failures = failures.saturating_add(1);
             if failures >= policy.failure_threshold {
-                (State::Open { until: now + open_for(1), trips: 1 }, true)
+                (
+                    State::Open {
+                        until: now + open_for(1),
+                        trips: 1,
+                    },
+                    true,
+                )
             } else {
                 (State::Closed { failures }, true)
             }
         }
         (State::Closed { .. }, Event::Abandon) => (state, true),
 
-        (State::Open { until, trips }, Event::Acquire) if now >= until => {
-            (State::HalfOpen { trips, probe_since: Some(now) }, true)
-        }
+        (State::Open { until, trips }, Event::Acquire) if now >= until => (
+            State::HalfOpen {
+                trips,
+                probe_since: Some(now),
+            },
+            true,
+        ),
         (State::Open { .. }, Event::Acquire) => (state, false),
         // Outcomes of requests admitted before the breaker opened change nothing.
         (State::Open { .. }, _) => (state, true),
 
         (State::HalfOpen { trips, probe_since }, Event::Acquire) => match probe_since {
             Some(since) if now < since + policy.probe_timeout => (state, false),
-            _ => (State::HalfOpen { trips, probe_since: Some(now) }, true),
+            _ => (
+                State::HalfOpen {
+                    trips,
+                    probe_since: Some(now),
+                },
+                true,
+            ),
         },
         (State::HalfOpen { .. }, Event::Success) => (State::Closed { failures: 0 }, true),
         (State::HalfOpen { trips, .. }, Event::Failure) => {
             let trips = trips.saturating_add(1);
-            (State::Open { until: now + open_for(trips), trips }, true)
+            (
+                State::Open {
+                    until: now + open_for(trips),
+                    trips,
+                },
+                true,
+            )
         }
-        (State::HalfOpen { trips, .. }, Event::Abandon) => (State::HalfOpen { trips, probe_since: None }, true),
+        (State::HalfOpen { trips, .. }, Event::Abandon) => (
+            State::HalfOpen {
+                trips,
+                probe_since: None,
+            },
+            true,
+        ),
     }
 }
 
@@ -154,7 +187,11 @@ pub enum Kind {
 impl Breaker {
     /// A breaker with `policy`; `None` disables it (always admits).
     pub fn new(policy: Option<Policy>, clock: Arc<dyn Clock>) -> Self {
-        Self { policy, state: Mutex::new(State::Closed { failures: 0 }), clock }
+        Self {
+            policy,
+            state: Mutex::new(State::Closed { failures: 0 }),
+            clock,
+        }
     }
 
     fn apply(&self, event: Event) -> bool {
@@ -182,7 +219,10 @@ impl Breaker {
 
     /// Admission for one request, or `None` when the breaker is open (skip this endpoint).
     pub fn try_acquire(&self) -> Option<Permit<'_>> {
-        self.apply(Event::Acquire).then_some(Permit { breaker: self, done: false })
+        self.apply(Event::Acquire).then_some(Permit {
+            breaker: self,
+            done: false,
+        })
     }
 
     /// The current state.
@@ -190,18 +230,26 @@ impl Breaker {
         let state = *self.state.lock().unwrap_or_else(|e| e.into_inner());
         let now = self.clock.now();
         match (self.policy.is_some(), state) {
-            (false, State::Closed { failures }) => {
-                Snapshot { kind: Kind::Disabled, consecutive_failures: failures, until_probe: None }
-            }
-            (_, State::Closed { failures }) => {
-                Snapshot { kind: Kind::Closed, consecutive_failures: failures, until_probe: None }
-            }
-            (_, State::Open { until, .. }) if until > now => {
-                Snapshot { kind: Kind::Open, consecutive_failures: 0, until_probe: Some(until - now) }
-            }
-            (_, State::Open { .. } | State::HalfOpen { .. }) => {
-                Snapshot { kind: Kind::HalfOpen, consecutive_failures: 0, until_probe: None }
-            }
+            (false, State::Closed { failures }) => Snapshot {
+                kind: Kind::Disabled,
+                consecutive_failures: failures,
+                until_probe: None,
+            },
+            (_, State::Closed { failures }) => Snapshot {
+                kind: Kind::Closed,
+                consecutive_failures: failures,
+                until_probe: None,
+            },
+            (_, State::Open { until, .. }) if until > now => Snapshot {
+                kind: Kind::Open,
+                consecutive_failures: 0,
+                until_probe: Some(until - now),
+            },
+            (_, State::Open { .. } | State::HalfOpen { .. }) => Snapshot {
+                kind: Kind::HalfOpen,
+                consecutive_failures: 0,
+                until_probe: None,
+            },
         }
     }
 }
@@ -307,7 +355,9 @@ mod tests {
         let hanging = b.try_acquire().expect("abandoned probe frees the slot");
         assert!(b.try_acquire().is_none());
         tokio::time::advance(Duration::from_secs(11)).await;
-        let next = b.try_acquire().expect("a probe older than probe_timeout is forgotten");
+        let next = b
+            .try_acquire()
+            .expect("a probe older than probe_timeout is forgotten");
         next.success();
         assert_eq!(b.snapshot().kind, Kind::Closed);
         hanging.failure(); // a late failure of an old probe counts as one closed-state failure

@@ -63,7 +63,10 @@ impl Broker {
     }
 
     /// As [`Broker::new`], with the cache and breakers on `clock`.
-    pub fn with_clock(config: BrokerConfig, clock: Arc<dyn Clock>) -> Result<Self, proxy_broker_core::ConfigError> {
+    pub fn with_clock(
+        config: BrokerConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, proxy_broker_core::ConfigError> {
         let ext = &config.proxy.external_service;
         let ttl = Duration::from_secs(ext.cache_ttl_seconds.unsigned_abs());
         let embedded = EmbeddedResolver::new(&config.proxy, ttl);
@@ -114,11 +117,19 @@ impl Broker {
     }
 
     /// Answers one validated request; `deadline` is the caller's gRPC deadline, if any.
-    pub async fn request_proxy(&self, lookup: &Lookup, deadline: Option<Instant>) -> Result<pb::ProxyResponse, Error> {
+    pub async fn request_proxy(
+        &self,
+        lookup: &Lookup,
+        deadline: Option<Instant>,
+    ) -> Result<pb::ProxyResponse, Error> {
         let Some(d) = &self.delegation else {
             return Ok(self.embedded_answer(lookup));
         };
-        let key = CacheKey::new(&lookup.exchange_id, lookup.connection_type, lookup.region.as_deref());
+        let key = CacheKey::new(
+            &lookup.exchange_id,
+            lookup.connection_type,
+            lookup.region.as_deref(),
+        );
         if let Some(hit) = d.cache.fresh(&key) {
             return Ok(cached_answer(&hit, d.cache.now(), false));
         }
@@ -143,7 +154,11 @@ impl Broker {
             tracing::warn!(exchange = %key.exchange, "every upstream failed: serving a stale cached answer");
             return Ok(cached_answer(&stale, d.cache.now(), true));
         }
-        let summary = failures.iter().map(|f| format!("{}: {}", f.endpoint, f.reason)).collect::<Vec<_>>().join("; ");
+        let summary = failures
+            .iter()
+            .map(|f| format!("{}: {}", f.endpoint, f.reason))
+            .collect::<Vec<_>>()
+            .join("; ");
         if self.config.proxy.external_service.fallback_to_embedded {
             tracing::warn!(failures = %summary, "every upstream failed: answering from the embedded configuration");
             Ok(self.embedded_answer(lookup))
@@ -156,12 +171,17 @@ impl Broker {
 
     /// The embedded configuration's answer: EMBEDDED with a proxy, DIRECT without.
     fn embedded_answer(&self, lookup: &Lookup) -> pb::ProxyResponse {
-        let Resolution { proxy_url, strategy, timeout_seconds } =
-            self.embedded.resolve(&lookup.exchange_id, lookup.connection_type);
+        let Resolution {
+            proxy_url,
+            strategy,
+            timeout_seconds,
+        } = self.embedded.resolve(&lookup.exchange_id, lookup.connection_type);
         let ttl_seconds = u32::try_from(self.config.proxy.external_service.cache_ttl_seconds).unwrap_or(300);
         let mut metadata = prost_types::Struct::default();
         if let Some(timeout) = timeout_seconds {
-            metadata.fields.insert("timeout_seconds".into(), json_to_value(&timeout.into()));
+            metadata
+                .fields
+                .insert("timeout_seconds".into(), json_to_value(&timeout.into()));
         }
         let (source, fallback_policy) = match proxy_url {
             Some(_) => (pb::ProxySource::Embedded, pb::FallbackPolicy::EmbeddedFallback),
@@ -184,7 +204,10 @@ impl Broker {
     pub fn report_feedback(&self, feedback: &Feedback) {
         if let Some(d) = &self.delegation {
             let served_by = feedback.proxy_url.as_ref().and_then(|u| d.served_by.get(u));
-            d.feedback.enqueue(Outgoing { served_by, body: d.upstreams.wire_feedback(feedback) });
+            d.feedback.enqueue(Outgoing {
+                served_by,
+                body: d.upstreams.wire_feedback(feedback),
+            });
         }
         let Some(url) = &feedback.proxy_url else { return };
         if feedback.success {
@@ -206,7 +229,9 @@ impl Broker {
         };
         if reached {
             let evicted = self.delegation.as_ref().map_or(0, |d| d.cache.evict_proxy(url));
-            let pools = self.embedded.eject(url, u8::try_from(ext.max_ejection_percent).unwrap_or(50));
+            let pools = self
+                .embedded
+                .eject(url, u8::try_from(ext.max_ejection_percent).unwrap_or(50));
             self.ejections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(
                 proxy = %proxy_broker_core::redact::redact_url(url),

@@ -99,7 +99,11 @@ impl AnswerCache {
             .max_capacity(max_entries)
             .time_to_live(MAX_TTL.mul_f64(1.1) + stale_window + Duration::from_secs(60))
             .build();
-        Self { entries, stale_window, clock }
+        Self {
+            entries,
+            stale_window,
+            clock,
+        }
     }
 
     /// The fresh entry for `key`, if any.
@@ -111,7 +115,9 @@ impl AnswerCache {
     /// An expired entry for `key` that is still inside the stale-if-error window.
     pub fn stale(&self, key: &CacheKey) -> Option<Arc<Cached>> {
         let now = self.clock.now();
-        self.entries.get(key).filter(|c| now >= c.fresh_until && now < c.stale_until)
+        self.entries
+            .get(key)
+            .filter(|c| now >= c.fresh_until && now < c.stale_until)
     }
 
     /// Stores `answer` from `endpoint`; its lifetime is its TTL (already defaulted and validated),
@@ -147,9 +153,16 @@ impl AnswerCache {
     }
 
     fn remove_where(&self, pred: impl Fn(&CacheKey, &Cached) -> bool) -> usize {
-        let doomed: Vec<Arc<CacheKey>> =
-            self.entries.iter().filter(|(k, c)| pred(k, c)).map(|(k, _)| k).collect();
-        doomed.iter().filter(|k| self.entries.remove(k.as_ref()).is_some()).count()
+        let doomed: Vec<Arc<CacheKey>> = self
+            .entries
+            .iter()
+            .filter(|(k, c)| pred(k, c))
+            .map(|(k, _)| k)
+            .collect();
+        doomed
+            .iter()
+            .filter(|k| self.entries.remove(k.as_ref()).is_some())
+            .count()
     }
 
     /// Every entry still inside its stale window, sorted by key.

@@ -20,7 +20,9 @@ pub struct Coalescer<K, V> {
 
 impl<K, V> Default for Coalescer<K, V> {
     fn default() -> Self {
-        Self { inflight: Mutex::new(HashMap::new()) }
+        Self {
+            inflight: Mutex::new(HashMap::new()),
+        }
     }
 }
 

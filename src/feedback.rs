@@ -76,12 +76,18 @@ impl FeedbackQueue {
     }
 }
 
-async fn worker(upstreams: Arc<Upstreams>, mut rx: broadcast::Receiver<Arc<Outgoing>>, stats: Arc<FeedbackStats>) {
+async fn worker(
+    upstreams: Arc<Upstreams>,
+    mut rx: broadcast::Receiver<Arc<Outgoing>>,
+    stats: Arc<FeedbackStats>,
+) {
     let slots = Arc::new(Semaphore::new(CONCURRENCY));
     loop {
         // Wait for a free delivery slot first, so that a slow upstream backs reports up in the
         // bounded queue (where overflow is counted) rather than in unbounded tasks.
-        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let outgoing = match rx.recv().await {
             Ok(o) => o,
             Err(broadcast::error::RecvError::Lagged(n)) => {

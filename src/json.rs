@@ -5,7 +5,10 @@ use serde_json::{Map, Number, Value};
 
 /// A protobuf `Struct` as a JSON object.
 pub fn struct_to_json(s: &prost_types::Struct) -> Map<String, Value> {
-    s.fields.iter().map(|(k, v)| (k.clone(), value_to_json(v))).collect()
+    s.fields
+        .iter()
+        .map(|(k, v)| (k.clone(), value_to_json(v)))
+        .collect()
 }
 
 fn value_to_json(v: &prost_types::Value) -> Value {
@@ -21,7 +24,9 @@ fn value_to_json(v: &prost_types::Value) -> Value {
 
 /// A JSON object as a protobuf `Struct`.
 pub fn json_to_struct(map: &Map<String, Value>) -> prost_types::Struct {
-    prost_types::Struct { fields: map.iter().map(|(k, v)| (k.clone(), json_to_value(v))).collect() }
+    prost_types::Struct {
+        fields: map.iter().map(|(k, v)| (k.clone(), json_to_value(v))).collect(),
+    }
 }
 
 /// A JSON value as a protobuf `Value`.
@@ -31,9 +36,9 @@ pub fn json_to_value(v: &Value) -> prost_types::Value {
         Value::Bool(b) => Kind::BoolValue(*b),
         Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
         Value::String(s) => Kind::StringValue(s.clone()),
-        Value::Array(items) => {
-            Kind::ListValue(prost_types::ListValue { values: items.iter().map(json_to_value).collect() })
-        }
+        Value::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.iter().map(json_to_value).collect(),
+        }),
         Value::Object(map) => Kind::StructValue(json_to_struct(map)),
     };
     prost_types::Value { kind: Some(kind) }

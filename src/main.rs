@@ -3,8 +3,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::sync::Arc;
+
 use clap::Parser;
 use proxy_broker::BrokerConfig;
+use proxy_broker::broker::Broker;
 use tracing_subscriber::EnvFilter;
 
 /// gRPC service that tells crypto market-data feeds which proxy to use.
@@ -41,12 +44,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if args.check_config {
-        println!("{}", config.redacted_json());
-        eprintln!("proxy-broker: configuration is valid");
-        return ExitCode::SUCCESS;
+    if !args.check_config {
+        init_logging();
     }
-    init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(error) => {
@@ -55,15 +55,30 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let address = config.server.listen;
-        let listener = match tokio::net::TcpListener::bind(address).await {
+        // Building the broker reads credential files and builds upstream clients: still
+        // configuration, so still before any port is bound.
+        let printed = args.check_config.then(|| config.redacted_json());
+        let listen = config.server.listen;
+        let broker = match Broker::new(config) {
+            Ok(b) => Arc::new(b),
+            Err(error) => {
+                eprintln!("proxy-broker: {error}");
+                return ExitCode::from(2);
+            }
+        };
+        if let Some(json) = printed {
+            println!("{json}");
+            eprintln!("proxy-broker: configuration is valid");
+            return ExitCode::SUCCESS;
+        }
+        let listener = match tokio::net::TcpListener::bind(listen).await {
             Ok(l) => l,
             Err(error) => {
-                tracing::error!(%address, %error, "cannot bind server.listen");
+                tracing::error!(address = %listen, %error, "cannot bind server.listen");
                 return ExitCode::FAILURE;
             }
         };
-        match proxy_broker::run(listener, config, shutdown_signal()).await {
+        match proxy_broker::serve(listener, broker, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
                 tracing::error!(%error, "server failed");

@@ -135,7 +135,12 @@ pub enum DeliveryError {
 }
 
 fn config_error(path: &str, message: String) -> ConfigError {
-    ConfigError { problems: vec![Problem { path: path.to_owned(), message }] }
+    ConfigError {
+        problems: vec![Problem {
+            path: path.to_owned(),
+            message,
+        }],
+    }
 }
 
 fn read_secret_file(key: &str, path: &str) -> Result<String, ConfigError> {
@@ -166,7 +171,11 @@ fn read_file(key: &str, path: &str) -> Result<Vec<u8>, ConfigError> {
 
 /// The id the broker sends upstream when the feed sent none: `proxy-broker-{hostname}-{pid}`.
 pub fn broker_client_id() -> String {
-    format!("proxy-broker-{}-{}", gethostname::gethostname().to_string_lossy(), std::process::id())
+    format!(
+        "proxy-broker-{}-{}",
+        gethostname::gethostname().to_string_lossy(),
+        std::process::id()
+    )
 }
 
 impl Upstreams {
@@ -182,7 +191,9 @@ impl Upstreams {
             }
         };
         let mut headers = HeaderMap::new();
-        let secret_header = |name: &'static str, value: String| -> Result<(HeaderName, HeaderValue), ConfigError> {
+        let secret_header = |name: &'static str,
+                             value: String|
+         -> Result<(HeaderName, HeaderValue), ConfigError> {
             let mut v = HeaderValue::from_str(&value).map_err(|_| {
                 config_error(
                     "proxy.external_service.auth_credentials",
@@ -207,7 +218,7 @@ impl Upstreams {
             }
             AuthMethod::MutualTls => {}
         }
-        let mut builder_template = || -> Result<reqwest::ClientBuilder, ConfigError> {
+        let builder_template = || -> Result<reqwest::ClientBuilder, ConfigError> {
             let mut b = reqwest::Client::builder()
                 .no_proxy()
                 .connect_timeout(Duration::from_secs(cfg.timeout_seconds.unsigned_abs()))
@@ -216,7 +227,10 @@ impl Upstreams {
             if let Some(ca) = creds.get("ca_file").filter(|p| !p.is_empty()) {
                 let pem = read_file("ca_file", ca)?;
                 let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                    config_error("proxy.external_service.auth_credentials.ca_file", format!("'{ca}' is not PEM certificates: {e}"))
+                    config_error(
+                        "proxy.external_service.auth_credentials.ca_file",
+                        format!("'{ca}' is not PEM certificates: {e}"),
+                    )
                 })?;
                 b = b.tls_certs_only(certs);
             }
@@ -247,8 +261,9 @@ impl Upstreams {
             let path = format!("proxy.external_service.endpoints[{i}]");
             let base = raw.trim_end_matches('/');
             let parse = |suffix: &str| {
-                reqwest::Url::parse(&format!("{base}{suffix}"))
-                    .map_err(|e| config_error(&path, format!("'{}' is not a valid URL ({e})", redact_url(raw))))
+                reqwest::Url::parse(&format!("{base}{suffix}")).map_err(|e| {
+                    config_error(&path, format!("'{}' is not a valid URL ({e})", redact_url(raw)))
+                })
             };
             let client = builder_template()?
                 .build()
@@ -283,23 +298,41 @@ impl Upstreams {
 
     /// Asks each endpoint in order until one gives a valid answer. Open breakers are skipped
     /// without waiting; each attempt is bounded by `timeout_seconds` and by `deadline`.
-    pub async fn request(&self, lookup: &Lookup, deadline: Option<Instant>) -> Result<(Answer, usize), Vec<Failure>> {
+    pub async fn request(
+        &self,
+        lookup: &Lookup,
+        deadline: Option<Instant>,
+    ) -> Result<(Answer, usize), Vec<Failure>> {
         let body = WireRequest {
             exchange_id: &lookup.exchange_id.to_lowercase(),
             connection_type: lookup.connection_type.as_str(),
             region: lookup.region.as_deref(),
-            client_id: if lookup.client_id.is_empty() { &self.broker_client_id } else { &lookup.client_id },
-            metadata: lookup.metadata.as_ref().map(crate::json::struct_to_json).unwrap_or_default(),
+            client_id: if lookup.client_id.is_empty() {
+                &self.broker_client_id
+            } else {
+                &lookup.client_id
+            },
+            metadata: lookup
+                .metadata
+                .as_ref()
+                .map(crate::json::struct_to_json)
+                .unwrap_or_default(),
         };
         let mut failures = Vec::new();
         for (index, endpoint) in self.endpoints.iter().enumerate() {
             let Some(permit) = endpoint.breaker.try_acquire() else {
-                failures.push(Failure { endpoint: endpoint.name.clone(), reason: "circuit breaker open (skipped)".into() });
+                failures.push(Failure {
+                    endpoint: endpoint.name.clone(),
+                    reason: "circuit breaker open (skipped)".into(),
+                });
                 continue;
             };
             let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             if remaining.is_some_and(|r| r.is_zero()) {
-                failures.push(Failure { endpoint: endpoint.name.clone(), reason: "caller's deadline reached (not tried)".into() });
+                failures.push(Failure {
+                    endpoint: endpoint.name.clone(),
+                    reason: "caller's deadline reached (not tried)".into(),
+                });
                 drop(permit);
                 break;
             }
@@ -318,7 +351,10 @@ impl Upstreams {
                     endpoint.record(latency, Some(&reason));
                     permit.failure();
                     tracing::warn!(endpoint = %endpoint.name, %reason, "upstream failed");
-                    failures.push(Failure { endpoint: endpoint.name.clone(), reason });
+                    failures.push(Failure {
+                        endpoint: endpoint.name.clone(),
+                        reason,
+                    });
                 }
                 Err(_) if caller_bound => {
                     // The caller's deadline, not the endpoint, ran out: no verdict on the endpoint.
@@ -334,7 +370,10 @@ impl Upstreams {
                     endpoint.record(latency, Some(&reason));
                     permit.failure();
                     tracing::warn!(endpoint = %endpoint.name, %reason, "upstream failed");
-                    failures.push(Failure { endpoint: endpoint.name.clone(), reason });
+                    failures.push(Failure {
+                        endpoint: endpoint.name.clone(),
+                        reason,
+                    });
                 }
             }
         }
@@ -381,14 +420,23 @@ impl Upstreams {
             latency_ms: fb.latency_ms,
             error_details: fb.error_details.clone(),
             timestamp: humantime::format_rfc3339_millis(fb.timestamp).to_string(),
-            client_id: if fb.client_id.is_empty() { self.broker_client_id.clone() } else { fb.client_id.clone() },
+            client_id: if fb.client_id.is_empty() {
+                self.broker_client_id.clone()
+            } else {
+                fb.client_id.clone()
+            },
         }
     }
 
     /// Sends one feedback report to endpoint `index`.
     pub async fn deliver_feedback(&self, index: usize, body: &WireFeedback) -> Result<(), DeliveryError> {
         let endpoint = &self.endpoints[index];
-        let send = endpoint.client.post(endpoint.feedback_url.clone()).headers(self.headers.clone()).json(body).send();
+        let send = endpoint
+            .client
+            .post(endpoint.feedback_url.clone())
+            .headers(self.headers.clone())
+            .json(body)
+            .send();
         let response = match tokio::time::timeout(self.timeout, send).await {
             Err(_) => return Err(DeliveryError::Transient("timed out".into())),
             Ok(Err(e)) => return Err(DeliveryError::Transient(describe_reqwest_error(&e))),
@@ -423,7 +471,11 @@ fn describe_reqwest_error(e: &reqwest::Error) -> String {
         source = s.source();
     }
     let detail = proxy_broker_core::redact::redact_text(&detail);
-    if detail.is_empty() { kind.to_owned() } else { format!("{kind}: {detail}") }
+    if detail.is_empty() {
+        kind.to_owned()
+    } else {
+        format!("{kind}: {detail}")
+    }
 }
 
 /// Validates an upstream answer (the design's ProxyResponse). Unknown fields are ignored.
@@ -471,7 +523,13 @@ pub fn parse_answer(body: &[u8], default_ttl: u32) -> Result<Answer, String> {
         Some(Value::Object(m)) => m,
         Some(_) => return Err("metadata is not an object".into()),
     };
-    Ok(Answer { proxy_url, strategy, ttl_seconds, fallback_policy, metadata })
+    Ok(Answer {
+        proxy_url,
+        strategy,
+        ttl_seconds,
+        fallback_policy,
+        metadata,
+    })
 }
 
 #[cfg(test)]
@@ -480,7 +538,11 @@ mod tests {
 
     #[test]
     fn valid_answers_parse_with_defaults_and_extra_fields_ignored() {
-        let a = parse_answer(br#"{"proxy_url":"socks5://p:1080","strategy":"geo","extra":1}"#, 300).unwrap();
+        let a = parse_answer(
+            br#"{"proxy_url":"socks5://p:1080","strategy":"geo","extra":1}"#,
+            300,
+        )
+        .unwrap();
         assert_eq!(a.ttl_seconds, 300);
         assert_eq!(a.fallback_policy, FallbackPolicy::EmbeddedFallback);
         let a = parse_answer(
@@ -500,10 +562,19 @@ mod tests {
             (br#"{"strategy":"s"}"#, "proxy_url is missing"),
             (br#"{"proxy_url":"ftp://p:1","strategy":"s"}"#, "scheme 'ftp'"),
             (br#"{"proxy_url":"socks5://p","strategy":"s"}"#, "no port"),
-            (br#"{"proxy_url":"socks5://p:1","strategy":"s","ttl_seconds":5}"#, "below 60"),
-            (br#"{"proxy_url":"socks5://p:1","strategy":"s","fallback_policy":"retry"}"#, "fallback_policy 'retry'"),
+            (
+                br#"{"proxy_url":"socks5://p:1","strategy":"s","ttl_seconds":5}"#,
+                "below 60",
+            ),
+            (
+                br#"{"proxy_url":"socks5://p:1","strategy":"s","fallback_policy":"retry"}"#,
+                "fallback_policy 'retry'",
+            ),
             (br#"{"proxy_url":"socks5://p:1"}"#, "strategy is missing"),
-            (br#"{"proxy_url":"socks5://p:1","strategy":"s","metadata":[1]}"#, "metadata is not an object"),
+            (
+                br#"{"proxy_url":"socks5://p:1","strategy":"s","metadata":[1]}"#,
+                "metadata is not an object",
+            ),
         ];
         for (body, want) in cases {
             let err = parse_answer(body, 300).unwrap_err();

@@ -199,12 +199,18 @@ impl EmbeddedResolver {
         let now = Instant::now();
         let mut ejected = 0;
         for pool in &self.pools {
-            let Some(i) = pool.urls.iter().position(|u| u == proxy_url) else { continue };
+            let Some(i) = pool.urls.iter().position(|u| u == proxy_url) else {
+                continue;
+            };
             let mut state = pool.lock();
             if state.ejections[i].until.is_some_and(|until| until > now) {
                 continue;
             }
-            let current = state.ejections.iter().filter(|e| e.until.is_some_and(|u| u > now)).count();
+            let current = state
+                .ejections
+                .iter()
+                .filter(|e| e.until.is_some_and(|u| u > now))
+                .count();
             let allowed = pool.urls.len() * usize::from(max_percent.min(100)) / 100;
             if current + 1 > allowed {
                 continue;
@@ -299,18 +305,32 @@ impl Pool {
     fn pick(&self, lease_ttl: Duration) -> String {
         let now = Instant::now();
         let mut state = self.lock();
-        let eligible: Vec<bool> =
-            state.ejections.iter().map(|e| !e.until.is_some_and(|until| until > now)).collect();
+        let eligible: Vec<bool> = state
+            .ejections
+            .iter()
+            .map(|e| !e.until.is_some_and(|until| until > now))
+            .collect();
         // Ejection never covers a whole pool, but if configuration makes it so, ignore it.
-        let eligible = if eligible.iter().any(|&e| e) { eligible } else { vec![true; self.urls.len()] };
+        let eligible = if eligible.iter().any(|&e| e) {
+            eligible
+        } else {
+            vec![true; self.urls.len()]
+        };
         let n = self.urls.len();
         let index = match self.strategy {
             Strategy::RoundRobin => {
                 let start = self.next.fetch_add(1, Ordering::Relaxed);
-                (0..n).map(|k| (start + k) % n).find(|&i| eligible[i]).unwrap_or(start % n)
+                (0..n)
+                    .map(|k| (start + k) % n)
+                    .find(|&i| eligible[i])
+                    .unwrap_or(start % n)
             }
             Strategy::Random => {
-                let weights = self.weights.iter().zip(&eligible).map(|(&w, &ok)| if ok { w } else { 0.0 });
+                let weights = self
+                    .weights
+                    .iter()
+                    .zip(&eligible)
+                    .map(|(&w, &ok)| if ok { w } else { 0.0 });
                 WeightedIndex::new(weights).map_or(0, |dist| dist.sample(&mut rand::rng()))
             }
             Strategy::LeastConnections => {
@@ -406,17 +426,26 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn ejected_members_are_skipped_until_the_period_ends_and_periods_grow() {
         let urls = ["socks5://a:1", "socks5://b:1", "socks5://c:1", "socks5://d:1"];
-        let settings = pool_settings(Strategy::RoundRobin, urls.iter().map(|u| member(u, 1.0, true)).collect());
+        let settings = pool_settings(
+            Strategy::RoundRobin,
+            urls.iter().map(|u| member(u, 1.0, true)).collect(),
+        );
         let r = EmbeddedResolver::new(&settings, Duration::from_secs(60));
         let picks = |r: &EmbeddedResolver| -> Vec<String> {
-            (0..8).map(|_| r.resolve("x", ConnectionType::Websocket).proxy_url.unwrap()).collect()
+            (0..8)
+                .map(|_| r.resolve("x", ConnectionType::Websocket).proxy_url.unwrap())
+                .collect()
         };
         assert_eq!(r.eject("socks5://b:1", 50), 1);
         assert!(picks(&r).iter().all(|u| u != "socks5://b:1"));
         // 50 % of 4 is 2: a second ejection is allowed, a third is refused.
         assert_eq!(r.eject("socks5://c:1", 50), 1);
         assert_eq!(r.eject("socks5://d:1", 50), 0);
-        assert!(picks(&r).iter().all(|u| u == "socks5://a:1" || u == "socks5://d:1"));
+        assert!(
+            picks(&r)
+                .iter()
+                .all(|u| u == "socks5://a:1" || u == "socks5://d:1")
+        );
         tokio::time::advance(EJECTION_BASE + Duration::from_millis(1)).await;
         assert!(!r.is_ejected("socks5://b:1"));
         assert!(picks(&r).contains(&"socks5://b:1".to_owned()));
@@ -433,7 +462,10 @@ mod tests {
         let settings = pool_settings(Strategy::Random, vec![member("socks5://only:1", 1.0, true)]);
         let r = EmbeddedResolver::new(&settings, Duration::from_secs(60));
         assert_eq!(r.eject("socks5://only:1", 50), 0);
-        assert_eq!(r.resolve("x", ConnectionType::Websocket).proxy_url.as_deref(), Some("socks5://only:1"));
+        assert_eq!(
+            r.resolve("x", ConnectionType::Websocket).proxy_url.as_deref(),
+            Some("socks5://only:1")
+        );
     }
 
     #[test]

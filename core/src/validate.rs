@@ -222,15 +222,65 @@ impl Validate for ExternalServiceConfig {
                 problems.push(format!("{}[{i}]", join(path, "endpoints")), rule);
             }
         }
-        check_range(problems, join(path, "failure_threshold"), self.failure_threshold, 1, 100);
+        check_range(
+            problems,
+            join(path, "failure_threshold"),
+            self.failure_threshold,
+            1,
+            100,
+        );
         check_range(problems, join(path, "open_seconds"), self.open_seconds, 1, 300);
-        check_range(problems, join(path, "max_open_seconds"), self.max_open_seconds, self.open_seconds.max(1), 3600);
-        check_range(problems, join(path, "stale_if_error_seconds"), self.stale_if_error_seconds, 0, 86_400);
-        check_range(problems, join(path, "cache_max_entries"), self.cache_max_entries, 1, 10_000_000);
-        check_range(problems, join(path, "feedback_queue_size"), self.feedback_queue_size, 1, 1_000_000);
-        check_range(problems, join(path, "eject_after_failures"), self.eject_after_failures, 1, 100);
-        check_range(problems, join(path, "max_ejection_percent"), self.max_ejection_percent, 0, 100);
-        const KNOWN: &[&str] = &["token", "token_file", "api_key", "api_key_file", "cert_file", "key_file", "ca_file"];
+        check_range(
+            problems,
+            join(path, "max_open_seconds"),
+            self.max_open_seconds,
+            self.open_seconds.max(1),
+            3600,
+        );
+        check_range(
+            problems,
+            join(path, "stale_if_error_seconds"),
+            self.stale_if_error_seconds,
+            0,
+            86_400,
+        );
+        check_range(
+            problems,
+            join(path, "cache_max_entries"),
+            self.cache_max_entries,
+            1,
+            10_000_000,
+        );
+        check_range(
+            problems,
+            join(path, "feedback_queue_size"),
+            self.feedback_queue_size,
+            1,
+            1_000_000,
+        );
+        check_range(
+            problems,
+            join(path, "eject_after_failures"),
+            self.eject_after_failures,
+            1,
+            100,
+        );
+        check_range(
+            problems,
+            join(path, "max_ejection_percent"),
+            self.max_ejection_percent,
+            0,
+            100,
+        );
+        const KNOWN: &[&str] = &[
+            "token",
+            "token_file",
+            "api_key",
+            "api_key_file",
+            "cert_file",
+            "key_file",
+            "ca_file",
+        ];
         for key in self.auth_credentials.keys() {
             if !KNOWN.contains(&key.as_str()) {
                 problems.push(
@@ -244,10 +294,11 @@ impl Validate for ExternalServiceConfig {
             let has = |k: &str| creds.get(k).is_some_and(|v| !v.is_empty());
             let cred_path = join(path, "auth_credentials");
             match self.auth_method {
-                crate::model::AuthMethod::BearerToken if !has("token") && !has("token_file") => problems.push(
-                    cred_path,
-                    "auth_method bearer_token needs `token` or `token_file` (neither is set)",
-                ),
+                crate::model::AuthMethod::BearerToken if !has("token") && !has("token_file") => problems
+                    .push(
+                        cred_path,
+                        "auth_method bearer_token needs `token` or `token_file` (neither is set)",
+                    ),
                 crate::model::AuthMethod::BearerToken if has("token") && has("token_file") => {
                     problems.push(cred_path, "set `token` or `token_file`, not both")
                 }
@@ -259,12 +310,17 @@ impl Validate for ExternalServiceConfig {
                     problems.push(cred_path, "set `api_key` or `api_key_file`, not both")
                 }
                 crate::model::AuthMethod::MutualTls => {
-                    let missing: Vec<_> =
-                        ["cert_file", "key_file", "ca_file"].into_iter().filter(|k| !has(k)).collect();
+                    let missing: Vec<_> = ["cert_file", "key_file", "ca_file"]
+                        .into_iter()
+                        .filter(|k| !has(k))
+                        .collect();
                     if !missing.is_empty() {
                         problems.push(
                             cred_path,
-                            format!("auth_method mutual_tls needs cert_file, key_file and ca_file (missing: {})", missing.join(", ")),
+                            format!(
+                                "auth_method mutual_tls needs cert_file, key_file and ca_file (missing: {})",
+                                missing.join(", ")
+                            ),
                         );
                     }
                 }

@@ -41,6 +41,31 @@ impl TestBroker {
         }
     }
 
+    /// Starts the broker with its cache and circuit breakers on `clock` (tests move it forward).
+    pub async fn start_with_clock(
+        config: BrokerConfig,
+        clock: std::sync::Arc<proxy_broker::clock::ManualClock>,
+    ) -> Self {
+        let broker = std::sync::Arc::new(proxy_broker::broker::Broker::with_clock(config, clock).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(proxy_broker::serve(listener, broker, async move {
+            let _ = rx.await;
+        }));
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        Self {
+            addr,
+            channel,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
     /// Loads a configuration from YAML text and `env` (instead of the process environment) and
     /// starts the broker with it.
     pub async fn start_yaml(yaml: &str, env: &[(&str, &str)]) -> Self {
