@@ -1,7 +1,6 @@
 //! gRPC glue for `proxybroker.v1.ProxyBrokerAdmin`.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use proxy_broker_core::redact::redact_url;
 use tonic::{Request, Response, Status};
@@ -73,10 +72,10 @@ impl ProxyBrokerAdmin for AdminService {
             .collect();
         let s = &d.feedback.stats;
         let feedback = pb::FeedbackStats {
-            enqueued: s.enqueued.load(Ordering::Relaxed),
-            forwarded: s.forwarded.load(Ordering::Relaxed),
-            failed: s.failed.load(Ordering::Relaxed),
-            dropped: s.dropped.load(Ordering::Relaxed),
+            enqueued: s.enqueued.get(),
+            forwarded: s.forwarded.get(),
+            failed: s.failed.get(),
+            dropped: s.dropped.get(),
             queued: d.feedback.queued() as u64,
             ejections: self.broker.ejections(),
         };

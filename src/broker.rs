@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use proxy_broker_core::{EmbeddedResolver, Resolution};
 use tokio::time::Instant;
@@ -20,6 +21,7 @@ use crate::config::BrokerConfig;
 use crate::error::Error;
 use crate::feedback::{FeedbackQueue, Outgoing};
 use crate::json::{json_to_struct, json_to_value};
+use crate::metrics::Metrics;
 use crate::pb;
 use crate::request::{Feedback, Lookup};
 use crate::upstream::{Answer, Failure, Upstreams};
@@ -42,17 +44,41 @@ pub struct Delegation {
     served_by: moka::sync::Cache<String, usize>,
     /// Feedback forwarding.
     pub feedback: FeedbackQueue,
+    /// The `external_service` block and credential-file contents this was built from.
+    built_from: (proxy_broker_core::ExternalServiceConfig, u64),
 }
 
-/// Shared state behind both gRPC services.
+/// Shared state behind both gRPC services. Configuration-derived parts live in a [`State`] that
+/// [`Broker::reload`] swaps atomically; counters and metrics outlive reloads.
 #[derive(Debug)]
 pub struct Broker {
-    config: Arc<BrokerConfig>,
-    embedded: EmbeddedResolver,
-    delegation: Option<Delegation>,
+    state: ArcSwap<State>,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
     /// Consecutive failure reports per proxy URL (outlier detection).
     failures: DashMap<String, u32>,
-    ejections: std::sync::atomic::AtomicU64,
+}
+
+/// Everything built from one configuration.
+#[derive(Debug)]
+pub struct State {
+    /// The configuration in force.
+    pub config: Arc<BrokerConfig>,
+    embedded: Arc<EmbeddedResolver>,
+    delegation: Option<Arc<Delegation>>,
+    /// Bearer tokens accepted from callers (empty: no auth).
+    pub tokens: Arc<Vec<String>>,
+}
+
+/// What a reload changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReloadSummary {
+    /// The embedded configuration changed (pool state restarted).
+    pub embedded_changed: bool,
+    /// Upstream settings or credential files changed (cache dropped, breakers reset).
+    pub upstreams_changed: bool,
+    /// `server.*` settings that only take effect on restart changed.
+    pub restart_needed: bool,
 }
 
 impl Broker {
@@ -67,53 +93,94 @@ impl Broker {
         config: BrokerConfig,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, proxy_broker_core::ConfigError> {
-        let ext = &config.proxy.external_service;
-        let ttl = Duration::from_secs(ext.cache_ttl_seconds.unsigned_abs());
-        let embedded = EmbeddedResolver::new(&config.proxy, ttl);
-        let delegation = if config.proxy.enabled && ext.enabled {
-            let upstreams = Arc::new(Upstreams::new(ext, clock.clone())?);
-            Some(Delegation {
-                cache: AnswerCache::new(
-                    ext.cache_max_entries.unsigned_abs(),
-                    Duration::from_secs(ext.stale_if_error_seconds.unsigned_abs()),
-                    clock,
-                ),
-                coalescer: Coalescer::default(),
-                served_by: moka::sync::Cache::builder()
-                    .max_capacity(100_000)
-                    .time_to_live(Duration::from_secs(7200))
-                    .build(),
-                feedback: FeedbackQueue::start(
-                    upstreams.clone(),
-                    usize::try_from(ext.feedback_queue_size).unwrap_or(10_000),
-                ),
-                upstreams,
-            })
-        } else {
-            None
-        };
+        let metrics = Arc::new(Metrics::new());
+        let state = build_state(config, None, &clock, &metrics)?;
         Ok(Self {
-            config: Arc::new(config),
-            embedded,
-            delegation,
+            state: ArcSwap::from_pointee(state),
+            clock,
+            metrics,
             failures: DashMap::new(),
-            ejections: Default::default(),
         })
     }
 
+    /// The state in force (cheap: an `Arc` load).
+    pub fn state(&self) -> Arc<State> {
+        self.state.load_full()
+    }
+
     /// The configuration in force.
-    pub fn config(&self) -> &BrokerConfig {
-        &self.config
+    pub fn config(&self) -> Arc<BrokerConfig> {
+        self.state.load().config.clone()
     }
 
     /// Upstream delegation state, when enabled.
-    pub fn delegation(&self) -> Option<&Delegation> {
-        self.delegation.as_ref()
+    pub fn delegation(&self) -> Option<Arc<Delegation>> {
+        self.state.load().delegation.clone()
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Proxy URLs ejected so far.
     pub fn ejections(&self) -> u64 {
-        self.ejections.load(std::sync::atomic::Ordering::Relaxed)
+        self.metrics.ejections.get()
+    }
+
+    /// Applies a new, validated configuration. Parts that did not change keep their state: an
+    /// unchanged embedded configuration keeps its pool rotation, leases and ejections; unchanged
+    /// upstream settings (and credential files) keep the cache, breakers and feedback queue.
+    /// Cache entries are dropped only when the upstream settings change. On error nothing changes.
+    pub fn reload(&self, config: BrokerConfig) -> Result<ReloadSummary, proxy_broker_core::ConfigError> {
+        let current = self.state.load_full();
+        let old = &current.config;
+        let summary = ReloadSummary {
+            embedded_changed: embedded_part(&old.proxy) != embedded_part(&config.proxy),
+            upstreams_changed: false,
+            restart_needed: old.server.listen != config.server.listen
+                || old.server.metrics_listen != config.server.metrics_listen
+                || old.server.tls != config.server.tls
+                || old.server.max_message_bytes != config.server.max_message_bytes
+                || old.server.max_concurrent_requests != config.server.max_concurrent_requests
+                || old.server.request_timeout_seconds != config.server.request_timeout_seconds
+                || old.server.reflection != config.server.reflection,
+        };
+        let next = build_state(config, Some(&current), &self.clock, &self.metrics)?;
+        let upstreams_changed = match (&current.delegation, &next.delegation) {
+            (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
+            (None, None) => false,
+            _ => true,
+        };
+        self.state.store(Arc::new(next));
+        Ok(ReloadSummary {
+            upstreams_changed,
+            ..summary
+        })
+    }
+
+    /// Refreshes gauges from live state, then renders the metrics text.
+    pub fn render_metrics(&self) -> String {
+        let state = self.state.load();
+        let mut entries = 0;
+        if let Some(d) = &state.delegation {
+            entries = d.cache.len();
+            for e in d.upstreams.endpoints() {
+                let value = match e.breaker.snapshot().kind {
+                    crate::breaker::Kind::Closed | crate::breaker::Kind::Disabled => 0,
+                    crate::breaker::Kind::Open => 1,
+                    crate::breaker::Kind::HalfOpen => 2,
+                };
+                self.metrics
+                    .circuit_state
+                    .get_or_create(&vec![("endpoint", e.name.to_string())])
+                    .set(value);
+            }
+        }
+        self.metrics
+            .cache_entries
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
+        self.metrics.render()
     }
 
     /// Answers one validated request; `deadline` is the caller's gRPC deadline, if any.
@@ -122,8 +189,9 @@ impl Broker {
         lookup: &Lookup,
         deadline: Option<Instant>,
     ) -> Result<pb::ProxyResponse, Error> {
-        let Some(d) = &self.delegation else {
-            return Ok(self.embedded_answer(lookup));
+        let state = self.state.load_full();
+        let Some(d) = &state.delegation else {
+            return Ok(state.embedded_answer(lookup));
         };
         let key = CacheKey::new(
             &lookup.exchange_id,
@@ -131,9 +199,10 @@ impl Broker {
             lookup.region.as_deref(),
         );
         if let Some(hit) = d.cache.fresh(&key) {
+            self.metrics.cache_hits.inc();
             return Ok(cached_answer(&hit, d.cache.now(), false));
         }
-        let (fetched, _led) = d
+        let (fetched, led) = d
             .coalescer
             .run(&key, || async {
                 match d.upstreams.request(lookup, deadline).await {
@@ -146,6 +215,9 @@ impl Broker {
                 }
             })
             .await;
+        if !led {
+            self.metrics.coalesced.inc();
+        }
         let failures = match fetched {
             Ok(cached) => return Ok(upstream_answer(&cached.answer, &cached.endpoint)),
             Err(failures) => failures,
@@ -159,9 +231,9 @@ impl Broker {
             .map(|f| format!("{}: {}", f.endpoint, f.reason))
             .collect::<Vec<_>>()
             .join("; ");
-        if self.config.proxy.external_service.fallback_to_embedded {
+        if state.config.proxy.external_service.fallback_to_embedded {
             tracing::warn!(failures = %summary, "every upstream failed: answering from the embedded configuration");
-            Ok(self.embedded_answer(lookup))
+            Ok(state.embedded_answer(lookup))
         } else {
             Err(Error::Unavailable(format!(
                 "every upstream proxy service failed and fallback_to_embedded is false: {summary}"
@@ -169,6 +241,57 @@ impl Broker {
         }
     }
 
+    /// Takes a validated feedback report: queues it for upstream, ends a `least_connections`
+    /// lease on failure, and ejects a proxy URL after `eject_after_failures` consecutive failure
+    /// reports (evicting cached answers that hold it and skipping it in embedded pools).
+    pub fn report_feedback(&self, feedback: &Feedback) {
+        let state = self.state.load_full();
+        self.metrics
+            .feedback
+            .get_or_create(&vec![("success", feedback.success.to_string())])
+            .inc();
+        if let Some(d) = &state.delegation {
+            let served_by = feedback.proxy_url.as_ref().and_then(|u| d.served_by.get(u));
+            d.feedback.enqueue(Outgoing {
+                served_by,
+                body: d.upstreams.wire_feedback(feedback),
+            });
+        }
+        let Some(url) = &feedback.proxy_url else { return };
+        if feedback.success {
+            self.failures.remove(url);
+            return;
+        }
+        state.embedded.release(url);
+        let ext = &state.config.proxy.external_service;
+        let threshold = u32::try_from(ext.eject_after_failures).unwrap_or(3);
+        let reached = {
+            let mut count = self.failures.entry(url.clone()).or_insert(0);
+            *count += 1;
+            if *count >= threshold {
+                *count = 0;
+                true
+            } else {
+                false
+            }
+        };
+        if reached {
+            let evicted = state.delegation.as_ref().map_or(0, |d| d.cache.evict_proxy(url));
+            let pools = state
+                .embedded
+                .eject(url, u8::try_from(ext.max_ejection_percent).unwrap_or(50));
+            self.metrics.ejections.inc();
+            tracing::warn!(
+                proxy = %proxy_broker_core::redact::redact_url(url),
+                evicted_cache_entries = evicted,
+                ejected_from_pools = pools,
+                "proxy ejected after repeated failure reports"
+            );
+        }
+    }
+}
+
+impl State {
     /// The embedded configuration's answer: EMBEDDED with a proxy, DIRECT without.
     fn embedded_answer(&self, lookup: &Lookup) -> pb::ProxyResponse {
         let Resolution {
@@ -197,50 +320,87 @@ impl Broker {
             upstream_endpoint: String::new(),
         }
     }
+}
 
-    /// Takes a validated feedback report: queues it for upstream, ends a `least_connections`
-    /// lease on failure, and ejects a proxy URL after `eject_after_failures` consecutive failure
-    /// reports (evicting cached answers that hold it and skipping it in embedded pools).
-    pub fn report_feedback(&self, feedback: &Feedback) {
-        if let Some(d) = &self.delegation {
-            let served_by = feedback.proxy_url.as_ref().and_then(|u| d.served_by.get(u));
-            d.feedback.enqueue(Outgoing {
-                served_by,
-                body: d.upstreams.wire_feedback(feedback),
-            });
-        }
-        let Some(url) = &feedback.proxy_url else { return };
-        if feedback.success {
-            self.failures.remove(url);
-            return;
-        }
-        self.embedded.release(url);
-        let ext = &self.config.proxy.external_service;
-        let threshold = u32::try_from(ext.eject_after_failures).unwrap_or(3);
-        let reached = {
-            let mut count = self.failures.entry(url.clone()).or_insert(0);
-            *count += 1;
-            if *count >= threshold {
-                *count = 0;
-                true
-            } else {
-                false
-            }
-        };
-        if reached {
-            let evicted = self.delegation.as_ref().map_or(0, |d| d.cache.evict_proxy(url));
-            let pools = self
-                .embedded
-                .eject(url, u8::try_from(ext.max_ejection_percent).unwrap_or(50));
-            self.ejections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::warn!(
-                proxy = %proxy_broker_core::redact::redact_url(url),
-                evicted_cache_entries = evicted,
-                ejected_from_pools = pools,
-                "proxy ejected after repeated failure reports"
-            );
+/// The proxy settings without `external_service`: what the embedded resolver is built from.
+fn embedded_part(p: &proxy_broker_core::ProxySettings) -> proxy_broker_core::ProxySettings {
+    proxy_broker_core::ProxySettings {
+        external_service: Default::default(),
+        ..p.clone()
+    }
+}
+
+/// A fingerprint of the credential files `ext` names (their contents), so that a rotated secret
+/// counts as a change.
+fn credential_fingerprint(ext: &proxy_broker_core::ExternalServiceConfig) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for (key, path) in &ext.auth_credentials {
+        if key.ends_with("_file") {
+            key.hash(&mut h);
+            std::fs::read(path).unwrap_or_default().hash(&mut h);
         }
     }
+    h.finish()
+}
+
+/// Builds the state for `config`, reusing parts of `previous` that did not change.
+fn build_state(
+    config: BrokerConfig,
+    previous: Option<&State>,
+    clock: &Arc<dyn Clock>,
+    metrics: &Arc<Metrics>,
+) -> Result<State, proxy_broker_core::ConfigError> {
+    let tokens = Arc::new(config.accepted_tokens()?);
+    let ext = &config.proxy.external_service;
+    let embedded = match previous {
+        Some(p)
+            if embedded_part(&p.config.proxy) == embedded_part(&config.proxy)
+                && p.config.proxy.external_service.cache_ttl_seconds == ext.cache_ttl_seconds =>
+        {
+            p.embedded.clone()
+        }
+        _ => Arc::new(EmbeddedResolver::new(
+            &config.proxy,
+            Duration::from_secs(ext.cache_ttl_seconds.unsigned_abs()),
+        )),
+    };
+    let delegation = if config.proxy.enabled && ext.enabled {
+        let built_from = (ext.clone(), credential_fingerprint(ext));
+        match previous.and_then(|p| p.delegation.as_ref()) {
+            Some(d) if d.built_from == built_from => Some(d.clone()),
+            _ => {
+                let upstreams = Arc::new(Upstreams::new(ext, clock.clone(), metrics.clone())?);
+                Some(Arc::new(Delegation {
+                    cache: AnswerCache::new(
+                        ext.cache_max_entries.unsigned_abs(),
+                        Duration::from_secs(ext.stale_if_error_seconds.unsigned_abs()),
+                        clock.clone(),
+                    ),
+                    coalescer: Coalescer::default(),
+                    served_by: moka::sync::Cache::builder()
+                        .max_capacity(100_000)
+                        .time_to_live(Duration::from_secs(7200))
+                        .build(),
+                    feedback: FeedbackQueue::start(
+                        upstreams.clone(),
+                        usize::try_from(ext.feedback_queue_size).unwrap_or(10_000),
+                        metrics.feedback_dropped.clone(),
+                    ),
+                    upstreams,
+                    built_from,
+                }))
+            }
+        }
+    } else {
+        None
+    };
+    Ok(State {
+        config: Arc::new(config),
+        embedded,
+        delegation,
+        tokens,
+    })
 }
 
 fn upstream_answer(answer: &Answer, endpoint: &str) -> pb::ProxyResponse {

@@ -178,6 +178,17 @@ impl AnswerCache {
         all
     }
 
+    /// Entries held (fresh or stale).
+    pub fn len(&self) -> usize {
+        self.entries.run_pending_tasks();
+        usize::try_from(self.entries.entry_count()).unwrap_or(usize::MAX)
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The broker's clock.
     pub fn now(&self) -> Instant {
         self.clock.now()

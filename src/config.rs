@@ -38,6 +38,50 @@ pub struct ServerConfig {
     pub metrics_listen: SocketAddr,
     /// How long in-flight calls may take to finish after SIGTERM/SIGINT, 0..=300 seconds.
     pub shutdown_grace_seconds: i64,
+    /// Bearer tokens accepted from feeds and operators (secret). Empty (and no file): no auth.
+    pub auth_tokens: Vec<String>,
+    /// File with more accepted tokens, one per line (blank lines and `#` comments ignored).
+    pub auth_tokens_file: Option<String>,
+    /// Who may use server reflection when auth is on.
+    pub reflection: Reflection,
+    /// Serve gRPC over TLS.
+    pub tls: Option<TlsConfig>,
+    /// Largest request message accepted, 1024..=4194304 bytes.
+    pub max_message_bytes: i64,
+    /// Calls handled at once; more are shed with RESOURCE_EXHAUSTED, 1..=100000.
+    pub max_concurrent_requests: i64,
+    /// Longest a call may take, 1..=300 seconds.
+    pub request_timeout_seconds: i64,
+    /// Watch the configuration file (and credential files) and apply valid changes.
+    pub reload: bool,
+}
+
+/// Server reflection access.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reflection {
+    /// Anyone may list and describe services (the contract is not a secret).
+    #[default]
+    Public,
+    /// Reflection needs a valid bearer token like every other call.
+    Authenticated,
+    /// Reflection is not served.
+    Disabled,
+}
+
+proxy_broker_core::string_enum!(Reflection { "public" => Public, "authenticated" => Authenticated, "disabled" => Disabled });
+
+/// The `server.tls:` block.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert_file: String,
+    /// PEM private key.
+    pub key_file: String,
+    /// PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS).
+    #[serde(default)]
+    pub client_ca_file: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -46,6 +90,14 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 50051)),
             metrics_listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
             shutdown_grace_seconds: 10,
+            auth_tokens: Vec::new(),
+            auth_tokens_file: None,
+            reflection: Reflection::Public,
+            tls: None,
+            max_message_bytes: 65_536,
+            max_concurrent_requests: 1024,
+            request_timeout_seconds: 30,
+            reload: true,
         }
     }
 }
@@ -91,7 +143,8 @@ impl BrokerConfig {
             .env_mapping(server_env)
             .proxy_block("proxy")
             .table("server")
-            .table("proxy.external_service");
+            .table("proxy.external_service")
+            .table("server.tls");
         match file {
             Some(path) => loader.file(path),
             None => loader,
@@ -101,6 +154,26 @@ impl BrokerConfig {
     /// Loads from `file` (if any) and the process environment, and validates.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
         Self::loader(file).load()
+    }
+
+    /// Every token feeds may present: `auth_tokens` plus the lines of `auth_tokens_file`.
+    pub fn accepted_tokens(&self) -> Result<Vec<String>, proxy_broker_core::ConfigError> {
+        let mut tokens = self.server.auth_tokens.clone();
+        if let Some(file) = &self.server.auth_tokens_file {
+            let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
+                problems: vec![proxy_broker_core::Problem {
+                    path: "server.auth_tokens_file".into(),
+                    message: format!("cannot read '{file}': {e}"),
+                }],
+            })?;
+            tokens.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(str::to_owned),
+            );
+        }
+        Ok(tokens)
     }
 
     /// The configuration as pretty JSON with every secret replaced by `***`.

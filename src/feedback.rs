@@ -8,8 +8,9 @@
 //! slows `RequestProxy`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
 
 use tokio::sync::{Semaphore, broadcast};
 
@@ -22,17 +23,17 @@ const ATTEMPTS: u32 = 4;
 /// First retry delay; doubles per retry.
 const BACKOFF: Duration = Duration::from_millis(200);
 
-/// Counters, shared with admin output.
+/// Counters, shared with admin output (`dropped` is also the exported metric).
 #[derive(Debug, Default)]
 pub struct FeedbackStats {
     /// Reports accepted into the queue.
-    pub enqueued: AtomicU64,
+    pub enqueued: Counter,
     /// Reports delivered upstream.
-    pub forwarded: AtomicU64,
+    pub forwarded: Counter,
     /// Reports given up on after retries or a permanent error.
-    pub failed: AtomicU64,
+    pub failed: Counter,
     /// Reports dropped because the queue was full (oldest first).
-    pub dropped: AtomicU64,
+    pub dropped: Counter,
 }
 
 /// One report on its way upstream.
@@ -48,26 +49,42 @@ pub struct Outgoing {
 #[derive(Debug)]
 pub struct FeedbackQueue {
     tx: broadcast::Sender<Arc<Outgoing>>,
+    slots: Arc<Semaphore>,
     /// Counters.
     pub stats: Arc<FeedbackStats>,
 }
 
 impl FeedbackQueue {
     /// Starts the worker; the queue holds at most `capacity` reports.
-    pub fn start(upstreams: Arc<Upstreams>, capacity: usize) -> Self {
+    pub fn start(upstreams: Arc<Upstreams>, capacity: usize, dropped: Counter) -> Self {
         let (tx, rx) = broadcast::channel(capacity.max(1));
-        let stats = Arc::new(FeedbackStats::default());
-        tokio::spawn(worker(upstreams, rx, stats.clone()));
-        Self { tx, stats }
+        let stats = Arc::new(FeedbackStats {
+            dropped,
+            ..Default::default()
+        });
+        let slots = Arc::new(Semaphore::new(CONCURRENCY));
+        tokio::spawn(worker(upstreams, rx, stats.clone(), slots.clone()));
+        Self { tx, slots, stats }
     }
 
     /// Queues a report; never blocks.
     pub fn enqueue(&self, outgoing: Outgoing) {
-        self.stats.enqueued.fetch_add(1, Ordering::Relaxed);
+        self.stats.enqueued.inc();
         if self.tx.send(Arc::new(outgoing)).is_err() {
             // The worker is gone (runtime shutting down).
-            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            self.stats.dropped.inc();
         }
+    }
+
+    /// Waits up to `timeout` for queued and in-flight reports to be delivered (shutdown).
+    /// Returns how many were still pending.
+    pub async fn flush(&self, timeout: Duration) -> usize {
+        let pending = || self.tx.len() + (CONCURRENCY - self.slots.available_permits().min(CONCURRENCY));
+        let until = tokio::time::Instant::now() + timeout;
+        while pending() > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        pending()
     }
 
     /// Reports waiting in the queue.
@@ -80,8 +97,8 @@ async fn worker(
     upstreams: Arc<Upstreams>,
     mut rx: broadcast::Receiver<Arc<Outgoing>>,
     stats: Arc<FeedbackStats>,
+    slots: Arc<Semaphore>,
 ) {
-    let slots = Arc::new(Semaphore::new(CONCURRENCY));
     loop {
         // Wait for a free delivery slot first, so that a slow upstream backs reports up in the
         // bounded queue (where overflow is counted) rather than in unbounded tasks.
@@ -91,7 +108,7 @@ async fn worker(
         let outgoing = match rx.recv().await {
             Ok(o) => o,
             Err(broadcast::error::RecvError::Lagged(n)) => {
-                stats.dropped.fetch_add(n, Ordering::Relaxed);
+                stats.dropped.inc_by(n);
                 tracing::warn!(dropped = n, "feedback queue full: oldest reports dropped");
                 continue;
             }
@@ -107,13 +124,13 @@ async fn worker(
 
 async fn deliver(upstreams: &Upstreams, outgoing: &Outgoing, stats: &FeedbackStats) {
     let Some(index) = upstreams.feedback_target(outgoing.served_by) else {
-        stats.failed.fetch_add(1, Ordering::Relaxed);
+        stats.failed.inc();
         return;
     };
     for attempt in 0..ATTEMPTS {
         match upstreams.deliver_feedback(index, &outgoing.body).await {
             Ok(()) => {
-                stats.forwarded.fetch_add(1, Ordering::Relaxed);
+                stats.forwarded.inc();
                 return;
             }
             Err(DeliveryError::Transient(reason)) if attempt + 1 < ATTEMPTS => {
@@ -122,7 +139,7 @@ async fn deliver(upstreams: &Upstreams, outgoing: &Outgoing, stats: &FeedbackSta
             }
             Err(DeliveryError::Transient(reason) | DeliveryError::Permanent(reason)) => {
                 tracing::warn!(%reason, "feedback delivery given up");
-                stats.failed.fetch_add(1, Ordering::Relaxed);
+                stats.failed.inc();
                 return;
             }
         }

@@ -8,6 +8,7 @@
 //! their status codes), [`pb`] (generated code).
 
 pub mod admin;
+pub mod auth;
 pub mod breaker;
 pub mod broker;
 pub mod cache;
@@ -17,10 +18,13 @@ pub mod config;
 pub mod error;
 pub mod feedback;
 pub mod json;
+pub mod metrics;
 pub mod pb;
+pub mod reload;
 pub mod request;
 pub mod server;
 pub mod service;
+pub mod telemetry;
 pub mod upstream;
 
 pub use config::BrokerConfig;

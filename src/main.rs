@@ -2,13 +2,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-
 use std::sync::Arc;
 
 use clap::Parser;
 use proxy_broker::BrokerConfig;
 use proxy_broker::broker::Broker;
-use tracing_subscriber::EnvFilter;
 
 /// gRPC service that tells crypto market-data feeds which proxy to use.
 #[derive(Debug, Parser)]
@@ -22,21 +20,9 @@ struct Args {
     check_config: bool,
 }
 
-fn init_logging() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = std::env::var("PROXY_BROKER_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Validate the whole configuration before anything else, and before any port is bound.
     let config = match BrokerConfig::load(args.config.as_deref()) {
         Ok(config) => config,
         Err(error) => {
@@ -44,9 +30,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if !args.check_config {
-        init_logging();
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(error) => {
@@ -55,63 +38,117 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        // Building the broker reads credential files and builds upstream clients: still
-        // configuration, so still before any port is bound.
-        let printed = args.check_config.then(|| config.redacted_json());
-        let listen = config.server.listen;
-        let broker = match Broker::new(config) {
-            Ok(b) => Arc::new(b),
-            Err(error) => {
-                eprintln!("proxy-broker: {error}");
-                return ExitCode::from(2);
-            }
-        };
-        if let Some(json) = printed {
-            println!("{json}");
-            eprintln!("proxy-broker: configuration is valid");
-            return ExitCode::SUCCESS;
+        if args.check_config {
+            // Building the broker reads credential and token files: still configuration.
+            let json = config.redacted_json();
+            return match Broker::new(config) {
+                Ok(_) => {
+                    println!("{json}");
+                    eprintln!("proxy-broker: configuration is valid");
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("proxy-broker: {error}");
+                    ExitCode::from(2)
+                }
+            };
         }
-        let listener = match tokio::net::TcpListener::bind(listen).await {
-            Ok(l) => l,
+        // Signal handlers go in before any port is bound, so a SIGTERM that arrives while the
+        // broker starts is a clean shutdown rather than the default "terminate".
+        let shutdown = match Shutdown::install() {
+            Ok(s) => s,
             Err(error) => {
-                tracing::error!(address = %listen, %error, "cannot bind server.listen");
+                eprintln!("proxy-broker: cannot install signal handlers: {error}");
                 return ExitCode::FAILURE;
             }
         };
-        match proxy_broker::serve(listener, broker, shutdown_signal()).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(error) => {
-                tracing::error!(%error, "server failed");
-                ExitCode::FAILURE
-            }
-        }
+        let telemetry = proxy_broker::telemetry::init();
+        let code = serve(args.config, config, shutdown).await;
+        telemetry.shutdown();
+        code
     })
 }
 
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            tracing::error!(%error, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
+async fn serve(config_path: Option<PathBuf>, config: BrokerConfig, shutdown: Shutdown) -> ExitCode {
+    let (listen, metrics_listen, reload) = (
+        config.server.listen,
+        config.server.metrics_listen,
+        config.server.reload,
+    );
+    let broker = match Broker::new(config) {
+        Ok(b) => Arc::new(b),
+        Err(error) => {
+            tracing::error!(%error, "invalid configuration");
+            return ExitCode::from(2);
         }
     };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(error) => {
+            tracing::error!(address = %listen, %error, "cannot bind server.listen");
+            return ExitCode::FAILURE;
+        }
+    };
+    let metrics_listener = match tokio::net::TcpListener::bind(metrics_listen).await {
+        Ok(l) => l,
+        Err(error) => {
+            tracing::error!(address = %metrics_listen, %error, "cannot bind server.metrics_listen");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics = {
+        let broker = broker.clone();
+        tokio::spawn(proxy_broker::metrics::serve_metrics(
+            metrics_listener,
+            move || broker.render_metrics(),
+            async move {
+                let _ = metrics_stopped.await;
+            },
+        ))
+    };
+    tracing::info!(address = %metrics_listen, "serving Prometheus metrics at /metrics");
+    let _watch = match (&config_path, reload) {
+        (Some(path), true) => match proxy_broker::reload::watch(broker.clone(), path.clone()) {
+            Ok(handle) => Some(handle),
             Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
+                tracing::warn!(%error, "cannot watch the configuration; hot reload is off");
+                None
             }
-        }
+        },
+        _ => None,
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received"),
-        () = term => tracing::info!("SIGTERM received"),
+    let result = proxy_broker::serve(listener, broker, shutdown.wait()).await;
+    let _ = stop_metrics.send(());
+    let _ = metrics.await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "server failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// SIGTERM and SIGINT, listened for from start-up.
+struct Shutdown {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Shutdown {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM received"),
+            _ = self.int.recv() => tracing::info!("SIGINT received"),
+        }
     }
 }

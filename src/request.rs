@@ -129,8 +129,23 @@ impl TryFrom<pb::ProxyFeedback> for Feedback {
         max_len("client_id", &fb.client_id, MAX_CLIENT_ID_LEN)?;
         let timestamp = match fb.timestamp {
             None => std::time::SystemTime::now(),
-            Some(ts) => std::time::SystemTime::try_from(ts)
-                .map_err(|e| Error::invalid("timestamp", format!("is not a valid time ({e})")))?,
+            Some(ts) => {
+                // google.protobuf.Timestamp: nanos in 0..=999_999_999, seconds within
+                // 0001-01-01..=9999-12-31 (prost's conversion would silently normalise).
+                if !(0..1_000_000_000).contains(&ts.nanos)
+                    || !(-62_135_596_800..=253_402_300_799).contains(&ts.seconds)
+                {
+                    return Err(Error::invalid(
+                        "timestamp",
+                        format!(
+                            "{}s {}ns is not a valid google.protobuf.Timestamp (nanos 0..=999999999, years 1..=9999)",
+                            ts.seconds, ts.nanos
+                        ),
+                    ));
+                }
+                std::time::SystemTime::try_from(ts)
+                    .map_err(|e| Error::invalid("timestamp", format!("is not a valid time ({e})")))?
+            }
         };
         Ok(Feedback {
             proxy_url,

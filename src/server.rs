@@ -1,4 +1,5 @@
-//! Wiring: health, reflection and the two services on one listener, with graceful shutdown.
+//! Wiring: health, reflection and the two services on one listener, behind one middleware stack,
+//! with graceful shutdown.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -8,12 +9,15 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::server::NamedService;
-use tonic::transport::Server;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
+use tower::ServiceBuilder;
 
 use crate::admin::AdminService;
+use crate::auth::BearerAuth;
 use crate::broker::Broker;
-use crate::config::BrokerConfig;
+use crate::config::{BrokerConfig, Reflection, TlsConfig};
 use crate::pb;
 use crate::pb::proxy_broker_admin_server::ProxyBrokerAdminServer;
 use crate::pb::proxy_broker_server::ProxyBrokerServer;
@@ -39,6 +43,9 @@ pub enum ServeError {
     /// The transport failed.
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// TLS files could not be read.
+    #[error("server.tls: cannot read {0}: {1}")]
+    TlsFile(String, std::io::Error),
 }
 
 /// Builds the broker for `config` and serves it on `listener` until `shutdown` completes.
@@ -50,17 +57,30 @@ pub async fn run(
     serve(listener, Arc::new(Broker::new(config)?), shutdown).await
 }
 
+fn tls_config(tls: &TlsConfig) -> Result<ServerTlsConfig, ServeError> {
+    let read = |path: &str| std::fs::read(path).map_err(|e| ServeError::TlsFile(path.to_owned(), e));
+    let mut config =
+        ServerTlsConfig::new().identity(Identity::from_pem(read(&tls.cert_file)?, read(&tls.key_file)?));
+    if let Some(ca) = &tls.client_ca_file {
+        config = config.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(config)
+}
+
 /// Serves `broker` on `listener` until `shutdown` completes.
 ///
 /// On shutdown, health turns NOT_SERVING for every service at once, new connections are refused,
 /// and in-flight calls get `server.shutdown_grace_seconds` to finish; long-lived streams (health
-/// `Watch`) are cut when the grace period ends.
+/// `Watch`) are cut when the grace period ends. Queued feedback is then flushed best-effort.
 pub async fn serve(
     listener: TcpListener,
     broker: Arc<Broker>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let grace = Duration::from_secs(broker.config().server.shutdown_grace_seconds.unsigned_abs());
+    let config = broker.config();
+    let server_cfg = &config.server;
+    let grace = Duration::from_secs(server_cfg.shutdown_grace_seconds.unsigned_abs());
+    let max_message = usize::try_from(server_cfg.max_message_bytes).unwrap_or(65_536);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::Serving).await;
@@ -73,8 +93,7 @@ pub async fn serve(
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection_v1 = reflection().build_v1()?;
-    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let auth = BearerAuth::new(broker.clone());
 
     let draining = Arc::new(Notify::new());
     let signal = {
@@ -93,15 +112,56 @@ pub async fn serve(
         }
     };
 
-    let local = listener.local_addr().ok();
-    tracing::info!(address = ?local, "serving gRPC");
-    let server = Server::builder()
+    // The one middleware stack, outermost first. Errors it raises become gRPC statuses in tonic
+    // (`Overloaded` → RESOURCE_EXHAUSTED; our timeout maps to DEADLINE_EXCEEDED).
+    let stack = ServiceBuilder::new()
+        // Refuse at once rather than queue when the broker is saturated: a feed can retry or fall
+        // back locally, and queued work would only add latency for everyone.
+        .load_shed()
+        // At most `max_concurrent_requests` calls in flight across all connections.
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            usize::try_from(server_cfg.max_concurrent_requests).unwrap_or(1024),
+        ))
+        // No call runs longer than `request_timeout_seconds` (streams: only until headers).
+        .map_err(map_timeout)
+        .timeout(Duration::from_secs(
+            server_cfg.request_timeout_seconds.unsigned_abs(),
+        ))
+        .into_inner();
+
+    let mut builder = Server::builder();
+    if let Some(tls) = &server_cfg.tls {
+        builder = builder.tls_config(tls_config(tls)?)?;
+    }
+    let mut router = builder
+        .layer(stack)
+        // Health stays open so that probes work whatever the auth settings.
         .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(ProxyBrokerServer::new(BrokerService::new(broker.clone())))
-        .add_service(ProxyBrokerAdminServer::new(AdminService::new(broker)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        .add_service(InterceptedService::new(
+            ProxyBrokerServer::new(BrokerService::new(broker.clone())).max_decoding_message_size(max_message),
+            auth.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            ProxyBrokerAdminServer::new(AdminService::new(broker.clone()))
+                .max_decoding_message_size(max_message),
+            auth.clone(),
+        ));
+    router = match server_cfg.reflection {
+        Reflection::Public => router
+            .add_service(reflection().build_v1()?)
+            .add_service(reflection().build_v1alpha()?),
+        Reflection::Authenticated => router
+            .add_service(InterceptedService::new(reflection().build_v1()?, auth.clone()))
+            .add_service(InterceptedService::new(
+                reflection().build_v1alpha()?,
+                auth.clone(),
+            )),
+        Reflection::Disabled => router,
+    };
+
+    let local = listener.local_addr().ok();
+    tracing::info!(address = ?local, tls = server_cfg.tls.is_some(), "serving gRPC");
+    let server = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
     tokio::pin!(server);
     tokio::select! {
         result = &mut server => result?,
@@ -109,6 +169,20 @@ pub async fn serve(
             tracing::warn!("grace period over: closing the remaining connections");
         }
     }
+    if let Some(d) = broker.delegation() {
+        let flushed = d.feedback.flush(Duration::from_secs(2)).await;
+        tracing::info!(remaining = flushed, "queued feedback flushed (best effort)");
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+fn map_timeout(error: tower::BoxError) -> tower::BoxError {
+    if error.is::<tower::timeout::error::Elapsed>() {
+        Box::new(tonic::Status::deadline_exceeded(
+            "the call took longer than server.request_timeout_seconds",
+        ))
+    } else {
+        error
+    }
 }

@@ -29,17 +29,26 @@ impl ProxyBroker for BrokerService {
         &self,
         request: Request<pb::ProxyRequest>,
     ) -> Result<Response<pb::ProxyResponse>, Status> {
+        let started = std::time::Instant::now();
         let deadline = grpc_deadline(request.metadata());
-        let req = request.into_inner();
+        let connection_type = connection_type_label(request.get_ref().connection_type);
         let span = tracing::info_span!(
             "RequestProxy",
-            exchange = %req.exchange_id,
-            connection_type = req.connection_type,
-            region = req.region.as_deref().unwrap_or(""),
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = "proxybroker.v1.ProxyBroker",
+            rpc.method = "RequestProxy",
+            exchange = %request.get_ref().exchange_id,
+            connection_type,
+            region = request.get_ref().region.as_deref().unwrap_or(""),
             source = tracing::field::Empty,
+            upstream_endpoint = tracing::field::Empty,
+            cache_hit = tracing::field::Empty,
             outcome = tracing::field::Empty,
         );
-        async move {
+        crate::telemetry::adopt_remote_parent(&span, request.metadata());
+        let req = request.into_inner();
+        let result = async move {
             let result = async {
                 let lookup = Lookup::try_from(req)?;
                 self.broker.request_proxy(&lookup, deadline).await
@@ -48,7 +57,9 @@ impl ProxyBroker for BrokerService {
             let span = tracing::Span::current();
             match &result {
                 Ok(answer) => {
-                    span.record("source", answer.source().as_str_name());
+                    span.record("source", source_label(answer.source()));
+                    span.record("upstream_endpoint", answer.upstream_endpoint.as_str());
+                    span.record("cache_hit", answer.source() == pb::ProxySource::Cache);
                     span.record("outcome", "ok");
                 }
                 Err(e) => {
@@ -56,10 +67,25 @@ impl ProxyBroker for BrokerService {
                 }
             }
             tracing::debug!("answered");
-            result.map(Response::new).map_err(Status::from)
+            result.map_err(Status::from)
         }
         .instrument(span)
-        .await
+        .await;
+        let metrics = self.broker.metrics();
+        let (source, code) = match &result {
+            Ok(answer) => (source_label(answer.source()), "ok".to_owned()),
+            Err(status) => ("none", code_label(status.code())),
+        };
+        metrics
+            .requests
+            .get_or_create(&vec![
+                ("source", source.to_owned()),
+                ("connection_type", connection_type.to_owned()),
+                ("code", code),
+            ])
+            .inc();
+        metrics.request_duration.observe(started.elapsed().as_secs_f64());
+        result.map(Response::new)
     }
 
     async fn report_feedback(
@@ -76,6 +102,37 @@ impl ProxyBroker for BrokerService {
         self.broker.report_feedback(&feedback);
         Ok(Response::new(pb::ReportFeedbackResponse { accepted: true }))
     }
+}
+
+/// `source` label values: lower case.
+fn source_label(source: pb::ProxySource) -> &'static str {
+    match source {
+        pb::ProxySource::Upstream => "upstream",
+        pb::ProxySource::Cache => "cache",
+        pb::ProxySource::Embedded => "embedded",
+        pb::ProxySource::Direct => "direct",
+        pb::ProxySource::Unspecified => "unspecified",
+    }
+}
+
+fn connection_type_label(raw: i32) -> &'static str {
+    match pb::ConnectionType::try_from(raw) {
+        Ok(pb::ConnectionType::Http) => "http",
+        Ok(pb::ConnectionType::Websocket) => "websocket",
+        _ => "invalid",
+    }
+}
+
+/// gRPC code as a snake_case label (`invalid_argument`, `unavailable`, ...).
+fn code_label(code: tonic::Code) -> String {
+    let mut out = String::new();
+    for (i, c) in format!("{code:?}").chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
 }
 
 /// The caller's deadline from the `grpc-timeout` header, less 10 % kept to answer with a fallback.

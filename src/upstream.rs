@@ -100,6 +100,7 @@ pub struct Upstreams {
     timeout: Duration,
     default_ttl: u32,
     broker_client_id: String,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The design's ProxyRequest, as sent upstream.
@@ -181,7 +182,11 @@ pub fn broker_client_id() -> String {
 impl Upstreams {
     /// Builds clients for every endpoint, reading credential files now so that a missing or
     /// unreadable one stops start-up with the key named.
-    pub fn new(cfg: &ExternalServiceConfig, clock: Arc<dyn Clock>) -> Result<Self, ConfigError> {
+    pub fn new(
+        cfg: &ExternalServiceConfig,
+        clock: Arc<dyn Clock>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Result<Self, ConfigError> {
         let creds = &cfg.auth_credentials;
         let cred = |key: &str, file_key: &str| -> Result<Option<String>, ConfigError> {
             match (creds.get(key), creds.get(file_key)) {
@@ -283,6 +288,7 @@ impl Upstreams {
             timeout: Duration::from_secs(cfg.timeout_seconds.unsigned_abs()),
             default_ttl: u32::try_from(cfg.cache_ttl_seconds).unwrap_or(300),
             broker_client_id: broker_client_id(),
+            metrics,
         })
     }
 
@@ -321,6 +327,7 @@ impl Upstreams {
         let mut failures = Vec::new();
         for (index, endpoint) in self.endpoints.iter().enumerate() {
             let Some(permit) = endpoint.breaker.try_acquire() else {
+                self.count(endpoint, "circuit_open", None);
                 failures.push(Failure {
                     endpoint: endpoint.name.clone(),
                     reason: "circuit breaker open (skipped)".into(),
@@ -343,11 +350,13 @@ impl Upstreams {
             let latency = started.elapsed();
             match outcome {
                 Ok(Ok(answer)) => {
+                    self.count(endpoint, "success", Some(latency));
                     endpoint.record(latency, None);
                     permit.success();
                     return Ok((answer, index));
                 }
-                Ok(Err(reason)) => {
+                Ok(Err((outcome, reason))) => {
+                    self.count(endpoint, outcome, Some(latency));
                     endpoint.record(latency, Some(&reason));
                     permit.failure();
                     tracing::warn!(endpoint = %endpoint.name, %reason, "upstream failed");
@@ -358,6 +367,7 @@ impl Upstreams {
                 }
                 Err(_) if caller_bound => {
                     // The caller's deadline, not the endpoint, ran out: no verdict on the endpoint.
+                    self.count(endpoint, "deadline", Some(latency));
                     drop(permit);
                     failures.push(Failure {
                         endpoint: endpoint.name.clone(),
@@ -366,6 +376,7 @@ impl Upstreams {
                     break;
                 }
                 Err(_) => {
+                    self.count(endpoint, "timeout", Some(latency));
                     let reason = format!("timed out after {} s", budget.as_secs_f32());
                     endpoint.record(latency, Some(&reason));
                     permit.failure();
@@ -380,21 +391,46 @@ impl Upstreams {
         Err(failures)
     }
 
-    async fn attempt(&self, endpoint: &Endpoint, body: &WireRequest<'_>) -> Result<Answer, String> {
+    fn count(&self, endpoint: &Endpoint, outcome: &'static str, latency: Option<Duration>) {
+        let name = endpoint.name.to_string();
+        self.metrics
+            .upstream_requests
+            .get_or_create(&vec![("endpoint", name.clone()), ("outcome", outcome.to_owned())])
+            .inc();
+        if let Some(l) = latency {
+            self.metrics
+                .upstream_duration
+                .get_or_create(&vec![("endpoint", name)])
+                .observe(l.as_secs_f64());
+        }
+    }
+
+    async fn attempt(
+        &self,
+        endpoint: &Endpoint,
+        body: &WireRequest<'_>,
+    ) -> Result<Answer, (&'static str, String)> {
         let response = endpoint
             .client
             .post(endpoint.request_url.clone())
-            .headers(self.headers.clone())
+            .headers({
+                let mut headers = self.headers.clone();
+                crate::telemetry::inject_current(&mut headers);
+                headers
+            })
             .json(body)
             .send()
             .await
-            .map_err(|e| describe_reqwest_error(&e))?;
+            .map_err(|e| ("error", describe_reqwest_error(&e)))?;
         let status = response.status();
         if !status.is_success() {
-            return Err(format!("HTTP {status}"));
+            return Err(("error", format!("HTTP {status}")));
         }
-        let bytes = response.bytes().await.map_err(|e| describe_reqwest_error(&e))?;
-        parse_answer(&bytes, self.default_ttl).map_err(|e| format!("invalid answer: {e}"))
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| ("error", describe_reqwest_error(&e)))?;
+        parse_answer(&bytes, self.default_ttl).map_err(|e| ("invalid_answer", format!("invalid answer: {e}")))
     }
 
     /// The endpoint feedback for `proxy_url` should go to: `served_by` if given, else the first

@@ -136,17 +136,19 @@ pub enum AuthMethod {
     MutualTls,
 }
 
-/// Enums are read as strings (environment values are strings too) so that a bad value gets serde's
-/// "unknown variant `x`, expected one of ..." message.
+/// Implements `Deserialize` for a unit-only enum from its string spellings. Enums are read as
+/// strings (environment values are strings too) so that a bad value gets serde's
+/// "unknown variant `x`, expected one of ..." message rather than the `config` crate's own.
+#[macro_export]
 macro_rules! string_enum {
     ($ty:ident { $($text:literal => $variant:ident),+ $(,)? }) => {
-        impl<'de> Deserialize<'de> for $ty {
-            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        impl<'de> ::serde::Deserialize<'de> for $ty {
+            fn deserialize<D: ::serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
                 const VARIANTS: &[&str] = &[$($text),+];
-                let text = String::deserialize(deserializer)?;
+                let text = <String as ::serde::Deserialize>::deserialize(deserializer)?;
                 match text.as_str() {
                     $($text => Ok($ty::$variant),)+
-                    other => Err(de::Error::unknown_variant(other, VARIANTS)),
+                    other => Err(::serde::de::Error::unknown_variant(other, VARIANTS)),
                 }
             }
         }
