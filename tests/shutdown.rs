@@ -265,9 +265,6 @@ async fn signal_turns_health_not_serving_and_exits_zero(signal: &str, signo: u32
 }
 
 #[tokio::test]
-#[ignore = "bug: src/main.rs installs the SIGTERM/SIGINT handlers lazily (first poll of \
-            shutdown_signal(), inside tonic's accept loop), after server.listen is bound and \
-            answering; a SIGTERM in that window kills the process by signal 15 instead of exit 0"]
 async fn sigterm_right_after_the_listener_opens_still_exits_zero() {
     let mut broker = Broker::spawn(3);
     broker.wait_listening().await;
