@@ -2,16 +2,17 @@
 //!
 //! `ReportFeedback` only enqueues; a worker delivers each report to the endpoint that served that
 //! proxy (else the first healthy one), retrying transient failures (connection errors, timeouts,
-//! 429, 5xx) with exponential backoff. The queue is a `tokio::sync::broadcast` channel used as a
-//! bounded ring: when it is full the oldest report is overwritten, and the worker learns how many
-//! it missed (`Lagged`) and counts them as dropped. Enqueueing never blocks, so feedback never
-//! slows `RequestProxy`.
+//! 429, 5xx) with exponential backoff. The queue is a bounded ring of exactly
+//! `feedback_queue_size` reports: when it is full, enqueueing drops the oldest report and counts it
+//! at once (so a stuck upstream shows up in `dropped` immediately). Enqueueing never blocks, so
+//! feedback never slows `RequestProxy`.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, broadcast};
+use tokio::sync::{Notify, Semaphore};
 
 use crate::upstream::{DeliveryError, Upstreams, WireFeedback};
 
@@ -44,10 +45,39 @@ pub struct Outgoing {
     pub body: WireFeedback,
 }
 
-/// The sending side, held by the broker.
+/// The bounded ring shared by the broker and the worker.
+#[derive(Debug)]
+struct Ring {
+    items: Mutex<VecDeque<Outgoing>>,
+    capacity: usize,
+    /// Signalled on every enqueue and on close (single consumer: a stored permit is never lost).
+    ready: Notify,
+    closed: AtomicBool,
+}
+
+impl Ring {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Outgoing>> {
+        self.items.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The oldest report, waiting for one; `None` once the queue is closed.
+    async fn pop(&self) -> Option<Outgoing> {
+        loop {
+            if let Some(o) = self.lock().pop_front() {
+                return Some(o);
+            }
+            if self.closed.load(Ordering::Acquire) {
+                return None;
+            }
+            self.ready.notified().await;
+        }
+    }
+}
+
+/// The sending side, held by the broker. Dropping it stops the worker.
 #[derive(Debug)]
 pub struct FeedbackQueue {
-    tx: broadcast::Sender<Arc<Outgoing>>,
+    ring: Arc<Ring>,
     /// Counters.
     pub stats: Arc<FeedbackStats>,
 }
@@ -55,32 +85,58 @@ pub struct FeedbackQueue {
 impl FeedbackQueue {
     /// Starts the worker; the queue holds at most `capacity` reports.
     pub fn start(upstreams: Arc<Upstreams>, capacity: usize) -> Self {
-        let (tx, rx) = broadcast::channel(capacity.max(1));
+        let capacity = capacity.max(1);
+        let ring = Arc::new(Ring {
+            items: Mutex::new(VecDeque::with_capacity(capacity.min(1024))),
+            capacity,
+            ready: Notify::new(),
+            closed: AtomicBool::new(false),
+        });
         let stats = Arc::new(FeedbackStats::default());
-        tokio::spawn(worker(upstreams, rx, stats.clone()));
-        Self { tx, stats }
+        tokio::spawn(worker(upstreams, ring.clone(), stats.clone()));
+        Self { ring, stats }
     }
 
-    /// Queues a report; never blocks.
+    /// Queues a report, dropping (and counting) the oldest when the queue is full; never blocks.
     pub fn enqueue(&self, outgoing: Outgoing) {
         self.stats.enqueued.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(Arc::new(outgoing)).is_err() {
-            // The worker is gone (runtime shutting down).
-            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        let dropped = {
+            let mut items = self.ring.lock();
+            let dropped = if items.len() >= self.ring.capacity {
+                items.pop_front().is_some()
+            } else {
+                false
+            };
+            items.push_back(outgoing);
+            dropped
+        };
+        if dropped {
+            let total = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            // Logarithmic logging: a stuck upstream must not flood the log.
+            if total.is_power_of_two() {
+                tracing::warn!(
+                    dropped_total = total,
+                    "feedback queue full: oldest reports dropped"
+                );
+            }
         }
+        self.ring.ready.notify_one();
     }
 
     /// Reports waiting in the queue.
     pub fn queued(&self) -> usize {
-        self.tx.len()
+        self.ring.lock().len()
     }
 }
 
-async fn worker(
-    upstreams: Arc<Upstreams>,
-    mut rx: broadcast::Receiver<Arc<Outgoing>>,
-    stats: Arc<FeedbackStats>,
-) {
+impl Drop for FeedbackQueue {
+    fn drop(&mut self) {
+        self.ring.closed.store(true, Ordering::Release);
+        self.ring.ready.notify_one();
+    }
+}
+
+async fn worker(upstreams: Arc<Upstreams>, ring: Arc<Ring>, stats: Arc<FeedbackStats>) {
     let slots = Arc::new(Semaphore::new(CONCURRENCY));
     loop {
         // Wait for a free delivery slot first, so that a slow upstream backs reports up in the
@@ -88,14 +144,8 @@ async fn worker(
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let outgoing = match rx.recv().await {
-            Ok(o) => o,
-            Err(broadcast::error::RecvError::Lagged(n)) => {
-                stats.dropped.fetch_add(n, Ordering::Relaxed);
-                tracing::warn!(dropped = n, "feedback queue full: oldest reports dropped");
-                continue;
-            }
-            Err(broadcast::error::RecvError::Closed) => return,
+        let Some(outgoing) = ring.pop().await else {
+            return;
         };
         let (upstreams, stats) = (upstreams.clone(), stats.clone());
         tokio::spawn(async move {
