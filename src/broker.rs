@@ -29,8 +29,9 @@ use crate::upstream::{Answer, Failure, Upstreams};
 /// TTL handed out with a stale answer (at most; less when the stale window ends sooner).
 pub const STALE_ANSWER_TTL: u64 = 60;
 
-/// The result of one coalesced upstream lookup, shared by every waiter.
-type Fetched = Result<Arc<Cached>, Arc<Vec<Failure>>>;
+/// The result of one coalesced upstream lookup, shared by every waiter: the entry, and whether
+/// it was already in the cache (filled by a flight that finished just before this one started).
+type Fetched = Result<(Arc<Cached>, bool), Arc<Vec<Failure>>>;
 
 /// Upstream delegation state (present when `external_service` is on).
 #[derive(Debug)]
@@ -205,11 +206,16 @@ impl Broker {
         let (fetched, led) = d
             .coalescer
             .run(&key, || async {
+                // Between this caller's cache miss and its joining the flight, another flight for
+                // the key may have filled the entry and finished: use it rather than ask again.
+                if let Some(hit) = d.cache.fresh(&key) {
+                    return Ok((hit, true));
+                }
                 match d.upstreams.request(lookup, deadline).await {
                     Ok((answer, index)) => {
                         let endpoint = d.upstreams.endpoints()[index].name.clone();
                         d.served_by.insert(answer.proxy_url.clone(), index);
-                        Ok(d.cache.insert(key.clone(), answer, endpoint))
+                        Ok((d.cache.insert(key.clone(), answer, endpoint), false))
                     }
                     Err(failures) => Err(Arc::new(failures)),
                 }
@@ -219,7 +225,8 @@ impl Broker {
             self.metrics.coalesced.inc();
         }
         let failures = match fetched {
-            Ok(cached) => return Ok(upstream_answer(&cached.answer, &cached.endpoint)),
+            Ok((cached, false)) => return Ok(upstream_answer(&cached.answer, &cached.endpoint)),
+            Ok((hit, true)) => return Ok(cached_answer(&hit, d.cache.now(), false)),
             Err(failures) => failures,
         };
         if let Some(stale) = d.cache.stale(&key) {
@@ -280,13 +287,19 @@ impl Broker {
             let pools = state
                 .embedded
                 .eject(url, u8::try_from(ext.max_ejection_percent).unwrap_or(50));
-            self.metrics.ejections.inc();
-            tracing::warn!(
-                proxy = %proxy_broker_core::redact::redact_url(url),
-                evicted_cache_entries = evicted,
-                ejected_from_pools = pools,
-                "proxy ejected after repeated failure reports"
-            );
+            let proxy = proxy_broker_core::redact::redact_url(url);
+            if evicted > 0 || pools > 0 {
+                self.metrics.ejections.inc();
+                tracing::warn!(
+                    %proxy,
+                    evicted_cache_entries = evicted,
+                    ejected_from_pools = pools,
+                    "proxy ejected after repeated failure reports"
+                );
+            } else {
+                // Not cached, and its pools are at max_ejection_percent (or it is in none).
+                tracing::info!(%proxy, "repeated failure reports, but nothing to eject");
+            }
         }
     }
 }
@@ -423,7 +436,9 @@ fn cached_answer(cached: &Cached, now: Instant, stale: bool) -> pb::ProxyRespons
         let left = cached.stale_until.saturating_duration_since(now).as_secs();
         u32::try_from(left.clamp(1, STALE_ANSWER_TTL)).unwrap_or(1)
     } else {
-        cached.remaining_ttl(now)
+        // The entry may live up to 10 % past the answer's TTL (jitter); the feed is never told
+        // more than the upstream (or the 3600 s cap) allowed.
+        cached.remaining_ttl(now).min(response.ttl_seconds)
     };
     if let Some(m) = response.metadata.as_mut() {
         m.fields.insert("stale".into(), json_to_value(&stale.into()));

@@ -2,17 +2,18 @@
 //!
 //! `ReportFeedback` only enqueues; a worker delivers each report to the endpoint that served that
 //! proxy (else the first healthy one), retrying transient failures (connection errors, timeouts,
-//! 429, 5xx) with exponential backoff. The queue is a `tokio::sync::broadcast` channel used as a
-//! bounded ring: when it is full the oldest report is overwritten, and the worker learns how many
-//! it missed (`Lagged`) and counts them as dropped. Enqueueing never blocks, so feedback never
-//! slows `RequestProxy`.
+//! 429, 5xx) with exponential backoff. The queue is a bounded ring of exactly
+//! `feedback_queue_size` reports: when it is full, enqueueing drops the oldest report and counts it
+//! at once (so a stuck upstream shows up in `dropped` immediately). Enqueueing never blocks, so
+//! feedback never slows `RequestProxy`.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
-
-use tokio::sync::{Semaphore, broadcast};
+use tokio::sync::{Notify, Semaphore};
 
 use crate::upstream::{DeliveryError, Upstreams, WireFeedback};
 
@@ -23,7 +24,7 @@ const ATTEMPTS: u32 = 4;
 /// First retry delay; doubles per retry.
 const BACKOFF: Duration = Duration::from_millis(200);
 
-/// Counters, shared with admin output (`dropped` is also the exported metric).
+/// Counters, shared with admin output.
 #[derive(Debug, Default)]
 pub struct FeedbackStats {
     /// Reports accepted into the queue.
@@ -32,7 +33,7 @@ pub struct FeedbackStats {
     pub forwarded: Counter,
     /// Reports given up on after retries or a permanent error.
     pub failed: Counter,
-    /// Reports dropped because the queue was full (oldest first).
+    /// Reports dropped because the queue was full (oldest first); also the exported metric.
     pub dropped: Counter,
 }
 
@@ -45,10 +46,39 @@ pub struct Outgoing {
     pub body: WireFeedback,
 }
 
-/// The sending side, held by the broker.
+/// The bounded ring shared by the broker and the worker.
+#[derive(Debug)]
+struct Ring {
+    items: Mutex<VecDeque<Outgoing>>,
+    capacity: usize,
+    /// Signalled on every enqueue and on close (single consumer: a stored permit is never lost).
+    ready: Notify,
+    closed: AtomicBool,
+}
+
+impl Ring {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Outgoing>> {
+        self.items.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The oldest report, waiting for one; `None` once the queue is closed.
+    async fn pop(&self) -> Option<Outgoing> {
+        loop {
+            if let Some(o) = self.lock().pop_front() {
+                return Some(o);
+            }
+            if self.closed.load(Ordering::Acquire) {
+                return None;
+            }
+            self.ready.notified().await;
+        }
+    }
+}
+
+/// The sending side, held by the broker. Dropping it stops the worker.
 #[derive(Debug)]
 pub struct FeedbackQueue {
-    tx: broadcast::Sender<Arc<Outgoing>>,
+    ring: Arc<Ring>,
     slots: Arc<Semaphore>,
     /// Counters.
     pub stats: Arc<FeedbackStats>,
@@ -57,29 +87,52 @@ pub struct FeedbackQueue {
 impl FeedbackQueue {
     /// Starts the worker; the queue holds at most `capacity` reports.
     pub fn start(upstreams: Arc<Upstreams>, capacity: usize, dropped: Counter) -> Self {
-        let (tx, rx) = broadcast::channel(capacity.max(1));
+        let capacity = capacity.max(1);
+        let ring = Arc::new(Ring {
+            items: Mutex::new(VecDeque::with_capacity(capacity.min(1024))),
+            capacity,
+            ready: Notify::new(),
+            closed: AtomicBool::new(false),
+        });
         let stats = Arc::new(FeedbackStats {
             dropped,
             ..Default::default()
         });
         let slots = Arc::new(Semaphore::new(CONCURRENCY));
-        tokio::spawn(worker(upstreams, rx, stats.clone(), slots.clone()));
-        Self { tx, slots, stats }
+        tokio::spawn(worker(upstreams, ring.clone(), stats.clone(), slots.clone()));
+        Self { ring, slots, stats }
     }
 
-    /// Queues a report; never blocks.
+    /// Queues a report, dropping (and counting) the oldest when the queue is full; never blocks.
     pub fn enqueue(&self, outgoing: Outgoing) {
         self.stats.enqueued.inc();
-        if self.tx.send(Arc::new(outgoing)).is_err() {
-            // The worker is gone (runtime shutting down).
-            self.stats.dropped.inc();
+        let dropped = {
+            let mut items = self.ring.lock();
+            let dropped = if items.len() >= self.ring.capacity {
+                items.pop_front().is_some()
+            } else {
+                false
+            };
+            items.push_back(outgoing);
+            dropped
+        };
+        if dropped {
+            let total = self.stats.dropped.inc() + 1;
+            // Logarithmic logging: a stuck upstream must not flood the log.
+            if total.is_power_of_two() {
+                tracing::warn!(
+                    dropped_total = total,
+                    "feedback queue full: oldest reports dropped"
+                );
+            }
         }
+        self.ring.ready.notify_one();
     }
 
     /// Waits up to `timeout` for queued and in-flight reports to be delivered (shutdown).
     /// Returns how many were still pending.
     pub async fn flush(&self, timeout: Duration) -> usize {
-        let pending = || self.tx.len() + (CONCURRENCY - self.slots.available_permits().min(CONCURRENCY));
+        let pending = || self.queued() + (CONCURRENCY - self.slots.available_permits().min(CONCURRENCY));
         let until = tokio::time::Instant::now() + timeout;
         while pending() > 0 && tokio::time::Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -89,13 +142,20 @@ impl FeedbackQueue {
 
     /// Reports waiting in the queue.
     pub fn queued(&self) -> usize {
-        self.tx.len()
+        self.ring.lock().len()
+    }
+}
+
+impl Drop for FeedbackQueue {
+    fn drop(&mut self) {
+        self.ring.closed.store(true, Ordering::Release);
+        self.ring.ready.notify_one();
     }
 }
 
 async fn worker(
     upstreams: Arc<Upstreams>,
-    mut rx: broadcast::Receiver<Arc<Outgoing>>,
+    ring: Arc<Ring>,
     stats: Arc<FeedbackStats>,
     slots: Arc<Semaphore>,
 ) {
@@ -105,14 +165,8 @@ async fn worker(
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let outgoing = match rx.recv().await {
-            Ok(o) => o,
-            Err(broadcast::error::RecvError::Lagged(n)) => {
-                stats.dropped.inc_by(n);
-                tracing::warn!(dropped = n, "feedback queue full: oldest reports dropped");
-                continue;
-            }
-            Err(broadcast::error::RecvError::Closed) => return,
+        let Some(outgoing) = ring.pop().await else {
+            return;
         };
         let (upstreams, stats) = (upstreams.clone(), stats.clone());
         tokio::spawn(async move {
