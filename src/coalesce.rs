@@ -91,7 +91,7 @@ mod tests {
     async fn a_cancelled_leader_hands_the_work_to_a_waiter() {
         let c = Arc::new(Coalescer::<u8, u8>::default());
         let c2 = c.clone();
-        let leader = tokio::spawn(async move { c2.run(&1, || std::future::pending::<u8>()).await });
+        let leader = tokio::spawn(async move { c2.run(&1, std::future::pending::<u8>).await });
         tokio::task::yield_now().await;
         let c3 = c.clone();
         let waiter = tokio::spawn(async move { c3.run(&1, || async { 9 }).await });

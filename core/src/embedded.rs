@@ -308,7 +308,7 @@ impl Pool {
         let eligible: Vec<bool> = state
             .ejections
             .iter()
-            .map(|e| !e.until.is_some_and(|until| until > now))
+            .map(|e| e.until.is_none_or(|until| until <= now))
             .collect();
         // Ejection never covers a whole pool, but if configuration makes it so, ignore it.
         let eligible = if eligible.iter().any(|&e| e) {
