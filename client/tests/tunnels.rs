@@ -2,6 +2,8 @@
 //! proof is on both sides: the proxy logs each tunnel with the address form it was asked for and
 //! its own outbound address, and the target reports the peer it saw, which must be one of them.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::*;
