@@ -413,3 +413,52 @@ impl BrokerClient {
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_client_id_is_crate_host_pid() {
+        let id = default_client_id();
+        let host = gethostname::gethostname().to_string_lossy().into_owned();
+        assert_eq!(id, format!("proxy-broker-client-{host}-{}", std::process::id()));
+    }
+
+    #[test]
+    fn building_outside_a_runtime_is_an_error_not_a_panic() {
+        let err = BrokerClient::new("http://127.0.0.1:1").unwrap_err().to_string();
+        assert!(err.contains("Tokio runtime"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn bad_arguments_are_rejected_before_asking_the_broker() {
+        let client = BrokerClient::builder("http://127.0.0.1:1")
+            .local_config(LocalConfig::None)
+            .build()
+            .unwrap();
+        let err = client
+            .resolve("bad id!", ConnectionType::Http, None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::InvalidArgument {
+                    field: "exchange_id",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let long = "r".repeat(65);
+        let err = client
+            .resolve("binance", ConnectionType::Http, Some(&long))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidArgument { field: "region", .. }),
+            "{err}"
+        );
+    }
+}

@@ -116,3 +116,47 @@ impl Grpc {
         self.channel.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(url: &str, token: Option<&str>) -> GrpcSettings {
+        GrpcSettings {
+            url: url.into(),
+            token: token.map(Into::into),
+            ca_pem: Vec::new(),
+            tls_domain: None,
+            connect_timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_token_goes_on_every_call_and_is_never_printed() {
+        let grpc = Grpc::new(&settings("http://127.0.0.1:1", Some("s3cret"))).unwrap();
+        let mut auth = grpc.auth.clone();
+        let request = auth.call(tonic::Request::new(())).unwrap();
+        assert_eq!(request.metadata().get("authorization").unwrap(), "Bearer s3cret");
+        assert!(!format!("{grpc:?}").contains("s3cret"));
+        let mut none = Grpc::new(&settings("http://127.0.0.1:1", None)).unwrap().auth;
+        assert!(
+            none.call(tonic::Request::new(()))
+                .unwrap()
+                .metadata()
+                .get("authorization")
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn broker_urls_must_be_http_or_https() {
+        let err = Grpc::new(&settings("ftp://broker:1", None))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("http:// or https://"), "{err}");
+        let mut plain_with_ca = settings("http://broker:1", None);
+        plain_with_ca.ca_pem.push(b"pem".to_vec());
+        assert!(Grpc::new(&plain_with_ca).is_err());
+        assert!(Grpc::new(&settings("https://broker:443", None)).is_ok());
+    }
+}

@@ -225,6 +225,45 @@ async fn http_proxy_tunnels_websockets_with_connect_and_basic_auth() {
 }
 
 #[tokio::test]
+async fn https_proxy_speaks_tls_to_the_proxy_then_connect() {
+    // The proxy's certificate comes from the same throw-away CA the client is told to trust.
+    let ca = TestCa::new();
+    let proxy = TestProxy::start(ProxyKind::Https {
+        auth: Some(("feed".into(), "pw".into())),
+        tls: ca.server_config.clone(),
+    })
+    .await;
+    let proxy_url = format!("https://feed:pw@localhost:{}", proxy.addr.port());
+    let ws = WsServer::start(None).await;
+    let wss = WsServer::start(Some(ca.server_config.clone())).await;
+    let http = HttpServer::start().await;
+    let broker = TestBroker::embedded(&proxy_url).await;
+    let client = client(&broker.url())
+        .root_ca_pem(ca.ca_pem.clone())
+        .build()
+        .unwrap();
+
+    for (server, scheme) in [(&ws, "ws"), (&wss, "wss")] {
+        let mut socket = client
+            .connect_websocket(&server.url(scheme, "localhost"), "binance")
+            .await
+            .unwrap_or_else(|e| panic!("{scheme}: {e}"));
+        let peer = greet_and_echo(&mut socket).await;
+        assert!(proxy.carried(peer), "{scheme}: {peer} {:?}", proxy.tunnels());
+    }
+    let body = client
+        .http_get("binance", &http.url("localhost"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(proxy.carried(greeted_peer(&body)), "{body} {:?}", proxy.tunnels());
+    assert!(proxy.problems().is_empty(), "{:?}", proxy.problems());
+    assert!(proxy.tunnels().iter().all(|t| t.user.as_deref() == Some("feed")));
+}
+
+#[tokio::test]
 async fn http_proxy_without_credentials_is_refused_with_407() {
     let proxy = TestProxy::start(ProxyKind::Http {
         auth: Some(("feed".into(), "pw".into())),

@@ -72,6 +72,11 @@ pub enum ProxyKind {
     Socks4 { user_id: Option<String> },
     /// HTTP proxy (CONNECT, and absolute-form forwarding), optionally requiring Basic auth.
     Http { auth: Option<(String, String)> },
+    /// HTTP proxy spoken to over TLS (`https://` proxy URLs), optionally requiring Basic auth.
+    Https {
+        auth: Option<(String, String)>,
+        tls: Arc<rustls::ServerConfig>,
+    },
     /// Speaks SOCKS5 but refuses every CONNECT (reply 0x05, connection refused).
     Socks5Refusing,
 }
@@ -118,6 +123,12 @@ impl TestProxy {
                             ProxyKind::Socks5Refusing => socks5(client, None, true, &log).await,
                             ProxyKind::Socks4 { user_id } => socks4(client, user_id.as_deref(), &log).await,
                             ProxyKind::Http { auth } => http_proxy(client, auth.as_ref(), &log).await,
+                            ProxyKind::Https { auth, tls } => {
+                                match tokio_rustls::TlsAcceptor::from(tls.clone()).accept(client).await {
+                                    Ok(stream) => http_proxy(stream, auth.as_ref(), &log).await,
+                                    Err(e) => Err(format!("https proxy: TLS handshake: {e}")),
+                                }
+                            }
                         };
                         if let Err(e) = result {
                             log.problems.lock().unwrap().push(e);
@@ -348,7 +359,11 @@ fn parse_authority(authority: &str) -> Result<Asked, String> {
     Ok(Asked::Domain(host.to_owned(), port))
 }
 
-async fn http_proxy(mut c: TcpStream, auth: Option<&(String, String)>, log: &ProxyLog) -> Result<(), String> {
+async fn http_proxy<S: AsyncRead + AsyncWrite + Unpin>(
+    mut c: S,
+    auth: Option<&(String, String)>,
+    log: &ProxyLog,
+) -> Result<(), String> {
     let io = |e: std::io::Error| format!("http proxy: {e}");
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
