@@ -1,0 +1,464 @@
+//! [`BrokerClient`]: resolve through the broker (with a TTL cache and the local fallback), report
+//! feedback in the background. Connecting lives in [`crate::connect`].
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proxy_broker_core::ConnectionType;
+use proxy_broker_core::validate::check_exchange_id;
+use rustls::pki_types::CertificateDer;
+use tokio::time::Instant;
+
+use crate::error::Error;
+use crate::feedback::{Feedback, FeedbackQueue, FeedbackStats, pb_connection_type};
+use crate::grpc::{AdminStub, BrokerStub, Grpc, GrpcSettings};
+use crate::local::{Local, LocalConfig};
+use crate::pb;
+use crate::resolve::{Key, ResolveCache, Resolved};
+
+/// Longest `region` the broker accepts, in bytes.
+const MAX_REGION_LEN: usize = 64;
+/// Most answers kept in the resolve cache.
+const CACHE_ENTRIES: usize = 1024;
+
+/// Settings for a [`BrokerClient`]; start with [`BrokerClient::builder`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct ClientBuilder {
+    grpc: GrpcSettings,
+    broker_timeout: Duration,
+    connect_timeout: Duration,
+    client_id: Option<String>,
+    region: Option<String>,
+    local: LocalConfig,
+    allow_direct_fallback: bool,
+    max_cache_ttl: Duration,
+    broker_retry_after: Duration,
+    feedback_queue: usize,
+    root_pem: Vec<Vec<u8>>,
+}
+
+impl ClientBuilder {
+    fn new(broker_url: &str) -> Self {
+        Self {
+            grpc: GrpcSettings {
+                url: broker_url.to_owned(),
+                token: None,
+                ca_pem: Vec::new(),
+                tls_domain: None,
+                connect_timeout: Duration::from_secs(3),
+            },
+            broker_timeout: Duration::from_secs(3),
+            connect_timeout: Duration::from_secs(30),
+            client_id: None,
+            region: None,
+            local: LocalConfig::FromEnv,
+            allow_direct_fallback: false,
+            max_cache_ttl: Duration::from_secs(3600),
+            broker_retry_after: Duration::from_secs(10),
+            feedback_queue: 1024,
+            root_pem: Vec::new(),
+        }
+    }
+
+    /// Sends `authorization: Bearer <token>` with every call to the broker.
+    pub fn auth_token(mut self, token: impl Into<String>) -> Self {
+        self.grpc.token = Some(token.into());
+        self
+    }
+
+    /// Trusts this CA (PEM) for an `https://` broker, in addition to the platform's roots.
+    pub fn broker_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.grpc.ca_pem.push(pem.into());
+        self
+    }
+
+    /// The name to verify the broker's certificate against, when it differs from the URL's host.
+    pub fn broker_tls_domain(mut self, domain: impl Into<String>) -> Self {
+        self.grpc.tls_domain = Some(domain.into());
+        self
+    }
+
+    /// How long one broker call may take, connecting included (default 3 s). Past it the broker
+    /// counts as unavailable and the local configuration answers.
+    pub fn broker_timeout(mut self, timeout: Duration) -> Self {
+        self.broker_timeout = timeout;
+        self.grpc.connect_timeout = timeout;
+        self
+    }
+
+    /// After the broker was found unavailable, answer from the local configuration without asking
+    /// it for this long (default 10 s; zero asks every time).
+    pub fn broker_retry_after(mut self, wait: Duration) -> Self {
+        self.broker_retry_after = wait;
+        self
+    }
+
+    /// Connect timeout (proxy, handshakes, TLS, WebSocket upgrade) when the answer does not carry
+    /// the proxy's own `timeout_seconds` (default 30 s, as cryptofeed).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// This feed instance's id (default `proxy-broker-client-{hostname}-{pid}`).
+    pub fn client_id(mut self, id: impl Into<String>) -> Self {
+        self.client_id = Some(id.into());
+        self
+    }
+
+    /// Preferred region for `connect_websocket` and `http_client` (default none).
+    pub fn region(mut self, region: impl Into<String>) -> Self {
+        self.region = Some(region.into());
+        self
+    }
+
+    /// Where the local embedded configuration comes from (default [`LocalConfig::FromEnv`]).
+    pub fn local_config(mut self, local: LocalConfig) -> Self {
+        self.local = local;
+        self
+    }
+
+    /// Shorthand for [`LocalConfig::File`].
+    pub fn local_config_file(self, path: impl Into<PathBuf>) -> Self {
+        self.local_config(LocalConfig::File(path.into()))
+    }
+
+    /// When the broker is unavailable and there is no local configuration, connect directly
+    /// instead of failing (default false: fail closed).
+    pub fn allow_direct_fallback(mut self, allow: bool) -> Self {
+        self.allow_direct_fallback = allow;
+        self
+    }
+
+    /// Keep broker answers at most this long, even if their TTL is longer (default 1 h; zero
+    /// disables the cache).
+    pub fn max_cache_ttl(mut self, ttl: Duration) -> Self {
+        self.max_cache_ttl = ttl;
+        self
+    }
+
+    /// Feedback reports that may wait for delivery; more are dropped (default 1024).
+    pub fn feedback_queue(mut self, capacity: usize) -> Self {
+        self.feedback_queue = capacity;
+        self
+    }
+
+    /// Trusts this CA (PEM) for the connections the client opens (`wss://` and `https://` targets,
+    /// `https` proxies), in addition to the platform's roots.
+    pub fn root_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.root_pem.push(pem.into());
+        self
+    }
+
+    /// Builds the client: loads and validates the local configuration, prepares TLS and starts the
+    /// feedback worker. Does not contact the broker. Must be called inside a Tokio runtime.
+    pub fn build(self) -> Result<BrokerClient, Error> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(Error::Settings(
+                "BrokerClient must be built inside a Tokio runtime".into(),
+            ));
+        }
+        if self.broker_timeout.is_zero() || self.connect_timeout.is_zero() {
+            return Err(Error::Settings("timeouts must be greater than zero".into()));
+        }
+        if let Some(region) = &self.region {
+            check_region(region)?;
+        }
+        let grpc = Grpc::new(&self.grpc)?;
+        let local = Local::load(&self.local)?;
+        let mut roots: Vec<CertificateDer<'static>> = Vec::new();
+        for pem in &self.root_pem {
+            roots.extend(crate::tls::parse_pem(pem)?);
+        }
+        let client_id = match self.client_id {
+            Some(id) if id.is_empty() || id.len() > 256 => {
+                return Err(Error::invalid("client_id", "must be 1..=256 bytes"));
+            }
+            Some(id) => id,
+            None => default_client_id(),
+        };
+        let feedback = FeedbackQueue::start(grpc.clone(), self.feedback_queue, self.broker_timeout);
+        Ok(BrokerClient {
+            inner: Arc::new(Inner {
+                tls: crate::tls::client_config(&roots),
+                roots,
+                grpc,
+                client_id,
+                broker_timeout: self.broker_timeout,
+                connect_timeout: self.connect_timeout,
+                region: self.region,
+                local,
+                allow_direct_fallback: self.allow_direct_fallback,
+                cache: ResolveCache::new(self.max_cache_ttl, CACHE_ENTRIES),
+                broker_retry_after: self.broker_retry_after,
+                broker_down_until: Mutex::new(None),
+                feedback,
+                http_clients: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+}
+
+/// `proxy-broker-client-{hostname}-{pid}`, like the design's `cryptofeed-{hostname}-{pid}`.
+pub fn default_client_id() -> String {
+    format!(
+        "{}-{}-{}",
+        env!("CARGO_PKG_NAME"),
+        gethostname::gethostname().to_string_lossy(),
+        std::process::id()
+    )
+}
+
+fn check_region(region: &str) -> Result<(), Error> {
+    if region.len() > MAX_REGION_LEN {
+        return Err(Error::invalid(
+            "region",
+            format!("is {} bytes long (at most 64)", region.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// The feed's handle on the broker. Cheap to clone; clones share the cache and feedback queue.
+#[derive(Debug, Clone)]
+pub struct BrokerClient {
+    pub(crate) inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    grpc: Grpc,
+    pub(crate) client_id: String,
+    broker_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) region: Option<String>,
+    pub(crate) local: Option<Local>,
+    allow_direct_fallback: bool,
+    cache: ResolveCache,
+    broker_retry_after: Duration,
+    broker_down_until: Mutex<Option<Instant>>,
+    feedback: FeedbackQueue,
+    pub(crate) tls: Result<Arc<rustls::ClientConfig>, String>,
+    pub(crate) roots: Vec<CertificateDer<'static>>,
+    pub(crate) http_clients: Mutex<HashMap<(Option<String>, Duration), reqwest::Client>>,
+}
+
+/// Why the broker gave no answer.
+enum BrokerFailure {
+    /// Unreachable, timed out, or UNAVAILABLE: the local configuration may answer.
+    Unavailable(String),
+    /// Any other refusal: returned to the caller.
+    Refused(Error),
+}
+
+impl BrokerClient {
+    /// Settings for a client of the broker at `broker_url` (`http://host:port` or `https://…`).
+    pub fn builder(broker_url: &str) -> ClientBuilder {
+        ClientBuilder::new(broker_url)
+    }
+
+    /// A client with default settings (see [`ClientBuilder`]).
+    pub fn new(broker_url: &str) -> Result<Self, Error> {
+        Self::builder(broker_url).build()
+    }
+
+    /// This feed instance's id, sent with every request and report.
+    pub fn client_id(&self) -> &str {
+        &self.inner.client_id
+    }
+
+    /// The generated feed-facing stub on the client's channel (auth token included).
+    pub fn raw(&self) -> BrokerStub {
+        self.inner.grpc.broker()
+    }
+
+    /// The generated operator-facing stub on the client's channel (auth token included).
+    pub fn admin(&self) -> AdminStub {
+        self.inner.grpc.admin()
+    }
+
+    /// The gRPC channel to the broker.
+    pub fn channel(&self) -> tonic::transport::Channel {
+        self.inner.grpc.channel()
+    }
+
+    /// Which proxy to use for `exchange` and `connection_type` (optionally in `region`).
+    ///
+    /// A cached broker answer is reused until its TTL passes. When the broker is unreachable,
+    /// times out or answers UNAVAILABLE, the local embedded configuration answers
+    /// ([`crate::Source::Local`]); without one this fails with [`Error::NoRoute`] unless direct
+    /// connections were allowed. Other broker errors are returned as [`Error::Broker`].
+    pub async fn resolve(
+        &self,
+        exchange: &str,
+        connection_type: ConnectionType,
+        region: Option<&str>,
+    ) -> Result<Resolved, Error> {
+        check_exchange_id(exchange).map_err(|rule| Error::invalid("exchange_id", rule))?;
+        let region = region.filter(|r| !r.is_empty());
+        if let Some(r) = region {
+            check_region(r)?;
+        }
+        let key: Key = (
+            exchange.to_lowercase(),
+            connection_type,
+            region.map(str::to_owned),
+        );
+        if let Some(hit) = self.inner.cache.get(&key) {
+            return Ok(hit);
+        }
+        let reason = match self.ask_broker(exchange, connection_type, region).await {
+            Ok(resolved) => {
+                self.inner.cache.insert(key, &resolved);
+                return Ok(resolved);
+            }
+            Err(BrokerFailure::Refused(e)) => return Err(e),
+            Err(BrokerFailure::Unavailable(reason)) => reason,
+        };
+        if let Some(local) = &self.inner.local {
+            tracing::warn!(%exchange, %connection_type, %reason, "broker unavailable: using the local proxy configuration");
+            return local.resolve(exchange, connection_type);
+        }
+        if self.inner.allow_direct_fallback {
+            tracing::warn!(%exchange, %connection_type, %reason, "broker unavailable and no local configuration: connecting directly (allowed)");
+            return Ok(Resolved::allowed_direct());
+        }
+        Err(Error::NoRoute { reason })
+    }
+
+    async fn ask_broker(
+        &self,
+        exchange: &str,
+        connection_type: ConnectionType,
+        region: Option<&str>,
+    ) -> Result<Resolved, BrokerFailure> {
+        let inner = &self.inner;
+        if let Some(until) = *lock(&inner.broker_down_until)
+            && Instant::now() < until
+        {
+            return Err(BrokerFailure::Unavailable(
+                "it was unavailable moments ago (not asked again yet)".into(),
+            ));
+        }
+        let mut request = tonic::Request::new(pb::ProxyRequest {
+            exchange_id: exchange.to_owned(),
+            connection_type: pb_connection_type(connection_type).into(),
+            region: region.map(str::to_owned),
+            client_id: inner.client_id.clone(),
+            metadata: None,
+        });
+        request.set_timeout(inner.broker_timeout);
+        let mut stub = inner.grpc.broker();
+        let outcome = tokio::time::timeout(inner.broker_timeout, stub.request_proxy(request)).await;
+        let failure = match outcome {
+            Ok(Ok(response)) => {
+                *lock(&inner.broker_down_until) = None;
+                return Resolved::from_pb(response.into_inner()).map_err(BrokerFailure::Refused);
+            }
+            Err(_) => format!("no answer within {:?}", inner.broker_timeout),
+            Ok(Err(status)) => match status.code() {
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                    format!("{:?}: {}", status.code(), status.message())
+                }
+                code => {
+                    return Err(BrokerFailure::Refused(Error::Broker {
+                        code,
+                        message: status.message().to_owned(),
+                    }));
+                }
+            },
+        };
+        if !inner.broker_retry_after.is_zero() {
+            *lock(&inner.broker_down_until) = Some(Instant::now() + inner.broker_retry_after);
+        }
+        Err(BrokerFailure::Unavailable(failure))
+    }
+
+    /// Reports how a proxy worked; returns at once and never fails (see [`FeedbackStats`]).
+    /// `connect_websocket` and the HTTP helpers report on their own.
+    pub fn report(&self, feedback: Feedback) {
+        if !feedback.success
+            && let (Some(local), Some(url)) = (&self.inner.local, &feedback.proxy_url)
+        {
+            local.release(url);
+        }
+        self.inner.feedback.send(feedback.to_pb(&self.inner.client_id));
+    }
+
+    /// What happened to the reports so far.
+    pub fn feedback_stats(&self) -> FeedbackStats {
+        self.inner.feedback.stats()
+    }
+
+    /// Drops the cached answer for this key if it still names `proxy` (it just failed).
+    pub(crate) fn forget(
+        &self,
+        exchange: &str,
+        connection_type: ConnectionType,
+        region: Option<&str>,
+        resolved: &Resolved,
+    ) {
+        let key: Key = (
+            exchange.to_lowercase(),
+            connection_type,
+            region.map(str::to_owned),
+        );
+        self.inner.cache.forget(&key, resolved.proxy.as_ref());
+    }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_client_id_is_crate_host_pid() {
+        let id = default_client_id();
+        let host = gethostname::gethostname().to_string_lossy().into_owned();
+        assert_eq!(id, format!("proxy-broker-client-{host}-{}", std::process::id()));
+    }
+
+    #[test]
+    fn building_outside_a_runtime_is_an_error_not_a_panic() {
+        let err = BrokerClient::new("http://127.0.0.1:1").unwrap_err().to_string();
+        assert!(err.contains("Tokio runtime"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn bad_arguments_are_rejected_before_asking_the_broker() {
+        let client = BrokerClient::builder("http://127.0.0.1:1")
+            .local_config(LocalConfig::None)
+            .build()
+            .unwrap();
+        let err = client
+            .resolve("bad id!", ConnectionType::Http, None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::InvalidArgument {
+                    field: "exchange_id",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let long = "r".repeat(65);
+        let err = client
+            .resolve("binance", ConnectionType::Http, Some(&long))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidArgument { field: "region", .. }),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,178 @@
+//! Feedback to the broker, fire-and-forget: [`FeedbackQueue::send`] puts the report in a bounded
+//! queue and returns at once; a background task delivers it with `ReportFeedback`. A full queue
+//! drops the new report and counts it; a failed delivery is logged and counted. Neither ever
+//! reaches the caller.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use proxy_broker_core::ConnectionType;
+use proxy_broker_core::redact::redact_text;
+use tokio::sync::mpsc;
+
+use crate::grpc::Grpc;
+use crate::pb;
+
+/// Longest `error_details` the broker accepts, in bytes.
+pub const MAX_ERROR_DETAILS_LEN: usize = 4 * 1024;
+
+/// How a proxy (or a direct connection) worked.
+#[derive(Debug, Clone)]
+pub struct Feedback {
+    /// The proxy as it was handed out; `None` for a direct connection.
+    pub proxy_url: Option<String>,
+    /// The exchange.
+    pub exchange_id: String,
+    /// HTTP or WebSocket.
+    pub connection_type: ConnectionType,
+    /// Whether the connection worked.
+    pub success: bool,
+    /// How long connecting took, when measured.
+    pub latency: Option<Duration>,
+    /// What went wrong (passwords are redacted and the text cut to 4 KiB before sending).
+    pub error: Option<String>,
+}
+
+impl Feedback {
+    /// The wire form, stamped with `client_id` and the current time.
+    pub(crate) fn to_pb(&self, client_id: &str) -> pb::ProxyFeedback {
+        pb::ProxyFeedback {
+            proxy_url: self.proxy_url.clone().unwrap_or_default(),
+            exchange_id: self.exchange_id.clone(),
+            connection_type: pb_connection_type(self.connection_type).into(),
+            success: self.success,
+            latency_ms: self
+                .latency
+                .map(|d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX)),
+            error_details: self
+                .error
+                .as_deref()
+                .map(|e| truncate(&redact_text(e), MAX_ERROR_DETAILS_LEN)),
+            timestamp: Some(prost_types::Timestamp::from(SystemTime::now())),
+            client_id: client_id.to_owned(),
+        }
+    }
+}
+
+/// The wire enum for a connection type.
+pub(crate) fn pb_connection_type(connection_type: ConnectionType) -> pb::ConnectionType {
+    match connection_type {
+        ConnectionType::Http => pb::ConnectionType::Http,
+        ConnectionType::Websocket => pb::ConnectionType::Websocket,
+    }
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
+/// What happened to the reports handed to [`crate::BrokerClient::report`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct FeedbackStats {
+    /// Accepted by the broker.
+    pub delivered: u64,
+    /// Not delivered: the broker was unreachable or refused them.
+    pub failed: u64,
+    /// Dropped because the queue was full.
+    pub dropped: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    delivered: AtomicU64,
+    failed: AtomicU64,
+    dropped: AtomicU64,
+}
+
+/// The sending side; the worker stops when the last client clone is dropped.
+#[derive(Debug)]
+pub(crate) struct FeedbackQueue {
+    tx: mpsc::Sender<pb::ProxyFeedback>,
+    counters: Arc<Counters>,
+}
+
+impl FeedbackQueue {
+    /// Starts the worker (needs a Tokio runtime); at most `capacity` reports wait.
+    pub(crate) fn start(grpc: Grpc, capacity: usize, timeout: Duration) -> Self {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let counters = Arc::new(Counters::default());
+        tokio::spawn(worker(grpc, rx, counters.clone(), timeout));
+        Self { tx, counters }
+    }
+
+    /// Queues a report; never blocks, never fails.
+    pub(crate) fn send(&self, report: pb::ProxyFeedback) {
+        if self.tx.try_send(report).is_err() {
+            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("feedback queue full: report dropped");
+        }
+    }
+
+    pub(crate) fn stats(&self) -> FeedbackStats {
+        FeedbackStats {
+            delivered: self.counters.delivered.load(Ordering::Relaxed),
+            failed: self.counters.failed.load(Ordering::Relaxed),
+            dropped: self.counters.dropped.load(Ordering::Relaxed),
+        }
+    }
+}
+
+async fn worker(
+    grpc: Grpc,
+    mut rx: mpsc::Receiver<pb::ProxyFeedback>,
+    counters: Arc<Counters>,
+    timeout: Duration,
+) {
+    while let Some(report) = rx.recv().await {
+        let mut client = grpc.broker();
+        let mut request = tonic::Request::new(report);
+        request.set_timeout(timeout);
+        match tokio::time::timeout(timeout, client.report_feedback(request)).await {
+            Ok(Ok(_)) => {
+                counters.delivered.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Err(status)) => {
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(code = ?status.code(), message = %status.message(), "feedback not delivered");
+            }
+            Err(_) => {
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("feedback not delivered: the broker did not answer in time");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_details_are_redacted_and_cut_on_a_char_boundary() {
+        let fb = Feedback {
+            proxy_url: Some("socks5://u:secret@p:1080".into()),
+            exchange_id: "binance".into(),
+            connection_type: ConnectionType::Websocket,
+            success: false,
+            latency: None,
+            error: Some(format!("via socks5://u:secret@p:1080: {}", "é".repeat(3000))),
+        };
+        let wire = fb.to_pb("me");
+        let details = wire.error_details.unwrap();
+        assert!(!details.contains("secret"));
+        assert!(details.len() <= MAX_ERROR_DETAILS_LEN);
+        assert_eq!(
+            wire.proxy_url, "socks5://u:secret@p:1080",
+            "the URL itself is sent as handed out"
+        );
+        assert_eq!(wire.client_id, "me");
+    }
+}

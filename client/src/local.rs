@@ -1,0 +1,201 @@
+//! The local embedded configuration: what the feed would have used without a broker, read the way
+//! cryptofeed reads it (`CRYPTOFEED_PROXY_*` environment over an optional YAML file's `proxy:`
+//! block) with the broker's own model, loader and resolver from `proxy-broker-core`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use proxy_broker_core::load::{Problems, Validate};
+use proxy_broker_core::{ConnectionType, EmbeddedResolver, EnvMapping, Loader, ProxySettings};
+use serde::Deserialize;
+
+use crate::error::Error;
+use crate::resolve::Resolved;
+
+/// Environment prefix of cryptofeed's proxy settings.
+pub const PROXY_ENV_PREFIX: &str = "CRYPTOFEED_PROXY_";
+/// Environment variable naming a YAML file whose `proxy:` block is the local configuration.
+pub const CONFIG_FILE_ENV: &str = "PROXY_BROKER_CLIENT_CONFIG";
+
+/// Where the local embedded configuration comes from.
+#[derive(Debug, Clone, Default)]
+pub enum LocalConfig {
+    /// The process environment: `CRYPTOFEED_PROXY_*` variables over the YAML file named by
+    /// `PROXY_BROKER_CLIENT_CONFIG`. Absent when neither is set.
+    #[default]
+    FromEnv,
+    /// These variables instead of the process environment (same rules as `FromEnv`).
+    EnvVars(Vec<(String, String)>),
+    /// This YAML file (its `proxy:` block), under the process's `CRYPTOFEED_PROXY_*` variables.
+    File(PathBuf),
+    /// Settings built in code.
+    Settings(Box<ProxySettings>),
+    /// No local configuration: when the broker is unavailable, fail (or connect directly if
+    /// allowed).
+    None,
+}
+
+/// A cryptofeed configuration file: the `proxy:` block; other top-level keys (the feed's own
+/// settings) are ignored.
+#[derive(Debug, Deserialize)]
+struct FeedConfigFile {
+    #[serde(default)]
+    proxy: ProxySettings,
+}
+
+impl Validate for FeedConfigFile {
+    fn validate(&self, _path: &str, problems: &mut Problems) {
+        self.proxy.validate("proxy", problems);
+    }
+}
+
+/// A loaded local configuration with its resolver (pool rotation and leases live here).
+#[derive(Debug)]
+pub(crate) struct Local {
+    resolver: EmbeddedResolver,
+    ttl: Duration,
+}
+
+impl Local {
+    /// Loads `spec`; `Ok(None)` when it names no configuration.
+    pub(crate) fn load(spec: &LocalConfig) -> Result<Option<Self>, Error> {
+        let settings = match spec {
+            LocalConfig::None => return Ok(None),
+            LocalConfig::Settings(settings) => {
+                let mut problems = Problems::default();
+                settings.validate("proxy", &mut problems);
+                problems.into_result()?;
+                (**settings).clone()
+            }
+            LocalConfig::FromEnv => match from_vars(process_env(), None)? {
+                Some(s) => s,
+                None => return Ok(None),
+            },
+            LocalConfig::EnvVars(vars) => match from_vars(vars.clone(), None)? {
+                Some(s) => s,
+                None => return Ok(None),
+            },
+            LocalConfig::File(path) => match from_vars(process_env(), Some(path.clone()))? {
+                Some(s) => s,
+                None => return Ok(None),
+            },
+        };
+        let ttl = Duration::from_secs(settings.external_service.cache_ttl_seconds.unsigned_abs());
+        Ok(Some(Self {
+            resolver: EmbeddedResolver::new(&settings, ttl),
+            ttl,
+        }))
+    }
+
+    /// cryptofeed's `get_proxy(exchange, connection_type)`, pools included.
+    pub(crate) fn resolve(&self, exchange: &str, connection_type: ConnectionType) -> Result<Resolved, Error> {
+        Resolved::local(self.resolver.resolve(exchange, connection_type), self.ttl)
+    }
+
+    /// A failure of `proxy_url`: ends its oldest `least_connections` lease.
+    pub(crate) fn release(&self, proxy_url: &str) {
+        self.resolver.release(proxy_url);
+    }
+}
+
+fn process_env() -> Vec<(String, String)> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect()
+}
+
+/// Loads from `vars` and a file (explicit, else named by `PROXY_BROKER_CLIENT_CONFIG`); `None`
+/// when there is neither a file nor any `CRYPTOFEED_PROXY_*` variable.
+fn from_vars(vars: Vec<(String, String)>, file: Option<PathBuf>) -> Result<Option<ProxySettings>, Error> {
+    let file = file.or_else(|| {
+        vars.iter()
+            .find(|(k, v)| k.eq_ignore_ascii_case(CONFIG_FILE_ENV) && !v.is_empty())
+            .map(|(_, v)| PathBuf::from(v))
+    });
+    let has_env = vars
+        .iter()
+        .any(|(k, _)| k.to_ascii_uppercase().starts_with(PROXY_ENV_PREFIX));
+    if file.is_none() && !has_env {
+        return Ok(None);
+    }
+    let mut loader = Loader::new()
+        .env_mapping(EnvMapping::new(PROXY_ENV_PREFIX, "proxy"))
+        .env_vars(vars)
+        .proxy_block("proxy")
+        .table("proxy.external_service");
+    if let Some(path) = file {
+        if !path.is_file() {
+            return Err(Error::Settings(format!(
+                "local proxy configuration file '{}' does not exist",
+                path.display()
+            )));
+        }
+        loader = loader.file(path);
+    }
+    Ok(Some(loader.load::<FeedConfigFile>()?.proxy))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> LocalConfig {
+        LocalConfig::EnvVars(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn no_variables_and_no_file_means_no_local_configuration() {
+        assert!(Local::load(&vars(&[("HOME", "/root")])).unwrap().is_none());
+        assert!(Local::load(&LocalConfig::None).unwrap().is_none());
+    }
+
+    #[test]
+    fn cryptofeed_environment_resolves_per_exchange() {
+        let local = Local::load(&vars(&[
+            ("CRYPTOFEED_PROXY_ENABLED", "true"),
+            (
+                "CRYPTOFEED_PROXY_DEFAULT__WEBSOCKET__URL",
+                "socks5://fallback:1080",
+            ),
+            ("CRYPTOFEED_PROXY_EXCHANGES__BINANCE__WS", "socks5h://bn:1080"),
+        ]))
+        .unwrap()
+        .unwrap();
+        let bn = local.resolve("BINANCE", ConnectionType::Websocket).unwrap();
+        assert_eq!(bn.proxy.unwrap().as_str(), "socks5h://bn:1080");
+        let other = local.resolve("kraken", ConnectionType::Websocket).unwrap();
+        assert_eq!(other.proxy.unwrap().as_str(), "socks5://fallback:1080");
+        let http = local.resolve("kraken", ConnectionType::Http).unwrap();
+        assert!(http.proxy.is_none());
+    }
+
+    #[test]
+    fn a_yaml_file_named_by_the_environment_is_read_and_other_keys_ignored() {
+        let mut f = tempfile::Builder::new().suffix(".yaml").tempfile().unwrap();
+        std::io::Write::write_all(
+            &mut f,
+            b"log_level: INFO\nproxy:\n  enabled: true\n  default:\n    http: http://p:3128\n",
+        )
+        .unwrap();
+        let path = f.path().to_str().unwrap().to_owned();
+        let local = Local::load(&vars(&[(CONFIG_FILE_ENV, &path)])).unwrap().unwrap();
+        let r = local.resolve("x", ConnectionType::Http).unwrap();
+        assert_eq!(r.proxy.unwrap().as_str(), "http://p:3128");
+    }
+
+    #[test]
+    fn invalid_local_configuration_names_the_key() {
+        let err = Local::load(&vars(&[
+            ("CRYPTOFEED_PROXY_ENABLED", "true"),
+            ("CRYPTOFEED_PROXY_DEFAULT__HTTP__URL", "socks5://nohost"),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("proxy.default.http.url"), "{err}");
+    }
+}
