@@ -22,23 +22,10 @@ pub struct TestBroker {
 impl TestBroker {
     /// Starts the broker with `config` on an ephemeral loopback port.
     pub async fn start(config: BrokerConfig) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(proxy_broker::run(listener, config, async move {
-            let _ = rx.await;
-        }));
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        Self {
-            addr,
-            channel,
-            shutdown: Some(tx),
-            task: Some(task),
-        }
+        Self::start_broker(std::sync::Arc::new(
+            proxy_broker::broker::Broker::new(config).unwrap(),
+        ))
+        .await
     }
 
     /// Starts the broker with its cache and circuit breakers on `clock` (tests move it forward).
@@ -46,7 +33,14 @@ impl TestBroker {
         config: BrokerConfig,
         clock: std::sync::Arc<proxy_broker::clock::ManualClock>,
     ) -> Self {
-        let broker = std::sync::Arc::new(proxy_broker::broker::Broker::with_clock(config, clock).unwrap());
+        Self::start_broker(std::sync::Arc::new(
+            proxy_broker::broker::Broker::with_clock(config, clock).unwrap(),
+        ))
+        .await
+    }
+
+    /// Serves an already-built broker on an ephemeral loopback port.
+    pub async fn start_broker(broker: std::sync::Arc<proxy_broker::broker::Broker>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
