@@ -8,6 +8,7 @@
 //! slows `RequestProxy`.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
@@ -49,7 +50,8 @@ pub struct Outgoing {
 #[derive(Debug)]
 pub struct FeedbackQueue {
     tx: broadcast::Sender<Arc<Outgoing>>,
-    slots: Arc<Semaphore>,
+    /// Reports enqueued and not yet delivered, given up on or dropped (what a flush waits for).
+    outstanding: Arc<AtomicUsize>,
     /// Counters.
     pub stats: Arc<FeedbackStats>,
 }
@@ -62,16 +64,22 @@ impl FeedbackQueue {
             dropped,
             ..Default::default()
         });
-        let slots = Arc::new(Semaphore::new(CONCURRENCY));
-        tokio::spawn(worker(upstreams, rx, stats.clone(), slots.clone()));
-        Self { tx, slots, stats }
+        let outstanding = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(worker(upstreams, rx, stats.clone(), outstanding.clone()));
+        Self {
+            tx,
+            outstanding,
+            stats,
+        }
     }
 
     /// Queues a report; never blocks.
     pub fn enqueue(&self, outgoing: Outgoing) {
         self.stats.enqueued.inc();
+        self.outstanding.fetch_add(1, Ordering::SeqCst);
         if self.tx.send(Arc::new(outgoing)).is_err() {
             // The worker is gone (runtime shutting down).
+            self.outstanding.fetch_sub(1, Ordering::SeqCst);
             self.stats.dropped.inc();
         }
     }
@@ -79,7 +87,8 @@ impl FeedbackQueue {
     /// Waits up to `timeout` for queued and in-flight reports to be delivered (shutdown).
     /// Returns how many were still pending.
     pub async fn flush(&self, timeout: Duration) -> usize {
-        let pending = || self.tx.len() + (CONCURRENCY - self.slots.available_permits().min(CONCURRENCY));
+        // Not the delivery slots in use: the idle worker holds one while it waits for a report.
+        let pending = || self.outstanding.load(Ordering::SeqCst);
         let until = tokio::time::Instant::now() + timeout;
         while pending() > 0 && tokio::time::Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -97,8 +106,9 @@ async fn worker(
     upstreams: Arc<Upstreams>,
     mut rx: broadcast::Receiver<Arc<Outgoing>>,
     stats: Arc<FeedbackStats>,
-    slots: Arc<Semaphore>,
+    outstanding: Arc<AtomicUsize>,
 ) {
+    let slots = Arc::new(Semaphore::new(CONCURRENCY));
     loop {
         // Wait for a free delivery slot first, so that a slow upstream backs reports up in the
         // bounded queue (where overflow is counted) rather than in unbounded tasks.
@@ -109,14 +119,16 @@ async fn worker(
             Ok(o) => o,
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 stats.dropped.inc_by(n);
+                outstanding.fetch_sub(usize::try_from(n).unwrap_or(usize::MAX), Ordering::SeqCst);
                 tracing::warn!(dropped = n, "feedback queue full: oldest reports dropped");
                 continue;
             }
             Err(broadcast::error::RecvError::Closed) => return,
         };
-        let (upstreams, stats) = (upstreams.clone(), stats.clone());
+        let (upstreams, stats, outstanding) = (upstreams.clone(), stats.clone(), outstanding.clone());
         tokio::spawn(async move {
             deliver(&upstreams, &outgoing, &stats).await;
+            outstanding.fetch_sub(1, Ordering::SeqCst);
             drop(slot);
         });
     }
