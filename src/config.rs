@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 pub const PROXY_ENV_PREFIX: &str = "CRYPTOFEED_PROXY_";
 /// Environment prefix of the broker's own settings, mapped onto `server.*`.
 pub const SERVER_ENV_PREFIX: &str = "PROXY_BROKER_";
+/// Shortest accepted `server.auth_tokens` entry.
+pub const MIN_AUTH_TOKEN_LEN: usize = 16;
 /// Variables with the server prefix that are not `server.*` keys.
 pub const NON_KEY_VARS: &[&str] = &["PROXY_BROKER_CONFIG", "PROXY_BROKER_LOG_FORMAT"];
 
@@ -119,6 +121,38 @@ impl Validate for ServerConfig {
             0,
             300,
         );
+        check_range(
+            problems,
+            format!("{path}.max_message_bytes"),
+            self.max_message_bytes,
+            1024,
+            4_194_304,
+        );
+        check_range(
+            problems,
+            format!("{path}.max_concurrent_requests"),
+            self.max_concurrent_requests,
+            1,
+            100_000,
+        );
+        check_range(
+            problems,
+            format!("{path}.request_timeout_seconds"),
+            self.request_timeout_seconds,
+            1,
+            300,
+        );
+        for (i, token) in self.auth_tokens.iter().enumerate() {
+            // An empty token would admit `authorization: Bearer `. The value is secret: only its
+            // length is shown.
+            let len = token.trim().chars().count();
+            if len < MIN_AUTH_TOKEN_LEN {
+                problems.push(
+                    format!("{path}.auth_tokens[{i}]"),
+                    format!("is {len} characters long (at least {MIN_AUTH_TOKEN_LEN}; value not shown)"),
+                );
+            }
+        }
         if self.listen.port() != 0 && self.listen == self.metrics_listen {
             problems.push(
                 format!("{path}.metrics_listen"),
@@ -166,12 +200,25 @@ impl BrokerConfig {
                     message: format!("cannot read '{file}': {e}"),
                 }],
             })?;
+            let before = tokens.len();
             tokens.extend(
                 text.lines()
                     .map(str::trim)
                     .filter(|l| !l.is_empty() && !l.starts_with('#'))
                     .map(str::to_owned),
             );
+            // Fail closed: a configured but empty file (a Secret not populated yet) must not
+            // silently turn authentication off.
+            if tokens.len() == before {
+                return Err(ConfigError {
+                    problems: vec![proxy_broker_core::Problem {
+                        path: "server.auth_tokens_file".into(),
+                        message: format!(
+                            "'{file}' holds no token (one per line; blank lines and # comments are ignored)"
+                        ),
+                    }],
+                });
+            }
         }
         Ok(tokens)
     }

@@ -8,7 +8,7 @@
 //! feedback never slows `RequestProxy`.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -54,6 +54,8 @@ struct Ring {
     /// Signalled on every enqueue and on close (single consumer: a stored permit is never lost).
     ready: Notify,
     closed: AtomicBool,
+    /// Reports taken from the queue whose delivery has not ended yet.
+    in_flight: AtomicUsize,
 }
 
 impl Ring {
@@ -64,8 +66,13 @@ impl Ring {
     /// The oldest report, waiting for one; `None` once the queue is closed.
     async fn pop(&self) -> Option<Outgoing> {
         loop {
-            if let Some(o) = self.lock().pop_front() {
-                return Some(o);
+            {
+                let mut items = self.lock();
+                if let Some(o) = items.pop_front() {
+                    // Counted under the lock, so a flush never sees the report in neither place.
+                    self.in_flight.fetch_add(1, Ordering::SeqCst);
+                    return Some(o);
+                }
             }
             if self.closed.load(Ordering::Acquire) {
                 return None;
@@ -79,7 +86,6 @@ impl Ring {
 #[derive(Debug)]
 pub struct FeedbackQueue {
     ring: Arc<Ring>,
-    slots: Arc<Semaphore>,
     /// Counters.
     pub stats: Arc<FeedbackStats>,
 }
@@ -93,14 +99,14 @@ impl FeedbackQueue {
             capacity,
             ready: Notify::new(),
             closed: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
         });
         let stats = Arc::new(FeedbackStats {
             dropped,
             ..Default::default()
         });
-        let slots = Arc::new(Semaphore::new(CONCURRENCY));
-        tokio::spawn(worker(upstreams, ring.clone(), stats.clone(), slots.clone()));
-        Self { ring, slots, stats }
+        tokio::spawn(worker(upstreams, ring.clone(), stats.clone()));
+        Self { ring, stats }
     }
 
     /// Queues a report, dropping (and counting) the oldest when the queue is full; never blocks.
@@ -132,7 +138,12 @@ impl FeedbackQueue {
     /// Waits up to `timeout` for queued and in-flight reports to be delivered (shutdown).
     /// Returns how many were still pending.
     pub async fn flush(&self, timeout: Duration) -> usize {
-        let pending = || self.queued() + (CONCURRENCY - self.slots.available_permits().min(CONCURRENCY));
+        // Queued plus in delivery (not the delivery slots in use: the idle worker holds one while
+        // it waits for a report).
+        let pending = || {
+            let items = self.ring.lock();
+            items.len() + self.ring.in_flight.load(Ordering::SeqCst)
+        };
         let until = tokio::time::Instant::now() + timeout;
         while pending() > 0 && tokio::time::Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -153,12 +164,8 @@ impl Drop for FeedbackQueue {
     }
 }
 
-async fn worker(
-    upstreams: Arc<Upstreams>,
-    ring: Arc<Ring>,
-    stats: Arc<FeedbackStats>,
-    slots: Arc<Semaphore>,
-) {
+async fn worker(upstreams: Arc<Upstreams>, ring: Arc<Ring>, stats: Arc<FeedbackStats>) {
+    let slots = Arc::new(Semaphore::new(CONCURRENCY));
     loop {
         // Wait for a free delivery slot first, so that a slow upstream backs reports up in the
         // bounded queue (where overflow is counted) rather than in unbounded tasks.
@@ -168,9 +175,10 @@ async fn worker(
         let Some(outgoing) = ring.pop().await else {
             return;
         };
-        let (upstreams, stats) = (upstreams.clone(), stats.clone());
+        let (upstreams, stats, ring) = (upstreams.clone(), stats.clone(), ring.clone());
         tokio::spawn(async move {
             deliver(&upstreams, &outgoing, &stats).await;
+            ring.in_flight.fetch_sub(1, Ordering::SeqCst);
             drop(slot);
         });
     }

@@ -141,6 +141,17 @@ impl Metrics {
             "Configuration reloads by result",
             m.config_reloads.clone(),
         );
+        // Series whose label values are known up front start at 0, so that `rate()` and
+        // `increase()` see the first failed reload or failure report (a series that appears
+        // with value 1 has no increase).
+        for result in ["success", "failure"] {
+            let _ = m
+                .config_reloads
+                .get_or_create(&vec![("result", result.to_owned())]);
+        }
+        for success in ["true", "false"] {
+            let _ = m.feedback.get_or_create(&vec![("success", success.to_owned())]);
+        }
         Self { registry, ..m }
     }
 

@@ -14,12 +14,17 @@ use crate::request::{Feedback, Lookup};
 #[derive(Debug, Clone)]
 pub struct BrokerService {
     broker: Arc<Broker>,
+    /// `server.request_timeout_seconds` as it was when serving started (like the timeout layer
+    /// that enforces it, it changes only on restart).
+    call_timeout: std::time::Duration,
 }
 
 impl BrokerService {
     /// Serves `broker`.
     pub fn new(broker: Arc<Broker>) -> Self {
-        Self { broker }
+        let call_timeout =
+            std::time::Duration::from_secs(broker.config().server.request_timeout_seconds.unsigned_abs());
+        Self { broker, call_timeout }
     }
 }
 
@@ -30,7 +35,11 @@ impl ProxyBroker for BrokerService {
         request: Request<pb::ProxyRequest>,
     ) -> Result<Response<pb::ProxyResponse>, Status> {
         let started = std::time::Instant::now();
-        let deadline = grpc_deadline(request.metadata());
+        // The earlier of the caller's deadline and the server's own per-call limit, so that a slow
+        // upstream leaves time to answer with the fallback instead of DEADLINE_EXCEEDED.
+        let server_deadline = deadline_after(self.call_timeout);
+        let deadline =
+            Some(grpc_deadline(request.metadata()).map_or(server_deadline, |d| d.min(server_deadline)));
         let connection_type = connection_type_label(request.get_ref().connection_type);
         let span = tracing::info_span!(
             "RequestProxy",
@@ -138,7 +147,12 @@ fn code_label(code: tonic::Code) -> String {
 /// The caller's deadline from the `grpc-timeout` header, less 10 % kept to answer with a fallback.
 fn grpc_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<tokio::time::Instant> {
     let timeout = parse_grpc_timeout(metadata.get("grpc-timeout")?.to_str().ok()?)?;
-    Some(tokio::time::Instant::now() + timeout - timeout / 10)
+    Some(deadline_after(timeout))
+}
+
+/// `timeout` from now, less 10 % kept to answer with a fallback.
+fn deadline_after(timeout: std::time::Duration) -> tokio::time::Instant {
+    tokio::time::Instant::now() + timeout - timeout / 10
 }
 
 /// Parses a `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).

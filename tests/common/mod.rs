@@ -112,3 +112,5 @@ pub fn load(
         .env_vars(env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
         .load()
 }
+
+pub mod ops;
