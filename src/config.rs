@@ -201,12 +201,24 @@ impl BrokerConfig {
                 }],
             })?;
             let before = tokens.len();
-            tokens.extend(
-                text.lines()
-                    .map(str::trim)
-                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                    .map(str::to_owned),
-            );
+            for (number, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                if line.len() < 16 || line.chars().any(char::is_whitespace) {
+                    return Err(ConfigError {
+                        problems: vec![proxy_broker_core::Problem {
+                            path: "server.auth_tokens_file".into(),
+                            message: format!(
+                                "'{file}' line {}: a token must be at least 16 characters without whitespace (value not shown)",
+                                number + 1
+                            ),
+                        }],
+                    });
+                }
+                tokens.push(line.to_owned());
+            }
             // Fail closed: a configured but empty file (a Secret not populated yet) must not
             // silently turn authentication off.
             if tokens.len() == before {

@@ -18,6 +18,7 @@ pub mod config;
 pub mod error;
 pub mod feedback;
 pub mod json;
+pub mod limits;
 pub mod metrics;
 pub mod pb;
 pub mod reload;

@@ -134,7 +134,8 @@ pub async fn serve(
         builder = builder.tls_config(tls_config(tls)?)?;
     }
     let mut router = builder
-        .layer(stack)
+        // Health checks skip the limits (see `limits`): probes must not be shed.
+        .layer(crate::limits::BypassLayer::new(stack))
         // Health stays open so that probes work whatever the auth settings.
         .add_service(health_service)
         .add_service(InterceptedService::new(

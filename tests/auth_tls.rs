@@ -601,6 +601,17 @@ async fn beyond_max_concurrent_requests_calls_are_shed_with_resource_exhausted()
         1,
         "the shed call never reached the upstream"
     );
+    // Health checks skip the limits: a busy broker still answers its probes.
+    for _ in 0..3 {
+        let health = HealthClient::new(channel.clone())
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("health is never shed")
+            .into_inner();
+        assert_eq!(health.status(), ServingStatus::Serving);
+    }
 
     upstream.release();
     let answer = first.await.unwrap().unwrap();
@@ -750,4 +761,29 @@ async fn a_blank_or_short_token_or_an_empty_token_file_is_a_configuration_error_
         .to_string();
     assert!(error.contains("server.auth_tokens_file"), "{error}");
     assert!(error.contains("holds no token"), "{error}");
+
+    // Tokens in the file follow the same rule as `auth_tokens`, and are not echoed either.
+    std::fs::write(
+        &file,
+        "# feeds
+short-tok-1234
+",
+    )
+    .unwrap();
+    let config = common::load(
+        Some(&yaml_with_server(&format!(
+            "server:\n  auth_tokens_file: \"{}\"\n",
+            file.display()
+        ))),
+        &[],
+    )
+    .unwrap();
+    let error = proxy_broker::broker::Broker::new(config)
+        .expect_err("a short token in the file")
+        .to_string();
+    assert!(
+        error.contains("line 2: a token must be at least 16 characters"),
+        "{error}"
+    );
+    assert!(!error.contains("short-tok-1234"), "{error}");
 }

@@ -337,7 +337,7 @@ async fn a_rotated_upstream_token_file_is_sent_upstream_without_restart() {
 #[tokio::test]
 async fn a_rotated_auth_tokens_file_changes_the_accepted_tokens_without_restart() {
     let config = ConfigDir::new("");
-    let tokens = config.file("tokens", "old-token-1234\n");
+    let tokens = config.file("tokens", "old-token-1234-abcd\n");
     write_atomic(
         &config.path,
         &format!(
@@ -364,20 +364,26 @@ async fn a_rotated_auth_tokens_file_changes_the_accepted_tokens_without_restart(
                 .map_err(|s| s.code())
         }
     };
-    call("old-token-1234").await.unwrap();
-    assert_eq!(call("new-token-5678").await, Err(tonic::Code::Unauthenticated));
+    call("old-token-1234-abcd").await.unwrap();
+    assert_eq!(
+        call("new-token-5678-efgh").await,
+        Err(tonic::Code::Unauthenticated)
+    );
 
-    write_atomic(&tokens, "new-token-5678\n");
+    write_atomic(&tokens, "new-token-5678-efgh\n");
     eventually("the new token accepted", PROMPT, || async {
-        call("new-token-5678").await.ok()
+        call("new-token-5678-efgh").await.ok()
     })
     .await;
-    assert_eq!(call("old-token-1234").await, Err(tonic::Code::Unauthenticated));
+    assert_eq!(
+        call("old-token-1234-abcd").await,
+        Err(tonic::Code::Unauthenticated)
+    );
 
     // Emptying the file is rejected (auth would be off): the new token stays in force.
     write_atomic(&tokens, "# rotated out\n");
     watched.wait_reloads("failure", 1).await;
-    call("new-token-5678").await.unwrap();
+    call("new-token-5678-efgh").await.unwrap();
     assert_eq!(
         ProxyBrokerClient::new(watched.local.channel.clone())
             .request_proxy(ProxyRequest {
