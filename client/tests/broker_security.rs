@@ -1,4 +1,5 @@
 //! The client against a locked-down broker: bearer-token auth and TLS to the broker.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
