@@ -184,11 +184,12 @@ impl Broker {
         self.metrics.render()
     }
 
-    /// Answers one validated request; `deadline` is the caller's gRPC deadline, if any.
+    /// Answers one validated request within `budget` (the caller's deadline or the server's
+    /// per-call limit, whichever is earlier).
     pub async fn request_proxy(
         &self,
         lookup: &Lookup,
-        deadline: Option<Instant>,
+        budget: Option<crate::upstream::Budget>,
     ) -> Result<pb::ProxyResponse, Error> {
         let state = self.state.load_full();
         let Some(d) = &state.delegation else {
@@ -211,7 +212,7 @@ impl Broker {
                 if let Some(hit) = d.cache.fresh(&key) {
                     return Ok((hit, true));
                 }
-                match d.upstreams.request(lookup, deadline).await {
+                match d.upstreams.request(lookup, budget).await {
                     Ok((answer, index)) => {
                         let endpoint = d.upstreams.endpoints()[index].name.clone();
                         d.served_by.insert(answer.proxy_url.clone(), index);

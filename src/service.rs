@@ -9,6 +9,7 @@ use crate::broker::Broker;
 use crate::pb;
 use crate::pb::proxy_broker_server::ProxyBroker;
 use crate::request::{Feedback, Lookup};
+use crate::upstream::Budget;
 
 /// The feed-facing service.
 #[derive(Debug, Clone)]
@@ -38,8 +39,16 @@ impl ProxyBroker for BrokerService {
         // The earlier of the caller's deadline and the server's own per-call limit, so that a slow
         // upstream leaves time to answer with the fallback instead of DEADLINE_EXCEEDED.
         let server_deadline = deadline_after(self.call_timeout);
-        let deadline =
-            Some(grpc_deadline(request.metadata()).map_or(server_deadline, |d| d.min(server_deadline)));
+        let budget = Some(match grpc_deadline(request.metadata()) {
+            Some(caller) if caller < server_deadline => Budget {
+                until: caller,
+                set_by_caller: true,
+            },
+            _ => Budget {
+                until: server_deadline,
+                set_by_caller: false,
+            },
+        });
         let connection_type = connection_type_label(request.get_ref().connection_type);
         let span = tracing::info_span!(
             "RequestProxy",
@@ -60,7 +69,7 @@ impl ProxyBroker for BrokerService {
         let result = async move {
             let result = async {
                 let lookup = Lookup::try_from(req)?;
-                self.broker.request_proxy(&lookup, deadline).await
+                self.broker.request_proxy(&lookup, budget).await
             }
             .await;
             let span = tracing::Span::current();

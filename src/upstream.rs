@@ -22,6 +22,17 @@ use crate::clock::Clock;
 use crate::pb::FallbackPolicy;
 use crate::request::{Feedback, Lookup};
 
+/// How long a lookup may spend on upstreams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// When to stop waiting for upstreams (leaving time to answer with a fallback).
+    pub until: Instant,
+    /// Set by the caller's own (shorter) gRPC deadline rather than by the broker's
+    /// `server.request_timeout_seconds`. An attempt cut short by the caller says nothing about
+    /// the endpoint; one cut short by the broker's own limit counts as that endpoint's timeout.
+    pub set_by_caller: bool,
+}
+
 /// Shortest TTL an upstream may give.
 pub const MIN_ANSWER_TTL: i64 = 60;
 
@@ -303,11 +314,11 @@ impl Upstreams {
     }
 
     /// Asks each endpoint in order until one gives a valid answer. Open breakers are skipped
-    /// without waiting; each attempt is bounded by `timeout_seconds` and by `deadline`.
+    /// without waiting; each attempt is bounded by `timeout_seconds` and by `budget`.
     pub async fn request(
         &self,
         lookup: &Lookup,
-        deadline: Option<Instant>,
+        budget: Option<Budget>,
     ) -> Result<(Answer, usize), Vec<Failure>> {
         let body = WireRequest {
             exchange_id: &lookup.exchange_id.to_lowercase(),
@@ -334,7 +345,7 @@ impl Upstreams {
                 });
                 continue;
             };
-            let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let remaining = budget.map(|b| b.until.saturating_duration_since(Instant::now()));
             if remaining.is_some_and(|r| r.is_zero()) {
                 failures.push(Failure {
                     endpoint: endpoint.name.clone(),
@@ -343,7 +354,8 @@ impl Upstreams {
                 drop(permit);
                 break;
             }
-            let caller_bound = remaining.is_some_and(|r| r < self.timeout);
+            let caller_bound =
+                budget.is_some_and(|b| b.set_by_caller) && remaining.is_some_and(|r| r < self.timeout);
             let budget = remaining.map_or(self.timeout, |r| r.min(self.timeout));
             let started = std::time::Instant::now();
             let outcome = tokio::time::timeout(budget, self.attempt(endpoint, &body)).await;

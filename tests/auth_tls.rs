@@ -654,6 +654,43 @@ async fn a_hanging_upstream_gets_the_embedded_fallback_within_request_timeout_se
 }
 
 #[tokio::test]
+async fn an_upstream_cut_short_by_the_server_limit_counts_against_its_breaker() {
+    let upstream = Upstream::start().await;
+    upstream.hold();
+    let server = Server::start(&delegating(
+        &upstream,
+        "server:\n  request_timeout_seconds: 1\n",
+        "    timeout_seconds: 10\n    failure_threshold: 2\n",
+    ))
+    .await;
+    let channel = connect(server.addr).await;
+    for _ in 0..2 {
+        let answer = ask(&channel, None).await.unwrap();
+        assert_eq!(answer.source(), ProxySource::Embedded);
+    }
+    // The broker gave the endpoint its whole budget twice: two failures open the breaker, so a
+    // hanging upstream stops costing every call its full second.
+    let status = ProxyBrokerAdminClient::new(channel.clone())
+        .list_upstreams(proxy_broker::pb::ListUpstreamsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        status.upstreams[0].breaker_state(),
+        proxy_broker::pb::BreakerState::Open,
+        "{status:?}"
+    );
+    let started = Instant::now();
+    assert_eq!(ask(&channel, None).await.unwrap().source(), ProxySource::Embedded);
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "open breaker skipped without waiting"
+    );
+    upstream.release();
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_hanging_upstream_without_fallback_is_unavailable_within_request_timeout_seconds() {
     let upstream = Upstream::start_with(std::sync::Arc::new(|_: &serde_json::Value| {
         Reply::answer(&proxy_for("late"))
