@@ -7,14 +7,9 @@ use proxy_broker_core::validate::{check_exchange_id, check_proxy_url};
 use crate::error::Error;
 use crate::pb;
 
-/// Longest `region`, in bytes.
-pub const MAX_REGION_LEN: usize = 64;
-/// Longest `client_id`, in bytes.
-pub const MAX_CLIENT_ID_LEN: usize = 256;
-/// Largest encoded `metadata`, in bytes.
-pub const MAX_METADATA_BYTES: usize = 8 * 1024;
-/// Longest feedback `error_details`, in bytes.
-pub const MAX_ERROR_DETAILS_LEN: usize = 4 * 1024;
+pub use proxy_broker_core::validate::{
+    MAX_CLIENT_ID_LEN, MAX_ERROR_DETAILS_LEN, MAX_METADATA_BYTES, MAX_REGION_LEN,
+};
 
 /// A validated `RequestProxy` call.
 #[derive(Debug, Clone)]

@@ -17,9 +17,8 @@ use crate::grpc::{AdminStub, BrokerStub, Grpc, GrpcSettings};
 use crate::local::{Local, LocalConfig};
 use crate::pb;
 use crate::resolve::{Key, ResolveCache, Resolved};
+use proxy_broker_core::validate::MAX_REGION_LEN;
 
-/// Longest `region` the broker accepts, in bytes.
-const MAX_REGION_LEN: usize = 64;
 /// Most answers kept in the resolve cache.
 const CACHE_ENTRIES: usize = 1024;
 

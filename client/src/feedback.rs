@@ -15,7 +15,7 @@ use crate::grpc::Grpc;
 use crate::pb;
 
 /// Longest `error_details` the broker accepts, in bytes.
-pub const MAX_ERROR_DETAILS_LEN: usize = 4 * 1024;
+pub use proxy_broker_core::validate::MAX_ERROR_DETAILS_LEN;
 
 /// How a proxy (or a direct connection) worked.
 #[derive(Debug, Clone)]

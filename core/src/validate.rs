@@ -11,6 +11,14 @@ pub const PROXY_SCHEMES: &[&str] = &["http", "https", "socks4", "socks4a", "sock
 
 /// Longest exchange id.
 pub const MAX_EXCHANGE_ID_LEN: usize = 64;
+/// Longest `region` in a request, in bytes (part of the gRPC contract).
+pub const MAX_REGION_LEN: usize = 64;
+/// Longest `client_id`, in bytes.
+pub const MAX_CLIENT_ID_LEN: usize = 256;
+/// Largest encoded request `metadata`, in bytes.
+pub const MAX_METADATA_BYTES: usize = 8 * 1024;
+/// Longest feedback `error_details`, in bytes.
+pub const MAX_ERROR_DETAILS_LEN: usize = 4 * 1024;
 
 /// Checks an exchange id: 1..=64 characters of `[A-Za-z0-9._-]`. The error is the rule broken.
 pub fn check_exchange_id(id: &str) -> Result<(), String> {
