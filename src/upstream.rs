@@ -234,37 +234,48 @@ impl Upstreams {
             }
             AuthMethod::MutualTls => {}
         }
-        let builder_template = || -> Result<reqwest::ClientBuilder, ConfigError> {
+        // Certificates are read and parsed once; each endpoint gets its own client (its own
+        // connection pool) built from them.
+        let trust = match creds.get("ca_file").filter(|p| !p.is_empty()) {
+            Some(ca) => {
+                let pem = read_file("ca_file", ca)?;
+                Some(reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                    config_error(
+                        "proxy.external_service.auth_credentials.ca_file",
+                        format!("'{ca}' is not PEM certificates: {e}"),
+                    )
+                })?)
+            }
+            None => None,
+        };
+        let identity = if cfg.auth_method == AuthMethod::MutualTls {
+            let cert = creds.get("cert_file").map(String::as_str).unwrap_or_default();
+            let key = creds.get("key_file").map(String::as_str).unwrap_or_default();
+            let mut pem = read_file("cert_file", cert)?;
+            pem.push(b'\n');
+            pem.extend(read_file("key_file", key)?);
+            Some(reqwest::Identity::from_pem(&pem).map_err(|e| {
+                config_error(
+                    "proxy.external_service.auth_credentials.cert_file",
+                    format!("'{cert}' and key '{key}' do not form a PEM client identity: {e}"),
+                )
+            })?)
+        } else {
+            None
+        };
+        let builder_template = || {
             let mut b = reqwest::Client::builder()
                 .no_proxy()
                 .connect_timeout(Duration::from_secs(cfg.timeout_seconds.unsigned_abs()))
                 .pool_idle_timeout(Duration::from_secs(90))
                 .user_agent(concat!("proxy-broker/", env!("CARGO_PKG_VERSION")));
-            if let Some(ca) = creds.get("ca_file").filter(|p| !p.is_empty()) {
-                let pem = read_file("ca_file", ca)?;
-                let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                    config_error(
-                        "proxy.external_service.auth_credentials.ca_file",
-                        format!("'{ca}' is not PEM certificates: {e}"),
-                    )
-                })?;
-                b = b.tls_certs_only(certs);
+            if let Some(certs) = &trust {
+                b = b.tls_certs_only(certs.clone());
             }
-            if cfg.auth_method == AuthMethod::MutualTls {
-                let cert = creds.get("cert_file").map(String::as_str).unwrap_or_default();
-                let key = creds.get("key_file").map(String::as_str).unwrap_or_default();
-                let mut pem = read_file("cert_file", cert)?;
-                pem.push(b'\n');
-                pem.extend(read_file("key_file", key)?);
-                let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
-                    config_error(
-                        "proxy.external_service.auth_credentials.cert_file",
-                        format!("'{cert}' and key '{key}' do not form a PEM client identity: {e}"),
-                    )
-                })?;
-                b = b.identity(identity);
+            if let Some(identity) = &identity {
+                b = b.identity(identity.clone());
             }
-            Ok(b)
+            b
         };
         let policy = cfg.circuit_breaker_enabled.then(|| Policy {
             failure_threshold: u32::try_from(cfg.failure_threshold).unwrap_or(5),
@@ -281,7 +292,7 @@ impl Upstreams {
                     config_error(&path, format!("'{}' is not a valid URL ({e})", redact_url(raw)))
                 })
             };
-            let client = builder_template()?
+            let client = builder_template()
                 .build()
                 .map_err(|e| config_error(&path, format!("cannot build an HTTP client: {e}")))?;
             endpoints.push(Endpoint {
