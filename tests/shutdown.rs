@@ -2,9 +2,9 @@
 //! within the grace period), and in-process draining of calls that were in flight.
 mod common;
 
-use std::net::SocketAddr;
+use common::ops::BrokerProcess;
+
 use std::pin::Pin;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
@@ -12,13 +12,11 @@ use std::time::{Duration, Instant};
 
 use common::TestBroker;
 use proxy_broker::pb::{ConnectionType, ProxyRequest, ProxyResponse, ProxySource};
-use tokio::io::AsyncReadExt;
-use tokio::process::{Child, Command};
 use tokio::sync::{Notify, oneshot};
 use tokio_stream::Stream;
 use tonic::Status;
 use tonic::codegen::http::uri::PathAndQuery;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -33,91 +31,33 @@ const PROMPT: Duration = Duration::from_secs(5);
 
 // --- The binary --------------------------------------------------------------------------------
 
-/// Two distinct loopback ports that were free a moment ago.
-fn free_ports() -> (u16, u16) {
-    let port = |l: &std::net::TcpListener| l.local_addr().expect("a bound address").port();
-    let a = std::net::TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
-    let b = std::net::TcpListener::bind("127.0.0.1:0").expect("a second free loopback port");
-    (port(&a), port(&b))
+/// The broker binary running the example configuration on loopback (the shared
+/// [`BrokerProcess`], plus the start-up observations these tests need).
+struct Broker(BrokerProcess);
+
+impl std::ops::Deref for Broker {
+    type Target = BrokerProcess;
+    fn deref(&self) -> &BrokerProcess {
+        &self.0
+    }
 }
 
-/// The broker binary running the example configuration on loopback.
-struct Broker {
-    child: Child,
-    addr: SocketAddr,
-    stderr: tokio::task::JoinHandle<String>,
+impl std::ops::DerefMut for Broker {
+    fn deref_mut(&mut self) -> &mut BrokerProcess {
+        &mut self.0
+    }
 }
 
 impl Broker {
     fn spawn(grace_seconds: u32) -> Self {
-        let (port, metrics_port) = free_ports();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_proxy-broker"))
-            .arg("--config")
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/broker.yaml"))
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("PROXY_BROKER_LISTEN", addr.to_string())
-            .env("PROXY_BROKER_METRICS_LISTEN", format!("127.0.0.1:{metrics_port}"))
-            .env("PROXY_BROKER_SHUTDOWN_GRACE_SECONDS", grace_seconds.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("the proxy-broker binary starts");
-        let mut pipe = child.stderr.take().expect("stderr is piped");
-        let stderr = tokio::spawn(async move {
-            let mut text = String::new();
-            let _ = pipe.read_to_string(&mut text).await;
-            text
-        });
-        Self { child, addr, stderr }
-    }
-
-    /// Polls health until the binary answers SERVING, and returns the connected channel.
-    async fn wait_serving(&mut self) -> Channel {
-        let deadline = Instant::now() + STARTUP_DEADLINE;
-        let mut last = String::from("no attempt yet");
-        loop {
-            if let Some(status) = self.child.try_wait().expect("the broker process can be polled") {
-                panic!(
-                    "the broker exited during start-up ({status}):\n{}",
-                    self.take_stderr().await
-                );
-            }
-            if Instant::now() > deadline {
-                panic!("the broker did not answer within {STARTUP_DEADLINE:?} ({last})");
-            }
-            let attempt = async {
-                let channel = Endpoint::from_shared(format!("http://{}", self.addr))
-                    .expect("a valid endpoint URI")
-                    .connect_timeout(Duration::from_secs(1))
-                    .connect()
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let status = HealthClient::new(channel.clone())
-                    .check(HealthCheckRequest {
-                        service: String::new(),
-                    })
-                    .await
-                    .map_err(|s| s.to_string())?
-                    .into_inner()
-                    .status();
-                if status == ServingStatus::Serving {
-                    Ok(channel)
-                } else {
-                    Err(format!("health is {status:?}"))
-                }
-            };
-            match tokio::time::timeout(Duration::from_secs(2), attempt).await {
-                Ok(Ok(channel)) => return channel,
-                Ok(Err(e)) => last = e,
-                Err(_) => last = "attempt timed out".into(),
-            }
-            // Poll interval, not a synchronisation point: the deadline above bounds the wait.
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        let grace = grace_seconds.to_string();
+        Self(BrokerProcess::spawn(
+            Some(std::path::Path::new(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/examples/broker.yaml"
+            ))),
+            &[("PROXY_BROKER_SHUTDOWN_GRACE_SECONDS", grace.as_str())],
+        ))
     }
 
     /// Polls until the listener takes TCP connections (before any gRPC exchange).
@@ -127,7 +67,7 @@ impl Broker {
             if let Some(status) = self.child.try_wait().expect("the broker process can be polled") {
                 panic!(
                     "the broker exited during start-up ({status}):\n{}",
-                    self.take_stderr().await
+                    self.stderr().await
                 );
             }
             assert!(Instant::now() < deadline, "{} never listened", self.addr);
@@ -153,41 +93,6 @@ impl Broker {
             // Poll interval; the deadline above bounds the wait.
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-    }
-
-    fn signal(&self, name: &str) {
-        let pid = self.child.id().expect("the broker is still running");
-        let status = std::process::Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(pid.to_string())
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill -{name} {pid}: {status}");
-    }
-
-    /// Waits for the exit (bounded) and returns its status and how long it took.
-    async fn wait_exit(&mut self, within: Duration) -> (std::process::ExitStatus, Duration) {
-        let started = Instant::now();
-        match tokio::time::timeout(within, self.child.wait()).await {
-            Ok(status) => (status.expect("the exit status"), started.elapsed()),
-            Err(_) => {
-                let _ = self.child.start_kill();
-                panic!(
-                    "the broker did not exit within {within:?}:\n{}",
-                    self.take_stderr().await
-                );
-            }
-        }
-    }
-
-    /// The binary's log; complete once it has exited.
-    async fn take_stderr(&mut self) -> String {
-        let _ = self.child.start_kill();
-        let handle = std::mem::replace(&mut self.stderr, tokio::spawn(async { String::new() }));
-        tokio::time::timeout(PROMPT, handle)
-            .await
-            .map(|r| r.unwrap_or_default())
-            .unwrap_or_else(|_| "<stderr not closed>".into())
     }
 }
 
@@ -245,14 +150,14 @@ async fn signal_turns_health_not_serving_and_exits_zero(signal: &str, signo: u32
         panic!(
             "no NOT_SERVING on the watch within {PROMPT:?} of SIG{signal} ({watched:?}); the broker \
              exited with {status}:\n{}",
-            broker.take_stderr().await
+            broker.stderr().await
         );
     }
 
     // The open watch stream is cut when the 3 s grace period ends, so the process exits anyway.
     let (status, _) = broker.wait_exit(EXIT_DEADLINE).await;
     drop(watch);
-    let log = broker.take_stderr().await;
+    let log = broker.stderr().await;
     assert_eq!(
         status.code(),
         Some(0),
@@ -271,7 +176,7 @@ async fn sigterm_right_after_the_listener_opens_still_exits_zero() {
     let caught = broker.catches(15);
     broker.signal("TERM");
     let (status, _) = broker.wait_exit(EXIT_DEADLINE).await;
-    let log = broker.take_stderr().await;
+    let log = broker.stderr().await;
     assert_eq!(
         status.code(),
         Some(0),
@@ -297,7 +202,7 @@ async fn sigterm_with_nothing_in_flight_exits_long_before_the_grace_period() {
     drop(channel);
     broker.signal("TERM");
     let (status, took) = broker.wait_exit(EXIT_DEADLINE).await;
-    let log = broker.take_stderr().await;
+    let log = broker.stderr().await;
     assert_eq!(status.code(), Some(0), "{status}:\n{log}");
     assert!(
         took < Duration::from_secs(30),
