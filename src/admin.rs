@@ -12,6 +12,64 @@ use crate::error::Error;
 use crate::pb;
 use crate::pb::proxy_broker_admin_server::ProxyBrokerAdmin;
 
+/// Largest `ListCache` page.
+pub const MAX_PAGE_SIZE: usize = 1000;
+
+/// `ListCache` page tokens: the last key of the previous page, as hex of its JSON form (opaque to
+/// callers; checked on the way back in).
+mod page_token {
+    use crate::cache::{CacheKey, ConnectionTypeKey};
+
+    pub fn encode(key: &CacheKey) -> String {
+        let kind = match key.connection_type {
+            ConnectionTypeKey::Http => "http",
+            ConnectionTypeKey::Websocket => "websocket",
+        };
+        let json = serde_json::json!([key.exchange, kind, key.region]).to_string();
+        json.bytes().map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub fn decode(token: &str) -> Option<CacheKey> {
+        if token.len() % 2 != 0 || token.len() > 1024 {
+            return None;
+        }
+        let bytes: Vec<u8> = (0..token.len())
+            .step_by(2)
+            .map(|i| token.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+            .collect::<Option<_>>()?;
+        let (exchange, kind, region): (String, String, Option<String>) =
+            serde_json::from_slice(&bytes).ok()?;
+        let connection_type = match kind.as_str() {
+            "http" => ConnectionTypeKey::Http,
+            "websocket" => ConnectionTypeKey::Websocket,
+            _ => return None,
+        };
+        Some(CacheKey {
+            exchange,
+            connection_type,
+            region,
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn tokens_round_trip_and_garbage_is_refused() {
+            let key = CacheKey {
+                exchange: "binance".into(),
+                connection_type: ConnectionTypeKey::Websocket,
+                region: Some("eu \"1\"".into()),
+            };
+            assert_eq!(decode(&encode(&key)), Some(key));
+            for bad in ["zz", "abc", "00", "5b5d", &"a".repeat(2000)] {
+                assert_eq!(decode(bad), None, "{bad}");
+            }
+        }
+    }
+}
+
 /// The operator-facing service.
 #[derive(Debug, Clone)]
 pub struct AdminService {
@@ -90,16 +148,37 @@ impl ProxyBrokerAdmin for AdminService {
         &self,
         request: Request<pb::ListCacheRequest>,
     ) -> Result<Response<pb::ListCacheResponse>, Status> {
-        let filter = request.into_inner().exchange_id.to_lowercase();
+        let request = request.into_inner();
+        let filter = request.exchange_id.to_lowercase();
+        let limit = match request.page_size {
+            0 => MAX_PAGE_SIZE,
+            n if n as usize > MAX_PAGE_SIZE => {
+                return Err(Error::invalid(
+                    "page_size",
+                    format!("is {n} (at most {MAX_PAGE_SIZE}; 0 means {MAX_PAGE_SIZE})"),
+                )
+                .into());
+            }
+            n => n as usize,
+        };
+        let after = match request.page_token.as_str() {
+            "" => None,
+            token => Some(
+                page_token::decode(token)
+                    .ok_or_else(|| Error::invalid("page_token", "is not a token this broker gave out"))?,
+            ),
+        };
         let Some(d) = self.broker.delegation() else {
             return Ok(Response::new(pb::ListCacheResponse::default()));
         };
         let now = d.cache.now();
-        let entries = d
-            .cache
-            .list()
+        let (page, more) = d.cache.list_page(&filter, after.as_ref(), limit);
+        let next_page_token = match page.last() {
+            Some((last, _)) if more => page_token::encode(last),
+            _ => String::new(),
+        };
+        let entries = page
             .into_iter()
-            .filter(|(k, _)| filter.is_empty() || k.exchange == filter)
             .map(|(k, c)| {
                 let expiry = if now < c.fresh_until {
                     i64::try_from((c.fresh_until - now).as_secs()).unwrap_or(i64::MAX)
@@ -114,14 +193,17 @@ impl ProxyBrokerAdmin for AdminService {
                     }
                     .into(),
                     region: k.region.unwrap_or_default(),
-                    proxy_url: redact_url(&c.answer.proxy_url),
+                    proxy_url: redact_url(c.proxy_url()),
                     upstream_endpoint: c.endpoint.to_string(),
                     seconds_to_expiry: expiry,
                     stale: now >= c.fresh_until,
                 }
             })
             .collect();
-        Ok(Response::new(pb::ListCacheResponse { entries }))
+        Ok(Response::new(pb::ListCacheResponse {
+            entries,
+            next_page_token,
+        }))
     }
 
     async fn invalidate_cache(

@@ -1,8 +1,11 @@
 //! The decision: which proxy a feed gets.
 //!
 //! With `proxy.enabled` and `external_service.enabled`: fresh cache entry → upstreams (one call per
-//! key however many feeds ask at once) → stale cache entry (stale-if-error) → embedded
-//! configuration if `fallback_to_embedded`, else UNAVAILABLE listing each endpoint's failure.
+//! key however many feeds ask at once, on a task of its own under the broker's budget; each caller
+//! waits for it until its own deadline) → stale cache entry (stale-if-error) → embedded
+//! configuration if `fallback_to_embedded`, else UNAVAILABLE listing each endpoint's failure
+//! (RESOURCE_EXHAUSTED with a retry hint when the lookup could not even start because
+//! `upstream_max_in_flight_total` lookups were running).
 //! Otherwise the embedded configuration answers (DIRECT when it names no proxy). The rule is the
 //! same for HTTP and WebSocket.
 
@@ -10,28 +13,38 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use dashmap::DashMap;
 use proxy_broker_core::{EmbeddedResolver, Resolution};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::cache::{AnswerCache, CacheKey, Cached};
 use crate::clock::{Clock, SystemClock};
-use crate::coalesce::Coalescer;
 use crate::config::BrokerConfig;
 use crate::error::Error;
 use crate::feedback::{FeedbackQueue, Outgoing};
-use crate::json::{json_to_struct, json_to_value};
+use crate::flight::{Flights, Missed};
+use crate::json::json_to_value;
 use crate::metrics::Metrics;
 use crate::pb;
 use crate::request::{Feedback, Lookup};
-use crate::upstream::{Answer, Failure, Upstreams};
+use crate::upstream::{Budget, Failure, Upstreams};
 
-/// TTL handed out with a stale answer (at most; less when the stale window ends sooner).
-pub const STALE_ANSWER_TTL: u64 = 60;
+pub use crate::cache::STALE_ANSWER_TTL;
 
-/// The result of one coalesced upstream lookup, shared by every waiter: the entry, and whether
-/// it was already in the cache (filled by a flight that finished just before this one started).
+/// The result of one upstream lookup, shared by every waiter: the entry, and whether it was
+/// already in the cache (filled by a flight that finished just before this one started).
 type Fetched = Result<(Arc<Cached>, bool), Arc<Vec<Failure>>>;
+
+/// Most bytes of proxy URLs remembered for routing feedback to the endpoint that served them.
+const SERVED_BY_BYTES: u64 = 16 << 20;
+/// Most bytes of proxy URLs with failure counts (outlier detection).
+const FAILURE_COUNT_BYTES: u64 = 8 << 20;
+/// How long a failure count is kept without a new report.
+const FAILURE_COUNT_TTL: Duration = Duration::from_secs(3600);
+/// Upstream lookups in flight at once (until `upstream_max_in_flight_total` lands).
+const DEFAULT_FLIGHTS_TOTAL: usize = 1024;
+/// Retry hint sent when too many upstream lookups are in flight.
+const FLIGHTS_FULL_RETRY: Duration = Duration::from_secs(1);
 
 /// Upstream delegation state (present when `external_service` is on).
 #[derive(Debug)]
@@ -40,8 +53,13 @@ pub struct Delegation {
     pub upstreams: Arc<Upstreams>,
     /// Cached upstream answers.
     pub cache: AnswerCache,
-    coalescer: Coalescer<CacheKey, Fetched>,
-    /// Which endpoint handed out each proxy URL (for routing feedback).
+    flights: Arc<Flights<CacheKey, Fetched>>,
+    /// One permit per upstream lookup in flight (`upstream_max_in_flight_total`).
+    flight_permits: Arc<Semaphore>,
+    flight_permits_total: usize,
+    /// The budget of one detached lookup (the broker's own per-call limit).
+    flight_timeout: Duration,
+    /// Which endpoint handed out each proxy URL (for routing feedback); bounded in bytes.
     served_by: moka::sync::Cache<String, usize>,
     /// Feedback forwarding.
     pub feedback: FeedbackQueue,
@@ -56,8 +74,9 @@ pub struct Broker {
     state: ArcSwap<State>,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
-    /// Consecutive failure reports per proxy URL (outlier detection).
-    failures: DashMap<String, u32>,
+    /// Consecutive failure reports per proxy URL (outlier detection): bounded in bytes and
+    /// expiring, since the URLs come from callers.
+    failures: moka::sync::Cache<String, u32>,
 }
 
 /// Everything built from one configuration.
@@ -100,7 +119,11 @@ impl Broker {
             state: ArcSwap::from_pointee(state),
             clock,
             metrics,
-            failures: DashMap::new(),
+            failures: moka::sync::Cache::builder()
+                .weigher(|url: &String, _: &u32| weight(url))
+                .max_capacity(FAILURE_COUNT_BYTES)
+                .time_to_idle(FAILURE_COUNT_TTL)
+                .build(),
         })
     }
 
@@ -144,6 +167,12 @@ impl Broker {
                 || old.server.tls != config.server.tls
                 || old.server.max_message_bytes != config.server.max_message_bytes
                 || old.server.max_concurrent_requests != config.server.max_concurrent_requests
+                || old.server.max_concurrent_streams != config.server.max_concurrent_streams
+                || old.server.http2_keepalive_interval_seconds
+                    != config.server.http2_keepalive_interval_seconds
+                || old.server.http2_keepalive_timeout_seconds
+                    != config.server.http2_keepalive_timeout_seconds
+                || old.server.request_body_timeout_seconds != config.server.request_body_timeout_seconds
                 || old.server.request_timeout_seconds != config.server.request_timeout_seconds
                 || old.server.reflection != config.server.reflection,
         };
@@ -184,14 +213,15 @@ impl Broker {
         self.metrics.render()
     }
 
-    /// Answers one validated request within `budget` (the caller's deadline or the server's
-    /// per-call limit, whichever is earlier).
+    /// Answers one validated request, waiting for upstreams until `wait_until` at most (the
+    /// caller's deadline or the server's per-call limit, whichever is earlier, less a margin to
+    /// answer with a fallback). The upstream lookup itself is not bound by it.
     pub async fn request_proxy(
         &self,
         lookup: &Lookup,
-        budget: Option<crate::upstream::Budget>,
+        wait_until: Option<Instant>,
     ) -> Result<pb::ProxyResponse, Error> {
-        let state = self.state.load_full();
+        let state = self.state.load();
         let Some(d) = &state.delegation else {
             return Ok(state.embedded_answer(lookup));
         };
@@ -202,51 +232,78 @@ impl Broker {
         );
         if let Some(hit) = d.cache.fresh(&key) {
             self.metrics.cache_hits.inc();
-            return Ok(cached_answer(&hit, d.cache.now(), false));
+            return Ok(hit.fresh_response(d.cache.now()));
         }
-        let (fetched, led) = d
-            .coalescer
-            .run(&key, || async {
-                // Between this caller's cache miss and its joining the flight, another flight for
-                // the key may have filled the entry and finished: use it rather than ask again.
-                if let Some(hit) = d.cache.fresh(&key) {
-                    return Ok((hit, true));
-                }
-                match d.upstreams.request(lookup, budget).await {
-                    Ok((answer, index)) => {
-                        let endpoint = d.upstreams.endpoints()[index].name.clone();
-                        d.served_by.insert(answer.proxy_url.clone(), index);
-                        Ok((d.cache.insert(key.clone(), answer, endpoint), false))
-                    }
-                    Err(failures) => Err(Arc::new(failures)),
-                }
+        let ticket = d.flights.join(&key, || {
+            let permit = d.flight_permits.clone().try_acquire_owned().ok()?;
+            let (d, key, lookup) = (d.clone(), key.clone(), lookup.clone());
+            Some(async move {
+                let fetched = d.fetch(key, &lookup).await;
+                drop(permit);
+                fetched
             })
-            .await;
-        if !led {
-            self.metrics.coalesced.inc();
-        }
-        let failures = match fetched {
-            Ok((cached, false)) => return Ok(upstream_answer(&cached.answer, &cached.endpoint)),
-            Ok((hit, true)) => return Ok(cached_answer(&hit, d.cache.now(), false)),
-            Err(failures) => failures,
+        });
+        let failures: Arc<Vec<Failure>> = match ticket {
+            None => {
+                let limit = d.flight_permits_total;
+                if let Some(answer) = self.fallback(&state, d, &key, lookup, None) {
+                    return Ok(answer);
+                }
+                return Err(Error::ResourceExhausted {
+                    message: format!(
+                        "{limit} upstream lookups are in flight (proxy.external_service.upstream_max_in_flight_total) and fallback_to_embedded is false: retry shortly"
+                    ),
+                    retry_after: FLIGHTS_FULL_RETRY,
+                });
+            }
+            Some(ticket) => {
+                if !ticket.led {
+                    self.metrics.coalesced.inc();
+                }
+                match ticket.wait(wait_until).await {
+                    Ok(Ok((cached, false))) => return Ok(cached.upstream_response()),
+                    Ok(Ok((hit, true))) => return Ok(hit.fresh_response(d.cache.now())),
+                    Ok(Err(failures)) => failures,
+                    Err(Missed::Deadline) => Arc::new(vec![Failure {
+                        endpoint: Arc::from("*"),
+                        reason: "the caller's deadline came before the upstream lookup ended (it goes on and fills the cache)".into(),
+                    }]),
+                    Err(Missed::Lost) => Arc::new(vec![Failure {
+                        endpoint: Arc::from("*"),
+                        reason: "the upstream lookup ended without an answer".into(),
+                    }]),
+                }
+            }
         };
-        if let Some(stale) = d.cache.stale(&key) {
-            tracing::warn!(exchange = %key.exchange, "every upstream failed: serving a stale cached answer");
-            return Ok(cached_answer(&stale, d.cache.now(), true));
+        if let Some(answer) = self.fallback(&state, d, &key, lookup, Some(&failures)) {
+            return Ok(answer);
         }
-        let summary = failures
-            .iter()
-            .map(|f| format!("{}: {}", f.endpoint, f.reason))
-            .collect::<Vec<_>>()
-            .join("; ");
+        Err(Error::Unavailable(format!(
+            "every upstream proxy service failed and fallback_to_embedded is false: {}",
+            summarise(&failures)
+        )))
+    }
+
+    /// What a caller gets when upstreams did not answer: a stale entry, else the embedded
+    /// configuration when `fallback_to_embedded`, else nothing.
+    fn fallback(
+        &self,
+        state: &State,
+        d: &Delegation,
+        key: &CacheKey,
+        lookup: &Lookup,
+        failures: Option<&[Failure]>,
+    ) -> Option<pb::ProxyResponse> {
+        let why = failures.map_or_else(|| "too many upstream lookups in flight".to_owned(), summarise);
+        if let Some(stale) = d.cache.stale(key) {
+            tracing::warn!(exchange = %key.exchange, failures = %why, "no upstream answer: serving a stale cached answer");
+            return Some(stale.stale_response(d.cache.now()));
+        }
         if state.config.proxy.external_service.fallback_to_embedded {
-            tracing::warn!(failures = %summary, "every upstream failed: answering from the embedded configuration");
-            Ok(state.embedded_answer(lookup))
-        } else {
-            Err(Error::Unavailable(format!(
-                "every upstream proxy service failed and fallback_to_embedded is false: {summary}"
-            )))
+            tracing::warn!(exchange = %key.exchange, failures = %why, "no upstream answer: answering from the embedded configuration");
+            return Some(state.embedded_answer(lookup));
         }
+        None
     }
 
     /// Takes a validated feedback report: queues it for upstream, ends a `least_connections`
@@ -267,17 +324,19 @@ impl Broker {
         }
         let Some(url) = &feedback.proxy_url else { return };
         if feedback.success {
-            self.failures.remove(url);
+            self.failures.invalidate(url.as_str());
             return;
         }
         state.embedded.release(url);
         let ext = &state.config.proxy.external_service;
         let threshold = u32::try_from(ext.eject_after_failures).unwrap_or(3);
         let reached = {
-            let mut count = self.failures.entry(url.clone()).or_insert(0);
-            *count += 1;
-            if *count >= threshold {
-                *count = 0;
+            let counted = self
+                .failures
+                .entry_by_ref(url.as_str())
+                .and_upsert_with(|count| count.map_or(1, |c| c.into_value().saturating_add(1)));
+            if *counted.value() >= threshold {
+                self.failures.invalidate(url.as_str());
                 true
             } else {
                 false
@@ -385,16 +444,27 @@ fn build_state(
             Some(d) if d.built_from == built_from => Some(d.clone()),
             _ => {
                 let upstreams = Arc::new(Upstreams::new(ext, clock.clone(), metrics.clone())?);
+                let flights_total = DEFAULT_FLIGHTS_TOTAL;
                 Some(Arc::new(Delegation {
                     cache: AnswerCache::new(
                         ext.cache_max_entries.unsigned_abs(),
                         Duration::from_secs(ext.stale_if_error_seconds.unsigned_abs()),
                         clock.clone(),
                     ),
-                    coalescer: Coalescer::default(),
+                    flights: Arc::new(Flights::default()),
+                    flight_permits: Arc::new(Semaphore::new(flights_total)),
+                    flight_permits_total: flights_total,
+                    flight_timeout: {
+                        let limit = Duration::from_secs(config.server.request_timeout_seconds.unsigned_abs());
+                        limit - limit / 10
+                    },
                     served_by: moka::sync::Cache::builder()
-                        .max_capacity(100_000)
-                        .time_to_live(Duration::from_secs(7200))
+                        .weigher(|url: &String, _: &usize| weight(url))
+                        .max_capacity(SERVED_BY_BYTES)
+                        .time_to_live(
+                            crate::cache::MAX_TTL.mul_f64(1.1)
+                                + Duration::from_secs(ext.stale_if_error_seconds.unsigned_abs()),
+                        )
                         .build(),
                     feedback: FeedbackQueue::start(
                         upstreams.clone(),
@@ -417,32 +487,44 @@ fn build_state(
     })
 }
 
-fn upstream_answer(answer: &Answer, endpoint: &str) -> pb::ProxyResponse {
-    pb::ProxyResponse {
-        proxy_url: answer.proxy_url.clone(),
-        strategy: answer.strategy.clone(),
-        ttl_seconds: answer.ttl_seconds.min(crate::cache::MAX_TTL.as_secs() as u32),
-        fallback_policy: answer.fallback_policy.into(),
-        metadata: Some(json_to_struct(&answer.metadata)),
-        source: pb::ProxySource::Upstream.into(),
-        upstream_endpoint: endpoint.to_owned(),
+impl Delegation {
+    /// One upstream lookup for `key`, run on its own task: asks the endpoints under the broker's
+    /// own budget and caches the answer.
+    async fn fetch(&self, key: CacheKey, lookup: &Lookup) -> Fetched {
+        // Between a caller's cache miss and its starting this flight, another flight for the key
+        // may have filled the entry and finished: use it rather than ask again.
+        if let Some(hit) = self.cache.fresh(&key) {
+            return Ok((hit, true));
+        }
+        let budget = Budget {
+            until: Instant::now() + self.flight_timeout,
+            set_by_caller: false,
+        };
+        match self.upstreams.request(lookup, Some(budget)).await {
+            Ok((answer, index)) => {
+                let endpoint = self
+                    .upstreams
+                    .endpoints()
+                    .get(index)
+                    .map_or_else(|| Arc::from("?"), |e| e.name.clone());
+                self.served_by.insert(answer.proxy_url.clone(), index);
+                Ok((self.cache.insert(key, &answer, endpoint), false))
+            }
+            Err(failures) => Err(Arc::new(failures)),
+        }
     }
 }
 
-fn cached_answer(cached: &Cached, now: Instant, stale: bool) -> pb::ProxyResponse {
-    let mut response = upstream_answer(&cached.answer, &cached.endpoint);
-    response.source = pb::ProxySource::Cache.into();
-    // A stale answer is a stopgap: the feed should ask again soon, but not hammer the broker.
-    response.ttl_seconds = if stale {
-        let left = cached.stale_until.saturating_duration_since(now).as_secs();
-        u32::try_from(left.clamp(1, STALE_ANSWER_TTL)).unwrap_or(1)
-    } else {
-        // The entry may live up to 10 % past the answer's TTL (jitter); the feed is never told
-        // more than the upstream (or the 3600 s cap) allowed.
-        cached.remaining_ttl(now).min(response.ttl_seconds)
-    };
-    if let Some(m) = response.metadata.as_mut() {
-        m.fields.insert("stale".into(), json_to_value(&stale.into()));
-    }
-    response
+/// `endpoint: reason; ...` for logs and errors.
+fn summarise(failures: &[Failure]) -> String {
+    failures
+        .iter()
+        .map(|f| format!("{}: {}", f.endpoint, f.reason))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The weight of a URL-keyed entry in a byte-bounded map (the key, plus a little for the entry).
+fn weight(url: &str) -> u32 {
+    u32::try_from(url.len().saturating_add(64)).unwrap_or(u32::MAX)
 }

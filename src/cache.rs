@@ -5,12 +5,16 @@
 //!   had none), ±10 % jitter so entries written together do not expire together.
 //! - After expiry an entry is kept `stale_if_error_seconds` longer, to be served (marked stale)
 //!   only when every upstream fails.
-//! - Storage is moka (bounded by `cache_max_entries`, evicting least-recently-used entries and,
-//!   by its own clock, entries past any possible stale window). Freshness is decided by the
-//!   broker's [`Clock`] on every read.
+//! - Storage is moka (bounded by `cache_max_entries` with moka's LRU policy — set explicitly:
+//!   moka's default is TinyLFU — and, by its own clock, dropping entries past any possible stale
+//!   window). Freshness is decided by the broker's [`Clock`] on every read.
+//! - Each entry keeps its answer ready to send (built once when cached), so a hit is a clone.
+//! - Ejecting a proxy is O(1): entries holding the same proxy URL share a mark, which ejection
+//!   sets; marked entries are dropped on their next read.
 //! - Embedded answers are never cached: pools must keep rotating.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use proxy_broker_core::ConnectionType;
@@ -18,7 +22,12 @@ use rand::Rng;
 use tokio::time::Instant;
 
 use crate::clock::Clock;
+use crate::json::{json_to_struct, json_to_value};
+use crate::pb;
 use crate::upstream::Answer;
+
+/// TTL handed out with a stale answer (at most; less when the stale window ends sooner).
+pub const STALE_ANSWER_TTL: u64 = 60;
 
 /// Longest lifetime of a cached answer.
 pub const MAX_TTL: Duration = Duration::from_secs(3600);
@@ -63,17 +72,25 @@ impl CacheKey {
     }
 }
 
-/// One cached answer.
-#[derive(Debug, Clone)]
+/// One cached answer, kept ready to send.
+#[derive(Debug)]
 pub struct Cached {
-    /// The validated upstream answer.
-    pub answer: Answer,
+    /// The answer as a CACHE response (`metadata.stale` false), built once when it was cached.
+    pub response: pb::ProxyResponse,
     /// The endpoint that gave it.
     pub endpoint: Arc<str>,
     /// Served as fresh until then.
     pub fresh_until: Instant,
     /// Served as stale (upstreams failing) until then.
     pub stale_until: Instant,
+    /// Shared by every entry holding the same proxy URL; set when that proxy is ejected.
+    mark: Arc<ProxyMark>,
+}
+
+/// Whether the proxy of the entries that share it has been ejected.
+#[derive(Debug, Default)]
+struct ProxyMark {
+    ejected: AtomicBool,
 }
 
 impl Cached {
@@ -82,12 +99,55 @@ impl Cached {
         let left = self.fresh_until.saturating_duration_since(now);
         u32::try_from(left.as_secs() + u64::from(left.subsec_nanos() > 0)).unwrap_or(u32::MAX)
     }
+
+    /// The proxy URL handed out.
+    pub fn proxy_url(&self) -> &str {
+        &self.response.proxy_url
+    }
+
+    fn ejected(&self) -> bool {
+        self.mark.ejected.load(Ordering::Relaxed)
+    }
+
+    /// The CACHE answer at `now`: the TTL left (never more than the upstream allowed).
+    pub fn fresh_response(&self, now: Instant) -> pb::ProxyResponse {
+        let mut response = self.response.clone();
+        // The entry may live up to 10 % past the answer's TTL (jitter); the feed is never told
+        // more than the upstream (or the 3600 s cap) allowed.
+        response.ttl_seconds = self.remaining_ttl(now).min(response.ttl_seconds);
+        response
+    }
+
+    /// The UPSTREAM answer of the flight that fetched this entry.
+    pub fn upstream_response(&self) -> pb::ProxyResponse {
+        let mut response = self.response.clone();
+        response.source = pb::ProxySource::Upstream.into();
+        if let Some(m) = response.metadata.as_mut() {
+            m.fields.remove("stale");
+        }
+        response
+    }
+
+    /// A stale CACHE answer (every upstream failing): `metadata.stale` true and a short TTL, a
+    /// stopgap so the feed asks again soon, but does not hammer the broker.
+    pub fn stale_response(&self, now: Instant) -> pb::ProxyResponse {
+        let mut response = self.response.clone();
+        let left = self.stale_until.saturating_duration_since(now).as_secs();
+        response.ttl_seconds = u32::try_from(left.clamp(1, STALE_ANSWER_TTL)).unwrap_or(1);
+        if let Some(m) = response.metadata.as_mut() {
+            m.fields.insert("stale".into(), json_to_value(&true.into()));
+        }
+        response
+    }
 }
 
 /// The answer cache (see the module docs).
 #[derive(Debug)]
 pub struct AnswerCache {
     entries: moka::sync::Cache<CacheKey, Arc<Cached>>,
+    /// One mark per proxy URL currently cached, so that ejecting a proxy is O(1): its entries
+    /// are found through the shared mark on their next read, not by scanning the cache.
+    marks: moka::sync::Cache<String, Arc<ProxyMark>>,
     stale_window: Duration,
     clock: Arc<dyn Clock>,
 }
@@ -95,50 +155,81 @@ pub struct AnswerCache {
 impl AnswerCache {
     /// A cache holding at most `max_entries`, serving stale answers for `stale_window`.
     pub fn new(max_entries: u64, stale_window: Duration, clock: Arc<dyn Clock>) -> Self {
+        let lifetime = MAX_TTL.mul_f64(1.1) + stale_window + Duration::from_secs(60);
+        // LRU, as documented: moka's default (TinyLFU) would refuse new keys while the cache is
+        // full of keys asked for more often, so a new exchange could go uncached for a long time.
         let entries = moka::sync::Cache::builder()
             .max_capacity(max_entries)
-            .time_to_live(MAX_TTL.mul_f64(1.1) + stale_window + Duration::from_secs(60))
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .time_to_live(lifetime)
+            .build();
+        // A mark outlives no entry that uses it by more than the entries' own lifetime; twice the
+        // entry cap leaves room for marks whose entries have just expired.
+        let marks = moka::sync::Cache::builder()
+            .max_capacity(max_entries.saturating_mul(2))
+            .time_to_live(lifetime)
             .build();
         Self {
             entries,
+            marks,
             stale_window,
             clock,
         }
     }
 
+    /// The entry for `key` unless its proxy was ejected (then it is dropped).
+    fn get(&self, key: &CacheKey) -> Option<Arc<Cached>> {
+        let entry = self.entries.get(key)?;
+        if entry.ejected() {
+            self.entries.remove(key);
+            return None;
+        }
+        Some(entry)
+    }
+
     /// The fresh entry for `key`, if any.
     pub fn fresh(&self, key: &CacheKey) -> Option<Arc<Cached>> {
         let now = self.clock.now();
-        self.entries.get(key).filter(|c| now < c.fresh_until)
+        self.get(key).filter(|c| now < c.fresh_until)
     }
 
     /// An expired entry for `key` that is still inside the stale-if-error window.
     pub fn stale(&self, key: &CacheKey) -> Option<Arc<Cached>> {
         let now = self.clock.now();
-        self.entries
-            .get(key)
+        self.get(key)
             .filter(|c| now >= c.fresh_until && now < c.stale_until)
     }
 
     /// Stores `answer` from `endpoint`; its lifetime is its TTL (already defaulted and validated),
     /// capped at [`MAX_TTL`], with ±10 % jitter.
-    pub fn insert(&self, key: CacheKey, answer: Answer, endpoint: Arc<str>) -> Arc<Cached> {
+    pub fn insert(&self, key: CacheKey, answer: &Answer, endpoint: Arc<str>) -> Arc<Cached> {
         let ttl = Duration::from_secs(u64::from(answer.ttl_seconds)).min(MAX_TTL);
         let jittered = ttl.mul_f64(rand::rng().random_range(0.9..=1.1));
         let now = self.clock.now();
+        let mark = self
+            .marks
+            .get_with_by_ref(answer.proxy_url.as_str(), || Arc::new(ProxyMark::default()));
         let cached = Arc::new(Cached {
-            answer,
+            response: cached_response(answer, &endpoint),
             endpoint,
             fresh_until: now + jittered,
             stale_until: now + jittered + self.stale_window,
+            mark,
         });
         self.entries.insert(key, cached.clone());
         cached
     }
 
-    /// Drops every entry whose proxy is `proxy_url` (outlier ejection). Returns how many.
+    /// Drops every entry whose proxy is `proxy_url` (outlier ejection) without scanning the
+    /// cache: the entries share a mark, which is set, and each goes on its next read. Returns how
+    /// many entries held it.
     pub fn evict_proxy(&self, proxy_url: &str) -> usize {
-        self.remove_where(|_, c| c.answer.proxy_url == proxy_url)
+        let Some(mark) = self.marks.remove(proxy_url) else {
+            return 0;
+        };
+        mark.ejected.store(true, Ordering::Relaxed);
+        // Entries hold the other references (this one is ours).
+        Arc::strong_count(&mark).saturating_sub(1)
     }
 
     /// Drops the entries of one exchange (case-insensitive). Returns how many.
@@ -149,14 +240,17 @@ impl AnswerCache {
 
     /// Drops every entry. Returns how many.
     pub fn invalidate_all(&self) -> usize {
-        self.remove_where(|_, _| true)
+        let n = self.len();
+        self.entries.invalidate_all();
+        self.marks.invalidate_all();
+        n
     }
 
     fn remove_where(&self, pred: impl Fn(&CacheKey, &Cached) -> bool) -> usize {
         let doomed: Vec<Arc<CacheKey>> = self
             .entries
             .iter()
-            .filter(|(k, c)| pred(k, c))
+            .filter(|(k, c)| !c.ejected() && pred(k, c))
             .map(|(k, _)| k)
             .collect();
         doomed
@@ -165,17 +259,34 @@ impl AnswerCache {
             .count()
     }
 
-    /// Every entry still inside its stale window, sorted by key.
-    pub fn list(&self) -> Vec<(CacheKey, Arc<Cached>)> {
+    /// One page of the entries still inside their stale window, in key order: at most `limit`
+    /// entries of `exchange` (lower-cased; empty: all) whose key comes after `after`, and whether
+    /// more follow. O(entries) per page, without sorting the whole cache.
+    pub fn list_page(
+        &self,
+        exchange: &str,
+        after: Option<&CacheKey>,
+        limit: usize,
+    ) -> (Vec<(CacheKey, Arc<Cached>)>, bool) {
         let now = self.clock.now();
-        let mut all: Vec<_> = self
+        let mut page: Vec<_> = self
             .entries
             .iter()
-            .filter(|(_, c)| now < c.stale_until)
+            .filter(|(k, c)| {
+                now < c.stale_until
+                    && !c.ejected()
+                    && (exchange.is_empty() || k.exchange == exchange)
+                    && after.is_none_or(|a| k.as_ref() > a)
+            })
             .map(|(k, c)| (CacheKey::clone(&k), c))
             .collect();
-        all.sort_by(|a, b| a.0.cmp(&b.0));
-        all
+        let more = page.len() > limit;
+        if more {
+            page.select_nth_unstable_by(limit, |a, b| a.0.cmp(&b.0));
+            page.truncate(limit);
+        }
+        page.sort_by(|a, b| a.0.cmp(&b.0));
+        (page, more)
     }
 
     /// Entries held (fresh or stale).
@@ -192,5 +303,24 @@ impl AnswerCache {
     /// The broker's clock.
     pub fn now(&self) -> Instant {
         self.clock.now()
+    }
+}
+
+/// The CACHE response for `answer` from `endpoint`.
+fn cached_response(answer: &Answer, endpoint: &str) -> pb::ProxyResponse {
+    let mut metadata = json_to_struct(&answer.metadata);
+    metadata
+        .fields
+        .insert("stale".into(), json_to_value(&false.into()));
+    pb::ProxyResponse {
+        proxy_url: answer.proxy_url.clone(),
+        strategy: answer.strategy.clone(),
+        ttl_seconds: answer
+            .ttl_seconds
+            .min(u32::try_from(MAX_TTL.as_secs()).unwrap_or(u32::MAX)),
+        fallback_policy: answer.fallback_policy.into(),
+        metadata: Some(metadata),
+        source: pb::ProxySource::Cache.into(),
+        upstream_endpoint: endpoint.to_owned(),
     }
 }

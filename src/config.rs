@@ -50,8 +50,18 @@ pub struct ServerConfig {
     pub tls: Option<TlsConfig>,
     /// Largest request message accepted, 1024..=4194304 bytes.
     pub max_message_bytes: i64,
-    /// Calls handled at once; more are shed with RESOURCE_EXHAUSTED, 1..=100000.
+    /// Admin and reflection calls handled at once; more are shed with RESOURCE_EXHAUSTED,
+    /// 1..=100000. Feed calls are not counted (see `server::serve`): the work they cause is
+    /// bounded by `proxy.external_service.upstream_max_in_flight*` instead.
     pub max_concurrent_requests: i64,
+    /// HTTP/2 streams (calls) one connection may have open at once, 1..=10000.
+    pub max_concurrent_streams: i64,
+    /// HTTP/2 PING interval on idle connections, 0..=3600 seconds (0: no keepalive pings).
+    pub http2_keepalive_interval_seconds: i64,
+    /// How long a keepalive PING may go unanswered before the connection is closed, 1..=300 s.
+    pub http2_keepalive_timeout_seconds: i64,
+    /// How long a call's request message may take to arrive after its headers, 1..=300 seconds.
+    pub request_body_timeout_seconds: i64,
     /// Longest a call may take, 1..=300 seconds.
     pub request_timeout_seconds: i64,
     /// Watch the configuration file (and credential files) and apply valid changes.
@@ -98,6 +108,10 @@ impl Default for ServerConfig {
             tls: None,
             max_message_bytes: 65_536,
             max_concurrent_requests: 1024,
+            max_concurrent_streams: 256,
+            http2_keepalive_interval_seconds: 30,
+            http2_keepalive_timeout_seconds: 10,
+            request_body_timeout_seconds: 10,
             request_timeout_seconds: 30,
             reload: true,
         }
@@ -135,6 +149,29 @@ impl Validate for ServerConfig {
             1,
             100_000,
         );
+        for (key, value, min, max) in [
+            ("max_concurrent_streams", self.max_concurrent_streams, 1, 10_000),
+            (
+                "http2_keepalive_interval_seconds",
+                self.http2_keepalive_interval_seconds,
+                0,
+                3600,
+            ),
+            (
+                "http2_keepalive_timeout_seconds",
+                self.http2_keepalive_timeout_seconds,
+                1,
+                300,
+            ),
+            (
+                "request_body_timeout_seconds",
+                self.request_body_timeout_seconds,
+                1,
+                300,
+            ),
+        ] {
+            check_range(problems, format!("{path}.{key}"), value, min, max);
+        }
         check_range(
             problems,
             format!("{path}.request_timeout_seconds"),

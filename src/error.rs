@@ -1,6 +1,7 @@
 //! The broker's errors and the one table that maps them to gRPC status codes.
 
 use tonic::Status;
+use tonic_types::{ErrorDetails, StatusExt};
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -16,6 +17,14 @@ pub enum Error {
     /// Every upstream failed and falling back was not allowed.
     #[error("{0}")]
     Unavailable(String),
+    /// The broker is at a limit of its own; the caller may retry after `retry_after`.
+    #[error("{message}")]
+    ResourceExhausted {
+        /// Which limit, and what to do.
+        message: String,
+        /// When a retry may succeed (sent as `google.rpc.RetryInfo`).
+        retry_after: std::time::Duration,
+    },
 }
 
 impl Error {
@@ -34,6 +43,11 @@ impl From<Error> for Status {
         match error {
             Error::InvalidArgument { .. } => Status::invalid_argument(message),
             Error::Unavailable(_) => Status::unavailable(message),
+            Error::ResourceExhausted { retry_after, .. } => Status::with_error_details(
+                tonic::Code::ResourceExhausted,
+                message,
+                ErrorDetails::with_retry_info(Some(retry_after)),
+            ),
         }
     }
 }

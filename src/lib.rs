@@ -2,8 +2,8 @@
 //!
 //! Modules, one concern each: [`config`] (the configuration file), [`request`] (request
 //! validation), [`broker`] (the decision), [`upstream`] (HTTP client, endpoints, auth),
-//! [`breaker`] (per-endpoint circuit breakers), [`cache`] and [`coalesce`] (answer cache, single
-//! flight), [`feedback`] (background forwarding), [`service`] and [`admin`] (gRPC glue),
+//! [`breaker`] (per-endpoint circuit breakers), [`cache`] and [`flight`] (answer cache, detached
+//! single flight), [`feedback`] (background forwarding), [`service`] and [`admin`] (gRPC glue),
 //! [`server`] (wiring), [`clock`] (time source), [`json`] (Struct ↔ JSON), [`error`] (errors and
 //! their status codes), [`pb`] (generated code).
 
@@ -13,10 +13,10 @@ pub mod breaker;
 pub mod broker;
 pub mod cache;
 pub mod clock;
-pub mod coalesce;
 pub mod config;
 pub mod error;
 pub mod feedback;
+pub mod flight;
 pub mod json;
 pub mod limits;
 pub mod metrics;

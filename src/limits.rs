@@ -1,78 +1,220 @@
-//! Keeping health checks out of the load limits.
+//! Admission: what each kind of call is limited by.
 //!
-//! The limit stack (load shedding, concurrency limit, timeout) wraps the whole tonic router, so
-//! that its errors become gRPC statuses in one place. Health checks must not be shed, though:
-//! a liveness probe answered RESOURCE_EXHAUSTED would restart a pod exactly when it is busy.
-//! [`BypassLayer`] sends `/grpc.health.v1.Health/*` around the stack and everything else through it.
+//! Limits follow cost, not call counts:
+//! - **Health checks** (`/grpc.health.v1.Health/*`) skip every limit: a liveness probe answered
+//!   RESOURCE_EXHAUSTED would restart a pod exactly when it is busy.
+//! - **Feed calls** (`/proxybroker.v1.ProxyBroker/*`) are never shed. A cache hit or a caller that
+//!   joins an in-flight lookup costs almost nothing, and the reconnect storm the broker exists for
+//!   is exactly many such calls at once. What they can cost is bounded where it arises: upstream
+//!   lookups in flight (`upstream_max_in_flight`, per endpoint and overall, in `broker` and
+//!   `upstream`), feedback bytes queued (`feedback`), streams per connection and bytes buffered
+//!   per connection (HTTP/2 settings in `server`), and how long a request body may take to arrive
+//!   ([`BodyTimeoutLayer`]), so a stalled stream holds nothing shared.
+//! - **Everything else** (admin, reflection) goes through load shedding and the global
+//!   `max_concurrent_requests` limit: an admin listing can be expensive, and operators can retry.
+//!
+//! The same per-call timeout (`request_timeout_seconds`) applies to feed and other calls.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use tonic::body::Body;
 use tower::{BoxError, Layer, Service, ServiceExt};
 
 /// Path prefix of the calls that skip the limits.
 pub const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
+/// Path prefix of the feed calls, which are never shed.
+pub const FEED_PREFIX: &str = "/proxybroker.v1.ProxyBroker/";
 
-/// Applies `L` to every call except health checks.
+/// Sends each call through the stack for its kind (see the module docs).
 #[derive(Debug, Clone)]
-pub struct BypassLayer<L> {
-    limits: L,
+pub struct AdmissionLayer<F, O> {
+    feed: F,
+    other: O,
 }
 
-impl<L> BypassLayer<L> {
-    /// Wraps the limit stack `limits`.
-    pub fn new(limits: L) -> Self {
-        Self { limits }
+impl<F, O> AdmissionLayer<F, O> {
+    /// Feed calls go through `feed`, admin and reflection through `other`, health through neither.
+    pub fn new(feed: F, other: O) -> Self {
+        Self { feed, other }
     }
 }
 
-impl<S: Clone, L: Layer<S>> Layer<S> for BypassLayer<L> {
-    type Service = Bypass<S, L::Service>;
+impl<S: Clone, F: Layer<S>, O: Layer<S>> Layer<S> for AdmissionLayer<F, O> {
+    type Service = Admission<S, F::Service, O::Service>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Bypass {
+        Admission {
             plain: inner.clone(),
-            limited: self.limits.layer(inner),
+            feed: self.feed.layer(inner.clone()),
+            other: self.other.layer(inner),
         }
     }
 }
 
-/// See [`BypassLayer`].
+/// See [`AdmissionLayer`].
 #[derive(Debug, Clone)]
-pub struct Bypass<S, T> {
+pub struct Admission<S, F, O> {
     plain: S,
-    limited: T,
+    feed: F,
+    other: O,
 }
 
-impl<S, T, B, R> Service<http::Request<B>> for Bypass<S, T>
+type BoxFuture<R> = Pin<Box<dyn Future<Output = Result<R, BoxError>> + Send>>;
+
+fn route<T, B, R>(service: &T, request: http::Request<B>) -> BoxFuture<R>
 where
-    S: Service<http::Request<B>, Response = R> + Clone + Send + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
     T: Service<http::Request<B>, Response = R> + Clone + Send + 'static,
     T::Error: Into<BoxError>,
     T::Future: Send + 'static,
     B: Send + 'static,
     R: 'static,
 {
+    let service = service.clone();
+    Box::pin(async move { service.oneshot(request).await.map_err(Into::into) })
+}
+
+impl<S, F, O, B, R> Service<http::Request<B>> for Admission<S, F, O>
+where
+    S: Service<http::Request<B>, Response = R> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    F: Service<http::Request<B>, Response = R> + Clone + Send + 'static,
+    F::Error: Into<BoxError>,
+    F::Future: Send + 'static,
+    O: Service<http::Request<B>, Response = R> + Clone + Send + 'static,
+    O::Error: Into<BoxError>,
+    O::Future: Send + 'static,
+    B: Send + 'static,
+    R: 'static,
+{
     type Response = R;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<R, BoxError>> + Send>>;
+    type Future = BoxFuture<R>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // Readiness is decided per call below (on a clone), because which side serves the call
-        // depends on its path; the limited side sheds load itself when it is not ready.
+        // Readiness is decided per call below (on a clone), because which stack serves the call
+        // depends on its path; the shedding stack refuses by itself when it is not ready.
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if request.uri().path().starts_with(HEALTH_PREFIX) {
-            let plain = self.plain.clone();
-            Box::pin(async move { plain.oneshot(request).await.map_err(Into::into) })
+        let path = request.uri().path();
+        if path.starts_with(HEALTH_PREFIX) {
+            route(&self.plain, request)
+        } else if path.starts_with(FEED_PREFIX) {
+            route(&self.feed, request)
         } else {
-            let limited = self.limited.clone();
-            Box::pin(async move { limited.oneshot(request).await.map_err(Into::into) })
+            route(&self.other, request)
         }
+    }
+}
+
+/// Fails a call whose request body has not fully arrived within `timeout` of its headers, so a
+/// stream that sends headers and never a body ends instead of waiting for the call timeout.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyTimeoutLayer {
+    timeout: Duration,
+}
+
+impl BodyTimeoutLayer {
+    /// Request bodies must arrive within `timeout`.
+    pub fn new(timeout: Duration) -> Self {
+        Self { timeout }
+    }
+}
+
+impl<S> Layer<S> for BodyTimeoutLayer {
+    type Service = BodyTimeout<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        BodyTimeout {
+            inner,
+            timeout: self.timeout,
+        }
+    }
+}
+
+/// See [`BodyTimeoutLayer`].
+#[derive(Debug, Clone)]
+pub struct BodyTimeout<S> {
+    inner: S,
+    timeout: Duration,
+}
+
+impl<S> Service<http::Request<Body>> for BodyTimeout<S>
+where
+    S: Service<http::Request<Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        self.inner
+            .call(request.map(|body| Body::new(TimedBody::new(body, deadline))))
+    }
+}
+
+/// A request body that fails once its deadline passes before its end.
+struct TimedBody {
+    inner: Body,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    ended: bool,
+}
+
+impl TimedBody {
+    fn new(inner: Body, deadline: tokio::time::Instant) -> Self {
+        Self {
+            inner,
+            sleep: Box::pin(tokio::time::sleep_until(deadline)),
+            ended: false,
+        }
+    }
+}
+
+impl HttpBody for TimedBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(None) => {
+                this.ended = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(frame)) => Poll::Ready(Some(frame)),
+            Poll::Pending if this.ended => Poll::Pending,
+            Poll::Pending => match this.sleep.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    this.ended = true;
+                    Poll::Ready(Some(Err(tonic::Status::cancelled(
+                        "the request message did not arrive within server.request_body_timeout_seconds",
+                    ))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

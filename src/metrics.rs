@@ -6,15 +6,20 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
@@ -31,9 +36,9 @@ fn duration_histogram() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     /// `proxy_broker_requests_total{source,connection_type,code}`.
-    pub requests: Family<Labels, Counter>,
-    /// `proxy_broker_request_duration_seconds`.
-    pub request_duration: Histogram,
+    pub requests: RequestCounters,
+    /// `proxy_broker_request_duration_seconds` (lock-free: observed on every call).
+    pub request_duration: Arc<AtomicHistogram>,
     /// `proxy_broker_upstream_requests_total{endpoint,outcome}`.
     pub upstream_requests: Family<Labels, Counter>,
     /// `proxy_broker_upstream_duration_seconds{endpoint}`.
@@ -67,8 +72,8 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let m = Self {
-            requests: Family::default(),
-            request_duration: duration_histogram(),
+            requests: RequestCounters::new(Family::default()),
+            request_duration: Arc::new(AtomicHistogram::durations()),
             upstream_requests: Family::default(),
             upstream_duration: Family::new_with_constructor(duration_histogram),
             circuit_state: Family::default(),
@@ -84,12 +89,12 @@ impl Metrics {
         registry.register(
             "proxy_broker_requests",
             "RequestProxy calls by answer source, connection type and gRPC code",
-            m.requests.clone(),
+            m.requests.family.clone(),
         );
         registry.register(
             "proxy_broker_request_duration_seconds",
             "RequestProxy latency",
-            m.request_duration.clone(),
+            RequestDuration(m.request_duration.clone()),
         );
         registry.register(
             "proxy_broker_upstream_requests",
@@ -164,6 +169,26 @@ impl Metrics {
     }
 }
 
+/// The wait after a failed accept: 10 ms doubling to 1 s, back to 10 ms after a success.
+#[derive(Debug, Default)]
+pub struct AcceptBackoff {
+    failures: u32,
+}
+
+impl AcceptBackoff {
+    /// The wait before the next attempt (and one more failure counted).
+    pub fn next(&mut self) -> Duration {
+        let wait = Duration::from_millis(10u64 << self.failures.min(7)).min(Duration::from_secs(1));
+        self.failures = self.failures.saturating_add(1);
+        wait
+    }
+
+    /// An accept worked.
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
 /// Serves `GET /metrics` on `listener` until `shutdown` completes; `render` produces the text
 /// (it refreshes gauges from live state first).
 pub async fn serve_metrics<R>(listener: TcpListener, render: R, shutdown: impl Future<Output = ()>)
@@ -171,13 +196,23 @@ where
     R: Fn() -> String + Clone + Send + Sync + 'static,
 {
     tokio::pin!(shutdown);
+    let mut backoff = AcceptBackoff::default();
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok(a) => {
+                    backoff.reset();
+                    a
+                }
                 Err(error) => {
-                    tracing::warn!(%error, "metrics listener accept failed");
-                    continue;
+                    // Out of file descriptors (EMFILE) and the like fail again at once: wait
+                    // before the next accept instead of spinning on a core and flooding the log.
+                    let wait = backoff.next();
+                    tracing::warn!(%error, retry_in_ms = wait.as_millis(), "metrics listener accept failed");
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => continue,
+                        () = &mut shutdown => return,
+                    }
                 }
             },
             () = &mut shutdown => return,
@@ -210,5 +245,221 @@ where
                 tracing::debug!(%error, "metrics connection ended with an error");
             }
         });
+    }
+}
+
+/// Bucket bounds of [`AtomicHistogram::durations`]: 0.5 ms doubling to ~16 s (as the other
+/// duration histograms).
+const DURATION_BUCKETS: usize = 16;
+
+/// A histogram observed without a lock: one atomic counter per bucket and atomic sum and count.
+///
+/// prometheus-client's own `Histogram` takes a mutex per observation, shared by every request of
+/// the process; on the cache-hit path that lock was measurable. This is what the hot path uses;
+/// the rarely observed upstream histograms keep prometheus-client's type. Rendering reads the
+/// atomics one by one, so a scrape concurrent with observations may see a count one ahead of a
+/// bucket, which Prometheus tolerates (the same holds for most client libraries).
+#[derive(Debug)]
+pub struct AtomicHistogram {
+    bounds: [f64; DURATION_BUCKETS],
+    buckets: [AtomicU64; DURATION_BUCKETS + 1],
+    count: AtomicU64,
+    /// The sum in nanoseconds (exact, no float CAS loop).
+    sum_nanos: AtomicU64,
+}
+
+impl AtomicHistogram {
+    /// Request durations: 0.5 ms .. ~16 s, doubling.
+    pub fn durations() -> Self {
+        let mut bounds = [0.0; DURATION_BUCKETS];
+        let mut b = 0.0005;
+        for slot in &mut bounds {
+            *slot = b;
+            b *= 2.0;
+        }
+        Self {
+            bounds,
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            count: AtomicU64::new(0),
+            sum_nanos: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one duration.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = self
+            .bounds
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(DURATION_BUCKETS);
+        if let Some(bucket) = self.buckets.get(i) {
+            bucket.fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+impl TypedMetric for AtomicHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for AtomicHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        // Per-bucket counts: the encoder accumulates them itself.
+        let mut count = 0;
+        let mut buckets = Vec::with_capacity(DURATION_BUCKETS + 1);
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            let n = bucket.load(Ordering::Relaxed);
+            count += n;
+            let bound = self.bounds.get(i).copied().unwrap_or(f64::INFINITY);
+            buckets.push((bound, n));
+        }
+        let sum = Duration::from_nanos(self.sum_nanos.load(Ordering::Relaxed)).as_secs_f64();
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// The registry's handle on the shared [`AtomicHistogram`].
+#[derive(Debug)]
+struct RequestDuration(Arc<AtomicHistogram>);
+
+impl EncodeMetric for RequestDuration {
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// `proxy_broker_requests_total` counters resolved once per label set, so that counting a call
+/// allocates nothing and takes no lock after the first call with that label set.
+#[derive(Debug)]
+pub struct RequestCounters {
+    family: Family<Labels, Counter>,
+    slots: Vec<OnceLock<Counter>>,
+}
+
+/// `source` label values, in slot order.
+pub const SOURCES: [&str; 6] = ["upstream", "cache", "embedded", "direct", "unspecified", "none"];
+/// `connection_type` label values, in slot order.
+pub const CONNECTION_TYPES: [&str; 3] = ["http", "websocket", "invalid"];
+/// `code` label values (gRPC codes 0..=16, `ok` for 0), in slot order.
+pub const CODES: [&str; 17] = [
+    "ok",
+    "cancelled",
+    "unknown",
+    "invalid_argument",
+    "deadline_exceeded",
+    "not_found",
+    "already_exists",
+    "permission_denied",
+    "resource_exhausted",
+    "failed_precondition",
+    "aborted",
+    "out_of_range",
+    "unimplemented",
+    "internal",
+    "unavailable",
+    "data_loss",
+    "unauthenticated",
+];
+
+impl RequestCounters {
+    fn new(family: Family<Labels, Counter>) -> Self {
+        let n = SOURCES.len() * CONNECTION_TYPES.len() * CODES.len();
+        Self {
+            family,
+            slots: (0..n).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    /// The counter for (`source`, `connection_type`, `code`), each an index into [`SOURCES`],
+    /// [`CONNECTION_TYPES`] and [`CODES`] (out-of-range indexes count under the last value).
+    pub fn get(&self, source: usize, connection_type: usize, code: usize) -> &Counter {
+        let s = source.min(SOURCES.len() - 1);
+        let t = connection_type.min(CONNECTION_TYPES.len() - 1);
+        let c = code.min(CODES.len() - 1);
+        let i = (s * CONNECTION_TYPES.len() + t) * CODES.len() + c;
+        // `i` is in range by construction; the fallback slot only keeps this total.
+        let slot = self.slots.get(i).or_else(|| self.slots.last());
+        match slot {
+            Some(slot) => slot.get_or_init(|| {
+                self.family
+                    .get_or_create(&vec![
+                        ("source", SOURCES[s].to_owned()),
+                        ("connection_type", CONNECTION_TYPES[t].to_owned()),
+                        ("code", CODES[c].to_owned()),
+                    ])
+                    .clone()
+            }),
+            None => unreachable_counter(),
+        }
+    }
+}
+
+fn unreachable_counter() -> &'static Counter {
+    static SPARE: OnceLock<Counter> = OnceLock::new();
+    SPARE.get_or_init(Counter::default)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_backoff_doubles_to_a_second_and_resets() {
+        let mut b = AcceptBackoff::default();
+        let waits: Vec<u128> = (0..10).map(|_| b.next().as_millis()).collect();
+        assert_eq!(waits, [10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000]);
+        b.reset();
+        assert_eq!(b.next().as_millis(), 10);
+    }
+
+    #[test]
+    fn the_atomic_histogram_renders_cumulative_buckets_sum_and_count() {
+        let h = AtomicHistogram::durations();
+        h.observe(Duration::from_micros(100));
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(100));
+        assert_eq!(h.count(), 3);
+        let mut registry = Registry::default();
+        registry.register("d", "durations", RequestDuration(Arc::new(h)));
+        let mut out = String::new();
+        encode(&mut out, &registry).unwrap();
+        assert!(out.contains("d_bucket{le=\"0.0005\"} 1"), "{out}");
+        assert!(out.contains("d_bucket{le=\"0.004\"} 2"), "{out}");
+        assert!(out.contains("d_bucket{le=\"+Inf\"} 3"), "{out}");
+        assert!(out.contains("d_count 3"), "{out}");
+        assert!(out.contains("d_sum 100.0031"), "{out}");
+    }
+
+    #[test]
+    fn request_counters_are_resolved_once_per_label_set() {
+        let m = Metrics::new();
+        m.requests.get(1, 1, 0).inc();
+        m.requests.get(1, 1, 0).inc();
+        m.requests.get(5, 0, 3).inc();
+        let out = m.render();
+        assert!(
+            out.contains(
+                "proxy_broker_requests_total{source=\"cache\",connection_type=\"websocket\",code=\"ok\"} 2"
+            ),
+            "{out}"
+        );
+        assert!(out.contains("code=\"invalid_argument\""), "{out}");
     }
 }

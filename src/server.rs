@@ -31,6 +31,12 @@ pub const SERVICE_NAMES: &[&str] = &[
     "grpc.reflection.v1alpha.ServerReflection",
 ];
 
+/// HTTP/2 flow-control window per stream: a request message is at most `max_message_bytes`
+/// (64 KiB by default), so this is what one stream may have in flight.
+const STREAM_WINDOW: u32 = 64 * 1024;
+/// HTTP/2 flow-control window per connection: what one connection can make the broker buffer.
+const CONNECTION_WINDOW: u32 = 1024 * 1024;
+
 /// Why the server could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -112,30 +118,51 @@ pub async fn serve(
         }
     };
 
-    // The one middleware stack, outermost first. Errors it raises become gRPC statuses in tonic
-    // (`Overloaded` → RESOURCE_EXHAUSTED; our timeout maps to DEADLINE_EXCEEDED).
-    let stack = ServiceBuilder::new()
-        // Refuse at once rather than queue when the broker is saturated: a feed can retry or fall
-        // back locally, and queued work would only add latency for everyone.
+    // The middleware stacks, outermost first (see `limits` for why feed calls are never shed).
+    // Errors they raise become gRPC statuses in tonic (`Overloaded` → RESOURCE_EXHAUSTED; our
+    // timeout maps to DEADLINE_EXCEEDED).
+    let call_timeout = Duration::from_secs(server_cfg.request_timeout_seconds.unsigned_abs());
+    let body_timeout = Duration::from_secs(server_cfg.request_body_timeout_seconds.unsigned_abs());
+    let feed_stack = ServiceBuilder::new()
+        // No call runs longer than `request_timeout_seconds` (streams: only until headers).
+        .map_err(map_timeout)
+        .timeout(call_timeout)
+        // A stream that sends headers and never its message ends after `request_body_timeout_seconds`.
+        .layer(crate::limits::BodyTimeoutLayer::new(body_timeout))
+        .into_inner();
+    let other_stack = ServiceBuilder::new()
+        // Refuse at once rather than queue when the broker is saturated: an operator can retry,
+        // and queued work would only add latency for everyone.
         .load_shed()
-        // At most `max_concurrent_requests` calls in flight across all connections.
+        // At most `max_concurrent_requests` admin and reflection calls in flight.
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
             usize::try_from(server_cfg.max_concurrent_requests).unwrap_or(1024),
         ))
-        // No call runs longer than `request_timeout_seconds` (streams: only until headers).
         .map_err(map_timeout)
-        .timeout(Duration::from_secs(
-            server_cfg.request_timeout_seconds.unsigned_abs(),
-        ))
+        .timeout(call_timeout)
+        .layer(crate::limits::BodyTimeoutLayer::new(body_timeout))
         .into_inner();
 
-    let mut builder = Server::builder();
+    // Per connection: a bounded number of streams, and flow-control windows that bound the bytes
+    // one connection can make the broker buffer (64 KiB per stream, 1 MiB per connection).
+    let mut builder = Server::builder()
+        .max_concurrent_streams(u32::try_from(server_cfg.max_concurrent_streams).unwrap_or(256))
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .http2_keepalive_interval(
+            (server_cfg.http2_keepalive_interval_seconds > 0)
+                .then(|| Duration::from_secs(server_cfg.http2_keepalive_interval_seconds.unsigned_abs())),
+        )
+        .http2_keepalive_timeout(Some(Duration::from_secs(
+            server_cfg.http2_keepalive_timeout_seconds.unsigned_abs(),
+        )))
+        .tcp_nodelay(true);
     if let Some(tls) = &server_cfg.tls {
         builder = builder.tls_config(tls_config(tls)?)?;
     }
     let mut router = builder
-        // Health checks skip the limits (see `limits`): probes must not be shed.
-        .layer(crate::limits::BypassLayer::new(stack))
+        // Health checks skip the limits, feed calls are never shed (see `limits`).
+        .layer(crate::limits::AdmissionLayer::new(feed_stack, other_stack))
         // Health stays open so that probes work whatever the auth settings.
         .add_service(health_service)
         .add_service(InterceptedService::new(

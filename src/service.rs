@@ -9,7 +9,6 @@ use crate::broker::Broker;
 use crate::pb;
 use crate::pb::proxy_broker_server::ProxyBroker;
 use crate::request::{Feedback, Lookup};
-use crate::upstream::Budget;
 
 /// The feed-facing service.
 #[derive(Debug, Clone)]
@@ -36,52 +35,35 @@ impl ProxyBroker for BrokerService {
         request: Request<pb::ProxyRequest>,
     ) -> Result<Response<pb::ProxyResponse>, Status> {
         let started = std::time::Instant::now();
-        // The earlier of the caller's deadline and the server's own per-call limit, so that a slow
-        // upstream leaves time to answer with the fallback instead of DEADLINE_EXCEEDED.
+        // How long this caller waits for upstreams: the earlier of its deadline and the server's
+        // own per-call limit, less a margin to answer with the fallback instead of
+        // DEADLINE_EXCEEDED. The upstream lookup itself runs under the server's budget.
         let server_deadline = deadline_after(self.call_timeout);
-        let budget = Some(match grpc_deadline(request.metadata()) {
-            Some(caller) if caller < server_deadline => Budget {
-                until: caller,
-                set_by_caller: true,
-            },
-            _ => Budget {
-                until: server_deadline,
-                set_by_caller: false,
-            },
-        });
-        let connection_type = connection_type_label(request.get_ref().connection_type);
-        let span = tracing::info_span!(
-            "RequestProxy",
-            otel.kind = "server",
-            rpc.system = "grpc",
-            rpc.service = "proxybroker.v1.ProxyBroker",
-            rpc.method = "RequestProxy",
-            exchange = %request.get_ref().exchange_id,
-            connection_type,
-            region = request.get_ref().region.as_deref().unwrap_or(""),
-            source = tracing::field::Empty,
-            upstream_endpoint = tracing::field::Empty,
-            cache_hit = tracing::field::Empty,
-            outcome = tracing::field::Empty,
-        );
-        crate::telemetry::adopt_remote_parent(&span, request.metadata());
+        let wait_until = match grpc_deadline(request.metadata()) {
+            Some(caller) if caller < server_deadline => caller,
+            _ => server_deadline,
+        };
+        let connection_type = request.get_ref().connection_type;
+        let span = rpc_span(&request);
         let req = request.into_inner();
         let result = async move {
             let result = async {
                 let lookup = Lookup::try_from(req)?;
-                self.broker.request_proxy(&lookup, budget).await
+                self.broker.request_proxy(&lookup, Some(wait_until)).await
             }
             .await;
             let span = tracing::Span::current();
-            match &result {
-                Ok(answer) => {
-                    span.record("source", source_label(answer.source()));
-                    span.record("upstream_endpoint", answer.upstream_endpoint.as_str());
-                    span.record("cache_hit", answer.source() == pb::ProxySource::Cache);
-                    span.record("outcome", "ok");
-                }
-                Err(e) => {
-                    span.record("outcome", tracing::field::display(e));
+            if !span.is_disabled() {
+                match &result {
+                    Ok(answer) => {
+                        span.record("source", source_label(answer.source()));
+                        span.record("upstream_endpoint", answer.upstream_endpoint.as_str());
+                        span.record("cache_hit", answer.source() == pb::ProxySource::Cache);
+                        span.record("outcome", "ok");
+                    }
+                    Err(e) => {
+                        span.record("outcome", tracing::field::display(e));
+                    }
                 }
             }
             tracing::debug!("answered");
@@ -89,20 +71,17 @@ impl ProxyBroker for BrokerService {
         }
         .instrument(span)
         .await;
+        // Counters resolved once per label set and a lock-free histogram: nothing allocated here.
         let metrics = self.broker.metrics();
         let (source, code) = match &result {
-            Ok(answer) => (source_label(answer.source()), "ok".to_owned()),
-            Err(status) => ("none", code_label(status.code())),
+            Ok(answer) => (source_index(answer.source()), 0),
+            Err(status) => (crate::metrics::SOURCES.len() - 1, status.code() as usize),
         };
         metrics
             .requests
-            .get_or_create(&vec![
-                ("source", source.to_owned()),
-                ("connection_type", connection_type.to_owned()),
-                ("code", code),
-            ])
+            .get(source, connection_type_index(connection_type), code)
             .inc();
-        metrics.request_duration.observe(started.elapsed().as_secs_f64());
+        metrics.request_duration.observe(started.elapsed());
         result.map(Response::new)
     }
 
@@ -122,35 +101,61 @@ impl ProxyBroker for BrokerService {
     }
 }
 
+/// The RPC's span, only when someone listens: OTLP export is on, or the `proxy_broker::rpc`
+/// target is enabled at DEBUG (e.g. `RUST_LOG=proxy_broker=debug`). Otherwise it is
+/// `Span::none()`, and building it costs nothing on the cache-hit path.
+fn rpc_span(request: &Request<pb::ProxyRequest>) -> tracing::Span {
+    if !crate::telemetry::rpc_spans_wanted()
+        && !tracing::enabled!(target: "proxy_broker::rpc", tracing::Level::DEBUG)
+    {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        target: "proxy_broker::rpc",
+        "RequestProxy",
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = "proxybroker.v1.ProxyBroker",
+        rpc.method = "RequestProxy",
+        exchange = %request.get_ref().exchange_id,
+        connection_type = connection_type_label(request.get_ref().connection_type),
+        region = request.get_ref().region.as_deref().unwrap_or(""),
+        source = tracing::field::Empty,
+        upstream_endpoint = tracing::field::Empty,
+        cache_hit = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+    );
+    crate::telemetry::adopt_remote_parent(&span, request.metadata());
+    span
+}
+
 /// `source` label values: lower case.
 fn source_label(source: pb::ProxySource) -> &'static str {
+    crate::metrics::SOURCES[source_index(source)]
+}
+
+/// Index of `source` in [`crate::metrics::SOURCES`].
+fn source_index(source: pb::ProxySource) -> usize {
     match source {
-        pb::ProxySource::Upstream => "upstream",
-        pb::ProxySource::Cache => "cache",
-        pb::ProxySource::Embedded => "embedded",
-        pb::ProxySource::Direct => "direct",
-        pb::ProxySource::Unspecified => "unspecified",
+        pb::ProxySource::Upstream => 0,
+        pb::ProxySource::Cache => 1,
+        pb::ProxySource::Embedded => 2,
+        pb::ProxySource::Direct => 3,
+        pb::ProxySource::Unspecified => 4,
     }
 }
 
 fn connection_type_label(raw: i32) -> &'static str {
-    match pb::ConnectionType::try_from(raw) {
-        Ok(pb::ConnectionType::Http) => "http",
-        Ok(pb::ConnectionType::Websocket) => "websocket",
-        _ => "invalid",
-    }
+    crate::metrics::CONNECTION_TYPES[connection_type_index(raw)]
 }
 
-/// gRPC code as a snake_case label (`invalid_argument`, `unavailable`, ...).
-fn code_label(code: tonic::Code) -> String {
-    let mut out = String::new();
-    for (i, c) in format!("{code:?}").chars().enumerate() {
-        if c.is_ascii_uppercase() && i > 0 {
-            out.push('_');
-        }
-        out.push(c.to_ascii_lowercase());
+/// Index of a raw connection type in [`crate::metrics::CONNECTION_TYPES`].
+fn connection_type_index(raw: i32) -> usize {
+    match pb::ConnectionType::try_from(raw) {
+        Ok(pb::ConnectionType::Http) => 0,
+        Ok(pb::ConnectionType::Websocket) => 1,
+        _ => 2,
     }
-    out
 }
 
 /// The caller's deadline from the `grpc-timeout` header, less 10 % kept to answer with a fallback.

@@ -16,6 +16,20 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
+/// Whether RPC spans are exported (set once by [`init`] when OTLP export starts).
+static RPC_SPANS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether per-RPC spans have a listener that wants them (OTLP export). Logs alone do not: their
+/// lines carry their own fields, and a span per cache hit would cost more than the hit.
+pub fn rpc_spans_wanted() -> bool {
+    RPC_SPANS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Turns per-RPC spans on or off (for embedding the broker with a subscriber of one's own).
+pub fn set_rpc_spans(on: bool) {
+    RPC_SPANS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Keeps the trace exporter alive; [`Telemetry::shutdown`] flushes it.
 #[derive(Debug, Default)]
 pub struct Telemetry {
@@ -64,6 +78,7 @@ pub fn init() -> Telemetry {
     } else {
         (None, None)
     };
+    set_rpc_spans(provider.is_some());
     let otel_layer = provider
         .as_ref()
         .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("proxy-broker")));

@@ -830,9 +830,7 @@ async fn admin_rpcs_report_delegation_off_and_an_empty_cache_when_upstreams_are_
     assert!(!upstreams.delegation_enabled);
     assert!(upstreams.upstreams.is_empty());
     let cache = admin
-        .list_cache(ListCacheRequest {
-            exchange_id: String::new(),
-        })
+        .list_cache(ListCacheRequest::default())
         .await
         .unwrap()
         .into_inner();

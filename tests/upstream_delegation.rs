@@ -1008,6 +1008,7 @@ async fn list_cache_shows_key_redacted_proxy_url_endpoint_and_expiry() {
     let mut admin = b.admin();
     let only = |id: &str| ListCacheRequest {
         exchange_id: id.into(),
+        ..Default::default()
     };
     let kraken = admin
         .list_cache(only("KRAKEN"))
