@@ -30,7 +30,7 @@ mod page_token {
     }
 
     pub fn decode(token: &str) -> Option<CacheKey> {
-        if token.len() % 2 != 0 || token.len() > 1024 {
+        if !token.len().is_multiple_of(2) || token.len() > 1024 {
             return None;
         }
         let bytes: Vec<u8> = (0..token.len())

@@ -16,6 +16,7 @@ use arc_swap::ArcSwap;
 use proxy_broker_core::{EmbeddedResolver, Resolution};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::cache::{AnswerCache, CacheKey, Cached};
 use crate::clock::{Clock, SystemClock};
@@ -237,11 +238,17 @@ impl Broker {
         let ticket = d.flights.join(&key, || {
             let permit = d.flight_permits.clone().try_acquire_owned().ok()?;
             let (d, key, lookup) = (d.clone(), key.clone(), lookup.clone());
-            Some(async move {
-                let fetched = d.fetch(key, &lookup).await;
-                drop(permit);
-                fetched
-            })
+            // The lookup stays in the trace of the call that started it (its upstream requests
+            // carry that call's traceparent), though it outlives the call if need be.
+            let span = tracing::Span::current();
+            Some(
+                async move {
+                    let fetched = d.fetch(key, &lookup).await;
+                    drop(permit);
+                    fetched
+                }
+                .instrument(span),
+            )
         });
         let failures: Arc<Vec<Failure>> = match ticket {
             None => {

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use moka::ops::compute::{CompResult, Op};
 use proxy_broker_core::ConnectionType;
 use rand::Rng;
 use tokio::time::Instant;
@@ -87,10 +88,12 @@ pub struct Cached {
     mark: Arc<ProxyMark>,
 }
 
-/// Whether the proxy of the entries that share it has been ejected.
+/// Whether the proxy of the entries that share it has been ejected, and which keys hold it (so
+/// that ejection removes exactly those, without scanning the cache).
 #[derive(Debug, Default)]
 struct ProxyMark {
     ejected: AtomicBool,
+    keys: std::sync::Mutex<std::collections::HashSet<CacheKey>>,
 }
 
 impl Cached {
@@ -216,20 +219,38 @@ impl AnswerCache {
             stale_until: now + jittered + self.stale_window,
             mark,
         });
+        cached
+            .mark
+            .keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone());
         self.entries.insert(key, cached.clone());
         cached
     }
 
     /// Drops every entry whose proxy is `proxy_url` (outlier ejection) without scanning the
-    /// cache: the entries share a mark, which is set, and each goes on its next read. Returns how
-    /// many entries held it.
+    /// cache: the keys that took it are listed on its mark. Returns how many entries went.
     pub fn evict_proxy(&self, proxy_url: &str) -> usize {
         let Some(mark) = self.marks.remove(proxy_url) else {
             return 0;
         };
+        // Entries not removed below (a reader holding one) are refused on their next read.
         mark.ejected.store(true, Ordering::Relaxed);
-        // Entries hold the other references (this one is ours).
-        Arc::strong_count(&mark).saturating_sub(1)
+        let keys = std::mem::take(&mut *mark.keys.lock().unwrap_or_else(|e| e.into_inner()));
+        keys.iter()
+            .filter(|key| {
+                // The key may have been refreshed with another proxy since: leave that entry.
+                let result = self
+                    .entries
+                    .entry_by_ref(*key)
+                    .and_compute_with(|entry| match entry {
+                        Some(e) if Arc::ptr_eq(&e.value().mark, &mark) => Op::Remove,
+                        _ => Op::Nop,
+                    });
+                matches!(result, CompResult::Removed(_))
+            })
+            .count()
     }
 
     /// Drops the entries of one exchange (case-insensitive). Returns how many.

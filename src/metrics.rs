@@ -177,7 +177,7 @@ pub struct AcceptBackoff {
 
 impl AcceptBackoff {
     /// The wait before the next attempt (and one more failure counted).
-    pub fn next(&mut self) -> Duration {
+    pub fn next_wait(&mut self) -> Duration {
         let wait = Duration::from_millis(10u64 << self.failures.min(7)).min(Duration::from_secs(1));
         self.failures = self.failures.saturating_add(1);
         wait
@@ -207,7 +207,7 @@ where
                 Err(error) => {
                     // Out of file descriptors (EMFILE) and the like fail again at once: wait
                     // before the next accept instead of spinning on a core and flooding the log.
-                    let wait = backoff.next();
+                    let wait = backoff.next_wait();
                     tracing::warn!(%error, retry_in_ms = wait.as_millis(), "metrics listener accept failed");
                     tokio::select! {
                         () = tokio::time::sleep(wait) => continue,
@@ -423,10 +423,10 @@ mod tests {
     #[test]
     fn accept_backoff_doubles_to_a_second_and_resets() {
         let mut b = AcceptBackoff::default();
-        let waits: Vec<u128> = (0..10).map(|_| b.next().as_millis()).collect();
+        let waits: Vec<u128> = (0..10).map(|_| b.next_wait().as_millis()).collect();
         assert_eq!(waits, [10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000]);
         b.reset();
-        assert_eq!(b.next().as_millis(), 10);
+        assert_eq!(b.next_wait().as_millis(), 10);
     }
 
     #[test]

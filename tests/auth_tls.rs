@@ -565,13 +565,14 @@ fn delegating(upstream: &Upstream, server: &str, external: &str) -> String {
 }
 
 #[tokio::test]
-async fn beyond_max_concurrent_requests_calls_are_shed_with_resource_exhausted() {
+async fn beyond_upstream_max_in_flight_total_a_new_lookup_is_refused_with_a_retry_hint_but_joiners_and_probes_are_not()
+ {
     let upstream = Upstream::start().await;
     upstream.hold();
     let server = Server::start(&delegating(
         &upstream,
-        "server:\n  max_concurrent_requests: 1\n",
         "",
+        "    upstream_max_in_flight_total: 1\n    fallback_to_embedded: false\n",
     ))
     .await;
     let channel = connect(server.addr).await;
@@ -579,10 +580,15 @@ async fn beyond_max_concurrent_requests_calls_are_shed_with_resource_exhausted()
         let channel = channel.clone();
         tokio::spawn(async move { ask(&channel, None).await })
     };
-    eventually("the first call to hold the only slot", PROMPT, || async {
+    eventually("the first lookup to hold the only slot", PROMPT, || async {
         (upstream.in_flight() == 1).then_some(())
     })
     .await;
+    // A caller for the same key joins the running lookup: it costs nothing and is not refused.
+    let joiner = {
+        let channel = channel.clone();
+        tokio::spawn(async move { ask(&channel, None).await })
+    };
     let started = Instant::now();
     let shed = ProxyBrokerClient::new(channel.clone())
         .request_proxy(ProxyRequest {
@@ -593,13 +599,19 @@ async fn beyond_max_concurrent_requests_calls_are_shed_with_resource_exhausted()
         .unwrap_err();
     assert_eq!(shed.code(), Code::ResourceExhausted, "{shed:?}");
     assert!(
+        shed.message().contains("upstream_max_in_flight_total"),
+        "{shed:?}"
+    );
+    let retry = tonic_types::StatusExt::get_details_retry_info(&shed).expect("a RetryInfo detail");
+    assert!(retry.retry_delay.is_some_and(|d| !d.is_zero()), "{retry:?}");
+    assert!(
         started.elapsed() < Duration::from_secs(2),
-        "shed at once, not queued"
+        "refused at once, not queued"
     );
     assert_eq!(
         upstream.requests().len(),
         1,
-        "the shed call never reached the upstream"
+        "the refused call never reached the upstream"
     );
     // Health checks skip the limits: a busy broker still answers its probes.
     for _ in 0..3 {
@@ -614,10 +626,18 @@ async fn beyond_max_concurrent_requests_calls_are_shed_with_resource_exhausted()
     }
 
     upstream.release();
-    let answer = first.await.unwrap().unwrap();
-    assert_eq!(answer.proxy_url, proxy_for("binance"));
+    for call in [first, joiner] {
+        let answer = call.await.unwrap().unwrap();
+        assert_eq!(answer.proxy_url, proxy_for("binance"));
+    }
     // The slot is free again.
-    ask(&channel, None).await.unwrap();
+    ProxyBrokerClient::new(channel.clone())
+        .request_proxy(ProxyRequest {
+            exchange_id: "kraken".into(),
+            ..binance()
+        })
+        .await
+        .unwrap();
     server.stop().await;
 }
 
