@@ -345,3 +345,100 @@ fn cached_response(answer: &Answer, endpoint: &str) -> pb::ProxyResponse {
         upstream_endpoint: endpoint.to_owned(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use proptest::prelude::*;
+    use serde_json::Map;
+
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::pb::FallbackPolicy;
+
+    fn answer(ttl_seconds: u32) -> Answer {
+        Answer {
+            proxy_url: "socks5://p.test:1080".into(),
+            strategy: "s".into(),
+            ttl_seconds,
+            fallback_policy: FallbackPolicy::EmbeddedFallback,
+            metadata: Map::new(),
+        }
+    }
+
+    fn key(i: u8) -> CacheKey {
+        CacheKey::new(&format!("ex{i}"), ConnectionType::Http, None)
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Insert(u8, u32),
+        Advance(u64),
+        Evict,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u8..4, 60u32..5000).prop_map(|(k, ttl)| Op::Insert(k, ttl)),
+            (0u64..5000).prop_map(Op::Advance),
+            Just(Op::Evict),
+        ]
+    }
+
+    proptest! {
+        /// Whatever happens, an entry is served fresh only within its TTL (capped at 3600 s,
+        /// +10 % jitter), stale only within TTL + the stale window, never after its proxy was
+        /// ejected, and never with a TTL above what the upstream allowed.
+        #[test]
+        fn the_cache_never_serves_past_ttl_and_stale_window(ops in proptest::collection::vec(op(), 1..40), stale in 0u64..1000) {
+            let clock = Arc::new(ManualClock::new());
+            let cache = AnswerCache::new(100, Duration::from_secs(stale), clock.clone());
+            let mut elapsed = 0u64;
+            // key → (inserted at, capped ttl), or None once ejected
+            let mut model: HashMap<u8, Option<(u64, u64)>> = HashMap::new();
+            for op in ops {
+                match op {
+                    Op::Insert(k, ttl) => {
+                        cache.insert(key(k), &answer(ttl), Arc::from("e"));
+                        model.insert(k, Some((elapsed, u64::from(ttl).min(3600))));
+                    }
+                    Op::Advance(s) => {
+                        clock.advance(Duration::from_secs(s));
+                        elapsed += s;
+                    }
+                    Op::Evict => {
+                        cache.evict_proxy("socks5://p.test:1080");
+                        for v in model.values_mut() {
+                            *v = None;
+                        }
+                    }
+                }
+                for k in 0..4u8 {
+                    let fresh = cache.fresh(&key(k));
+                    let stale_entry = cache.stale(&key(k));
+                    match model.get(&k).copied().flatten() {
+                        None => {
+                            prop_assert!(fresh.is_none() && stale_entry.is_none(), "key {k} served without a live entry");
+                        }
+                        Some((at, ttl)) => {
+                            let age = elapsed - at;
+                            // 1.1 × ttl, rounded up a second for the jitter's fractions.
+                            let fresh_limit = ttl + ttl / 10 + 1;
+                            if let Some(c) = &fresh {
+                                prop_assert!(age < fresh_limit, "fresh at age {age} with ttl {ttl}");
+                                prop_assert!(c.fresh_response(clock.now()).ttl_seconds as u64 <= ttl);
+                            }
+                            if stale_entry.is_some() {
+                                prop_assert!(age < fresh_limit + stale, "stale at age {age}, ttl {ttl}, window {stale}");
+                            }
+                            if age + 1 < ttl - ttl / 10 {
+                                prop_assert!(fresh.is_some(), "fresh entry missing at age {age} with ttl {ttl}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
