@@ -50,6 +50,11 @@ pub enum Reply {
     Garbage,
     /// Waits, then answers as the inner reply.
     Slow(Duration, Box<Reply>),
+    /// A redirect (e.g. 307) to `location`, with a short body.
+    Redirect(u16, String),
+    /// 200 with a JSON-looking body of `bytes` bytes, streamed in 64 KiB chunks without keeping
+    /// it in memory; with `declared`, `Content-Length` announces the size up front.
+    Huge { bytes: usize, declared: bool },
 }
 
 impl Reply {
@@ -333,7 +338,7 @@ async fn handle(State(state): State<ConnState>, request: Request) -> Response {
     let raw = axum::body::to_bytes(body, 1 << 20).await.unwrap_or_default();
     let path = parts.uri.path().to_owned();
     state.inner.recorded.lock().unwrap().push(Recorded {
-        seq: SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
+        seq: next_seq(),
         path: path.clone(),
         version: parts.version,
         headers: parts.headers,
@@ -373,6 +378,13 @@ async fn respond(mut reply: Reply, kill: &Notify) -> Response {
                 Body::from("<html>definitely {not json"),
             )
                 .into_response(),
+            Reply::Redirect(status, location) => (
+                StatusCode::from_u16(status).unwrap(),
+                [(header::LOCATION, location)],
+                "redirecting",
+            )
+                .into_response(),
+            Reply::Huge { bytes, declared } => huge_body(bytes, declared),
             Reply::Hang => std::future::pending().await,
             Reply::Reset => {
                 kill.notify_one();
@@ -380,6 +392,141 @@ async fn respond(mut reply: Reply, kill: &Notify) -> Response {
             }
         };
     }
+}
+
+fn huge_body(bytes: usize, declared: bool) -> Response {
+    const CHUNK: usize = 64 * 1024;
+    let head = Bytes::from_static(br#"{"proxy_url":"socks5://huge.test:1080","strategy":""#);
+    let filler = Bytes::from(vec![b'a'; CHUNK]);
+    let tail = Bytes::from_static(br#""}"#);
+    let middle = bytes.saturating_sub(head.len() + tail.len());
+    let total = head.len() + middle + tail.len();
+    let chunks = std::iter::once(head)
+        .chain((0..middle / CHUNK).map(move |_| filler.clone()))
+        .chain(std::iter::once(Bytes::from(vec![b'a'; middle % CHUNK])))
+        .chain(std::iter::once(tail))
+        .map(Ok::<_, std::convert::Infallible>);
+    let mut response = Response::new(Body::from_stream(tokio_stream::iter(chunks)));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+    if declared {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, total.into());
+    }
+    response
+}
+
+/// A black-holed endpoint: accepts TCP connections, reads whatever arrives and never answers.
+/// It counts connections and sees when the client gives up (closes its side).
+#[derive(Debug)]
+pub struct BlackHole {
+    pub addr: SocketAddr,
+    /// `http://127.0.0.1:port`.
+    pub url: String,
+    state: Arc<BlackHoleState>,
+    accept: JoinHandle<()>,
+}
+
+#[derive(Debug, Default)]
+struct BlackHoleState {
+    /// Process-wide sequence numbers (as [`Recorded::seq`]) of each connection's first bytes.
+    requests: Mutex<Vec<u64>>,
+    /// Sequence numbers of the moments clients closed their connections.
+    closed: Mutex<Vec<u64>>,
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+impl BlackHole {
+    pub async fn start() -> Self {
+        use tokio::io::AsyncReadExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(BlackHoleState::default());
+        let shared = state.clone();
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((mut tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let state = shared.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    let mut seen = false;
+                    loop {
+                        match tcp.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(_) if !seen => {
+                                seen = true;
+                                state.requests.lock().unwrap().push(next_seq());
+                            }
+                            Ok(_) => {}
+                        }
+                    }
+                    if seen {
+                        state.closed.lock().unwrap().push(next_seq());
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            url: format!("http://{addr}"),
+            state,
+            accept,
+        }
+    }
+
+    /// Connections that sent a request so far.
+    pub fn request_count(&self) -> usize {
+        self.state.requests.lock().unwrap().len()
+    }
+
+    /// Connections with a request that the client closed (gave up on or cancelled).
+    pub fn closed_count(&self) -> usize {
+        self.state.closed.lock().unwrap().len()
+    }
+
+    /// Sequence numbers of requests arriving.
+    pub fn request_seqs(&self) -> Vec<u64> {
+        self.state.requests.lock().unwrap().clone()
+    }
+
+    /// Sequence numbers of clients closing.
+    pub fn closed_seqs(&self) -> Vec<u64> {
+        self.state.closed.lock().unwrap().clone()
+    }
+}
+
+/// The next process-wide event number (shared by every upstream and black hole).
+pub fn next_seq() -> u64 {
+    SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Drives `upstream` through `phases` (reply, how long) `rounds` times, then leaves `last` as its
+/// default reply: a flapping endpoint.
+pub fn flap(
+    upstream: &Upstream,
+    phases: Vec<(Reply, Duration)>,
+    rounds: usize,
+    last: Reply,
+) -> JoinHandle<()> {
+    let inner = upstream.inner.clone();
+    tokio::spawn(async move {
+        for _ in 0..rounds {
+            for (reply, period) in &phases {
+                inner.requests.lock().unwrap().default = reply.clone();
+                tokio::time::sleep(*period).await;
+            }
+        }
+        inner.requests.lock().unwrap().default = last;
+    })
 }
 
 /// A private CA with a server certificate (`localhost`, `127.0.0.1`) and a client certificate,
