@@ -496,11 +496,16 @@ async fn a_feedback_timestamp_outside_1970_to_9999_never_takes_the_handler_down(
 
 // --- Configuration ---------------------------------------------------------------------------
 
+/// An environment variable: name, value.
+type Var = (&'static str, &'static str);
+/// Environment variables.
+type Vars = &'static [Var];
+
 #[test]
 fn the_hedge_and_in_flight_keys_load_from_yaml_and_the_environment() {
     const ENV: &str = "CRYPTOFEED_PROXY_EXTERNAL_SERVICE__";
     // (name, YAML settings, environment, hedge_delay_ms, upstream_max_in_flight, total)
-    let cases: &[(&str, &str, &[(&str, &str)], HedgeDelay, i64, i64)] = &[
+    let cases: &[(&str, &str, Vars, HedgeDelay, i64, i64)] = &[
         ("defaults", "", &[], HedgeDelay::Auto, 64, 1024),
         (
             "auto in YAML",
@@ -583,7 +588,7 @@ fn the_hedge_and_in_flight_keys_load_from_yaml_and_the_environment() {
 #[test]
 fn bad_hedge_and_in_flight_values_are_rejected_naming_the_key_value_and_rule() {
     // (YAML settings, environment variable, the message)
-    let cases: &[(&str, Option<(&str, &str)>, &str)] = &[
+    let cases: &[(&str, Option<Var>, &str)] = &[
         (
             "hedge_delay_ms: 60001",
             None,
