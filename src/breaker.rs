@@ -12,6 +12,11 @@
 //! A half-open breaker cannot get stuck: a probe whose caller goes away (its [`Permit`] is dropped
 //! without an outcome) frees the probe slot, and a probe older than `probe_timeout` is forgotten
 //! so that the next request probes again.
+//!
+//! Every permit carries the breaker's *generation*, which moves on whenever the breaker changes
+//! state or admits a probe. Only outcomes of the current generation count: a request admitted
+//! while the breaker was closed and answering after it opened (or a forgotten probe answering
+//! late) changes nothing, so a half-open breaker is decided by its probe alone.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -58,22 +63,60 @@ pub enum State {
     },
 }
 
-/// What happened, fed to [`transition`].
+/// A state and the generation of the permits whose outcomes count in it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Machine {
+    /// Where the breaker is.
+    pub state: State,
+    /// Moves on with every state change and every admitted probe.
+    pub generation: u64,
+}
+
+impl Machine {
+    /// A closed breaker.
+    pub const fn new() -> Self {
+        Self {
+            state: State::Closed { failures: 0 },
+            generation: 0,
+        }
+    }
+
+    fn next(self, state: State) -> Self {
+        Self {
+            state,
+            generation: self.generation.wrapping_add(1),
+        }
+    }
+}
+
+impl Default for Machine {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What happened, fed to [`transition`]. Outcomes carry the generation of their permit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
     /// Someone wants to send a request.
     Acquire,
     /// The request succeeded.
-    Success,
+    Success(u64),
     /// The request failed.
-    Failure,
-    /// The request was abandoned without an outcome (caller went away).
-    Abandon,
+    Failure(u64),
+    /// The request was abandoned without an outcome (caller went away, or it lost a hedge race).
+    Abandon(u64),
 }
 
-/// The single transition function: the new state, and for [`Event::Acquire`] whether the request
-/// may go (`true`) or is refused.
-pub fn transition(state: State, event: Event, now: Instant, policy: &Policy, jitter: f64) -> (State, bool) {
+/// The single transition function: the new machine, and for [`Event::Acquire`] the generation of
+/// the admitted request (`None`: refused). Outcomes of another generation change nothing.
+pub fn transition(
+    m: Machine,
+    event: Event,
+    now: Instant,
+    policy: &Policy,
+    jitter: f64,
+) -> (Machine, Option<u64>) {
     let open_for = |trips: u32| {
         let doubled = policy
             .open
@@ -83,80 +126,88 @@ pub fn transition(state: State, event: Event, now: Instant, policy: &Policy, jit
             .mul_f64(jitter)
             .min(policy.max_open.mul_f64(1.1))
     };
-    match (state, event) {
-        (State::Closed { .. }, Event::Acquire) => (state, true),
-        (State::Closed { .. }, Event::Success) => (State::Closed { failures: 0 }, true),
-        (State::Closed { failures }, Event::Failure) => {
+    let open = |trips: u32| State::Open {
+        until: now + open_for(trips),
+        trips,
+    };
+    let admitted = |m: Machine| (m, Some(m.generation));
+    match (m.state, event) {
+        (_, Event::Success(g) | Event::Failure(g) | Event::Abandon(g)) if g != m.generation => (m, None),
+
+        (State::Closed { .. }, Event::Acquire) => admitted(m),
+        (State::Closed { .. }, Event::Success(_)) => (
+            Machine {
+                state: State::Closed { failures: 0 },
+                ..m
+            },
+            None,
+        ),
+        (State::Closed { failures }, Event::Failure(_)) => {
             let failures = failures.saturating_add(1);
             if failures >= policy.failure_threshold {
-                (
-                    State::Open {
-                        until: now + open_for(1),
-                        trips: 1,
-                    },
-                    true,
-                )
+                (m.next(open(1)), None)
             } else {
-                (State::Closed { failures }, true)
+                (
+                    Machine {
+                        state: State::Closed { failures },
+                        ..m
+                    },
+                    None,
+                )
             }
         }
-        (State::Closed { .. }, Event::Abandon) => (state, true),
+        (State::Closed { .. }, Event::Abandon(_)) => (m, None),
 
-        (State::Open { until, trips }, Event::Acquire) if now >= until => (
-            State::HalfOpen {
-                trips,
-                probe_since: Some(now),
-            },
-            true,
-        ),
-        (State::Open { .. }, Event::Acquire) => (state, false),
-        // Outcomes of requests admitted before the breaker opened change nothing.
-        (State::Open { .. }, _) => (state, true),
+        (State::Open { until, trips }, Event::Acquire) if now >= until => admitted(m.next(State::HalfOpen {
+            trips,
+            probe_since: Some(now),
+        })),
+        (State::Open { .. }, _) => (m, None),
 
         (State::HalfOpen { trips, probe_since }, Event::Acquire) => match probe_since {
-            Some(since) if now < since + policy.probe_timeout => (state, false),
-            _ => (
-                State::HalfOpen {
-                    trips,
-                    probe_since: Some(now),
-                },
-                true,
-            ),
-        },
-        (State::HalfOpen { .. }, Event::Success) => (State::Closed { failures: 0 }, true),
-        (State::HalfOpen { trips, .. }, Event::Failure) => {
-            let trips = trips.saturating_add(1);
-            (
-                State::Open {
-                    until: now + open_for(trips),
-                    trips,
-                },
-                true,
-            )
-        }
-        (State::HalfOpen { trips, .. }, Event::Abandon) => (
-            State::HalfOpen {
+            Some(since) if now < since + policy.probe_timeout => (m, None),
+            // No probe, or one older than probe_timeout (forgotten: its outcome will not count).
+            _ => admitted(m.next(State::HalfOpen {
                 trips,
-                probe_since: None,
+                probe_since: Some(now),
+            })),
+        },
+        (State::HalfOpen { .. }, Event::Success(_)) => (m.next(State::Closed { failures: 0 }), None),
+        (State::HalfOpen { trips, .. }, Event::Failure(_)) => (m.next(open(trips.saturating_add(1))), None),
+        (State::HalfOpen { trips, .. }, Event::Abandon(_)) => (
+            Machine {
+                state: State::HalfOpen {
+                    trips,
+                    probe_since: None,
+                },
+                ..m
             },
-            true,
+            None,
         ),
     }
+}
+
+#[derive(Debug)]
+struct Shared {
+    policy: Option<Policy>,
+    machine: Mutex<Machine>,
+    clock: Arc<dyn Clock>,
 }
 
 /// A breaker shared by every request to one endpoint.
 #[derive(Debug)]
 pub struct Breaker {
-    policy: Option<Policy>,
-    state: Mutex<State>,
-    clock: Arc<dyn Clock>,
+    shared: Arc<Shared>,
 }
 
 /// Admission to send one request; report its outcome with [`Permit::success`] or
-/// [`Permit::failure`]. Dropping it without either counts as abandoned.
+/// [`Permit::failure`]. Dropping it without either counts as abandoned. It owns a handle on its
+/// breaker, so a request may outlive the code that started it (a hedged attempt finishing in the
+/// background).
 #[derive(Debug)]
-pub struct Permit<'a> {
-    breaker: &'a Breaker,
+pub struct Permit {
+    shared: Arc<Shared>,
+    generation: u64,
     done: bool,
 }
 
@@ -184,52 +235,70 @@ pub enum Kind {
     Disabled,
 }
 
+impl Kind {
+    /// The value of the `proxy_broker_circuit_state` gauge: 0 closed (or disabled), 1 open,
+    /// 2 half-open.
+    pub fn gauge_value(self) -> i64 {
+        match self {
+            Kind::Closed | Kind::Disabled => 0,
+            Kind::Open => 1,
+            Kind::HalfOpen => 2,
+        }
+    }
+}
+
+impl Shared {
+    fn apply(&self, event: Event) -> Option<u64> {
+        let Some(policy) = &self.policy else {
+            // Disabled: always admit, still count consecutive failures for admin output.
+            let mut m = self.machine.lock().unwrap_or_else(|e| e.into_inner());
+            if let State::Closed { failures } = &mut m.state {
+                match event {
+                    Event::Failure(_) => *failures = failures.saturating_add(1),
+                    Event::Success(_) => *failures = 0,
+                    _ => {}
+                }
+            }
+            return Some(m.generation);
+        };
+        let jitter = rand::rng().random_range(0.9..=1.1);
+        let mut m = self.machine.lock().unwrap_or_else(|e| e.into_inner());
+        let (next, admitted) = transition(*m, event, self.clock.now(), policy, jitter);
+        if next.state != m.state {
+            tracing::debug!(from = ?m.state, to = ?next.state, ?event, "circuit breaker transition");
+        }
+        *m = next;
+        admitted
+    }
+}
+
 impl Breaker {
     /// A breaker with `policy`; `None` disables it (always admits).
     pub fn new(policy: Option<Policy>, clock: Arc<dyn Clock>) -> Self {
         Self {
-            policy,
-            state: Mutex::new(State::Closed { failures: 0 }),
-            clock,
+            shared: Arc::new(Shared {
+                policy,
+                machine: Mutex::new(Machine::new()),
+                clock,
+            }),
         }
-    }
-
-    fn apply(&self, event: Event) -> bool {
-        let Some(policy) = &self.policy else {
-            // Disabled: still count consecutive failures for admin output.
-            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            if let State::Closed { failures } = &mut *state {
-                match event {
-                    Event::Failure => *failures = failures.saturating_add(1),
-                    Event::Success => *failures = 0,
-                    _ => {}
-                }
-            }
-            return true;
-        };
-        let jitter = rand::rng().random_range(0.9..=1.1);
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let (next, allowed) = transition(*state, event, self.clock.now(), policy, jitter);
-        if next != *state {
-            tracing::debug!(from = ?*state, to = ?next, ?event, "circuit breaker transition");
-        }
-        *state = next;
-        allowed
     }
 
     /// Admission for one request, or `None` when the breaker is open (skip this endpoint).
-    pub fn try_acquire(&self) -> Option<Permit<'_>> {
-        self.apply(Event::Acquire).then_some(Permit {
-            breaker: self,
+    pub fn try_acquire(&self) -> Option<Permit> {
+        let generation = self.shared.apply(Event::Acquire)?;
+        Some(Permit {
+            shared: self.shared.clone(),
+            generation,
             done: false,
         })
     }
 
     /// The current state.
     pub fn snapshot(&self) -> Snapshot {
-        let state = *self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let now = self.clock.now();
-        match (self.policy.is_some(), state) {
+        let m = *self.shared.machine.lock().unwrap_or_else(|e| e.into_inner());
+        let now = self.shared.clock.now();
+        match (self.shared.policy.is_some(), m.state) {
             (false, State::Closed { failures }) => Snapshot {
                 kind: Kind::Disabled,
                 consecutive_failures: failures,
@@ -254,24 +323,24 @@ impl Breaker {
     }
 }
 
-impl Permit<'_> {
+impl Permit {
     /// The request succeeded.
     pub fn success(mut self) {
         self.done = true;
-        self.breaker.apply(Event::Success);
+        self.shared.apply(Event::Success(self.generation));
     }
 
     /// The request failed.
     pub fn failure(mut self) {
         self.done = true;
-        self.breaker.apply(Event::Failure);
+        self.shared.apply(Event::Failure(self.generation));
     }
 }
 
-impl Drop for Permit<'_> {
+impl Drop for Permit {
     fn drop(&mut self) {
         if !self.done {
-            self.breaker.apply(Event::Abandon);
+            self.shared.apply(Event::Abandon(self.generation));
         }
     }
 }
@@ -360,8 +429,147 @@ mod tests {
             .expect("a probe older than probe_timeout is forgotten");
         next.success();
         assert_eq!(b.snapshot().kind, Kind::Closed);
-        hanging.failure(); // a late failure of an old probe counts as one closed-state failure
+        hanging.failure(); // a late failure of a forgotten probe is ignored
         assert_eq!(b.snapshot().kind, Kind::Closed);
+        assert_eq!(b.snapshot().consecutive_failures, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn half_open_ignores_outcomes_of_permits_issued_before_it_opened() {
+        let b = breaker();
+        let early: Vec<Permit> = (0..4).map(|_| b.try_acquire().expect("closed")).collect();
+        (0..3).for_each(|_| fail(&b));
+        assert_eq!(b.snapshot().kind, Kind::Open);
+        tokio::time::advance(Duration::from_secs(40)).await;
+        let probe = b.try_acquire().expect("probe");
+        let mut early = early.into_iter();
+        early.next().unwrap().success();
+        assert_eq!(b.snapshot().kind, Kind::HalfOpen, "an old success does not close");
+        early.next().unwrap().failure();
+        assert_eq!(
+            b.snapshot().kind,
+            Kind::HalfOpen,
+            "an old failure does not re-open"
+        );
+        drop(early.next());
+        assert!(
+            b.try_acquire().is_none(),
+            "an old permit dropped does not free the probe slot"
+        );
+        probe.success();
+        assert_eq!(b.snapshot().kind, Kind::Closed);
+        early.next().unwrap().failure();
+        assert_eq!(
+            b.snapshot().consecutive_failures,
+            0,
+            "nor does it count once the breaker closed again"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn outcomes_while_open_change_nothing() {
+        let b = breaker();
+        let early = b.try_acquire().unwrap();
+        (0..3).for_each(|_| fail(&b));
+        let until = b.snapshot().until_probe;
+        early.success();
+        assert_eq!(b.snapshot().kind, Kind::Open);
+        assert_eq!(b.snapshot().until_probe, until);
+    }
+
+    /// A clock that stands still unless the test moves it (proptest cases run without a runtime).
+    #[derive(Debug)]
+    struct StillClock {
+        base: Instant,
+        offset: Mutex<Duration>,
+    }
+
+    impl Clock for StillClock {
+        fn now(&self) -> Instant {
+            self.base + *self.offset.lock().unwrap()
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Acquire,
+        Succeed(usize),
+        Fail(usize),
+        Drop(usize),
+        Advance(u64),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => Just(Op::Acquire),
+            2 => (0..8usize).prop_map(Op::Succeed),
+            3 => (0..8usize).prop_map(Op::Fail),
+            1 => (0..8usize).prop_map(Op::Drop),
+            2 => (0..40u64).prop_map(Op::Advance),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Against a model of "the live probe": while half-open exactly one probe is admitted at
+        /// a time, a new one is admitted as soon as the last ended or grew older than
+        /// probe_timeout (never stuck), and outcomes of other permits change nothing.
+        #[test]
+        fn breaker_is_never_stuck_half_open_and_admits_one_probe_at_a_time(
+            ops in proptest::collection::vec(op(), 1..200)
+        ) {
+            let clock = Arc::new(StillClock { base: Instant::now(), offset: Mutex::new(Duration::ZERO) });
+            let b = Breaker::new(Some(policy()), clock.clone());
+            let probe_timeout = policy().probe_timeout;
+            let mut permits: Vec<Option<Permit>> = Vec::new();
+            // (index into permits, when it was admitted)
+            let mut live_probe: Option<(usize, Instant)> = None;
+            for op in ops {
+                let before = b.snapshot().kind;
+                if before != Kind::HalfOpen {
+                    live_probe = None;
+                }
+                let now = clock.now();
+                match op {
+                    Op::Acquire => {
+                        let permit = b.try_acquire();
+                        let expected = match before {
+                            Kind::Closed | Kind::Disabled => true,
+                            Kind::Open => false,
+                            Kind::HalfOpen => live_probe.is_none_or(|(_, since)| now >= since + probe_timeout),
+                        };
+                        proptest::prop_assert_eq!(permit.is_some(), expected, "acquire in {:?}", before);
+                        if permit.is_some() && before == Kind::HalfOpen {
+                            live_probe = Some((permits.len(), now));
+                        }
+                        permits.push(permit);
+                    }
+                    Op::Succeed(i) | Op::Fail(i) | Op::Drop(i) => {
+                        if permits.is_empty() {
+                            continue;
+                        }
+                        let i = i % permits.len();
+                        let Some(permit) = permits[i].take() else { continue };
+                        match op {
+                            Op::Succeed(_) => permit.success(),
+                            Op::Fail(_) => permit.failure(),
+                            _ => drop(permit),
+                        }
+                        let is_probe = live_probe.is_some_and(|(p, _)| p == i);
+                        if is_probe {
+                            live_probe = None;
+                        } else if before == Kind::HalfOpen {
+                            proptest::prop_assert_eq!(b.snapshot().kind, Kind::HalfOpen, "a non-probe outcome changed a half-open breaker");
+                        }
+                    }
+                    Op::Advance(secs) => *clock.offset.lock().unwrap() += Duration::from_secs(secs),
+                }
+            }
+            // Never stuck: once the longest open period and a probe timeout have passed, a
+            // request is admitted whatever is still outstanding.
+            *clock.offset.lock().unwrap() += policy().max_open.mul_f64(1.1) + probe_timeout;
+            proptest::prop_assert!(b.try_acquire().is_some(), "stuck in {:?}", b.snapshot());
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -42,8 +42,6 @@ const SERVED_BY_BYTES: u64 = 16 << 20;
 const FAILURE_COUNT_BYTES: u64 = 8 << 20;
 /// How long a failure count is kept without a new report.
 const FAILURE_COUNT_TTL: Duration = Duration::from_secs(3600);
-/// Upstream lookups in flight at once (until `upstream_max_in_flight_total` lands).
-const DEFAULT_FLIGHTS_TOTAL: usize = 1024;
 /// Retry hint sent when too many upstream lookups are in flight.
 const FLIGHTS_FULL_RETRY: Duration = Duration::from_secs(1);
 
@@ -57,7 +55,7 @@ pub struct Delegation {
     flights: Arc<Flights<CacheKey, Fetched>>,
     /// One permit per upstream lookup in flight (`upstream_max_in_flight_total`).
     flight_permits: Arc<Semaphore>,
-    flight_permits_total: usize,
+    flight_permits_total: i64,
     /// The budget of one detached lookup (the broker's own per-call limit).
     flight_timeout: Duration,
     /// Which endpoint handed out each proxy URL (for routing feedback); bounded in bytes.
@@ -183,6 +181,16 @@ impl Broker {
             (None, None) => false,
             _ => true,
         };
+        if upstreams_changed && let Some(old) = &current.delegation {
+            // Endpoints no longer configured stop being exported (those still configured keep
+            // their series, now fed by the new upstreams).
+            let kept: std::collections::HashSet<String> = next
+                .delegation
+                .iter()
+                .flat_map(|d| d.upstreams.endpoints().iter().map(|e| e.name.to_string()))
+                .collect();
+            old.upstreams.retire_metrics(&kept);
+        }
         self.state.store(Arc::new(next));
         Ok(ReloadSummary {
             upstreams_changed,
@@ -196,17 +204,7 @@ impl Broker {
         let mut entries = 0;
         if let Some(d) = &state.delegation {
             entries = d.cache.len();
-            for e in d.upstreams.endpoints() {
-                let value = match e.breaker.snapshot().kind {
-                    crate::breaker::Kind::Closed | crate::breaker::Kind::Disabled => 0,
-                    crate::breaker::Kind::Open => 1,
-                    crate::breaker::Kind::HalfOpen => 2,
-                };
-                self.metrics
-                    .circuit_state
-                    .get_or_create(&vec![("endpoint", e.name.to_string())])
-                    .set(value);
-            }
+            d.upstreams.refresh_circuit_metrics();
         }
         self.metrics
             .cache_entries
@@ -451,7 +449,7 @@ fn build_state(
             Some(d) if d.built_from == built_from => Some(d.clone()),
             _ => {
                 let upstreams = Arc::new(Upstreams::new(ext, clock.clone(), metrics.clone())?);
-                let flights_total = DEFAULT_FLIGHTS_TOTAL;
+
                 Some(Arc::new(Delegation {
                     cache: AnswerCache::new(
                         ext.cache_max_entries.unsigned_abs(),
@@ -459,8 +457,8 @@ fn build_state(
                         clock.clone(),
                     ),
                     flights: Arc::new(Flights::default()),
-                    flight_permits: Arc::new(Semaphore::new(flights_total)),
-                    flight_permits_total: flights_total,
+                    flight_permits: upstreams.flight_permits().clone(),
+                    flight_permits_total: ext.upstream_max_in_flight_total,
                     flight_timeout: {
                         let limit = Duration::from_secs(config.server.request_timeout_seconds.unsigned_abs());
                         limit - limit / 10

@@ -2,10 +2,10 @@
 //!
 //! `ReportFeedback` only enqueues; a worker delivers each report to the endpoint that served that
 //! proxy (else the first healthy one), retrying transient failures (connection errors, timeouts,
-//! 429, 5xx) with exponential backoff. The queue is a bounded ring of exactly
-//! `feedback_queue_size` reports: when it is full, enqueueing drops the oldest report and counts it
-//! at once (so a stuck upstream shows up in `dropped` immediately). Enqueueing never blocks, so
-//! feedback never slows `RequestProxy`.
+//! 429, 5xx) with exponential backoff. The queue is a bounded ring of at most
+//! `feedback_queue_size` reports and at most [`MAX_QUEUED_BYTES`] of them: when either is
+//! passed, enqueueing drops the oldest reports and counts them at once (so a stuck upstream shows
+//! up in `dropped` immediately). Enqueueing never blocks, so feedback never slows `RequestProxy`.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -23,6 +23,9 @@ const CONCURRENCY: usize = 16;
 const ATTEMPTS: u32 = 4;
 /// First retry delay; doubles per retry.
 const BACKOFF: Duration = Duration::from_millis(200);
+/// Most memory the queued reports may hold (see [`WireFeedback::approx_bytes`]), whatever
+/// `feedback_queue_size` says: a firehose of large reports drops the oldest instead of growing.
+pub const MAX_QUEUED_BYTES: usize = 16 * 1024 * 1024;
 
 /// Counters, shared with admin output.
 #[derive(Debug, Default)]
@@ -46,11 +49,57 @@ pub struct Outgoing {
     pub body: WireFeedback,
 }
 
+/// The queued reports, bounded in count and in bytes.
+#[derive(Debug)]
+struct Queue {
+    /// Each report with its size.
+    items: VecDeque<(Outgoing, usize)>,
+    bytes: usize,
+    capacity: usize,
+    max_bytes: usize,
+}
+
+impl Queue {
+    fn new(capacity: usize, max_bytes: usize) -> Self {
+        Self {
+            items: VecDeque::with_capacity(capacity.min(1024)),
+            bytes: 0,
+            capacity: capacity.max(1),
+            max_bytes,
+        }
+    }
+
+    /// Appends a report; returns how many of the oldest were dropped to stay within the bounds
+    /// (the newest is always kept).
+    fn push(&mut self, outgoing: Outgoing) -> u64 {
+        let size = outgoing.body.approx_bytes();
+        self.items.push_back((outgoing, size));
+        self.bytes += size;
+        let mut dropped = 0;
+        while self.items.len() > 1 && (self.items.len() > self.capacity || self.bytes > self.max_bytes) {
+            if let Some((_, size)) = self.items.pop_front() {
+                self.bytes -= size;
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
+    fn pop(&mut self) -> Option<Outgoing> {
+        let (outgoing, size) = self.items.pop_front()?;
+        self.bytes -= size;
+        Some(outgoing)
+    }
+
+    fn len(&self) -> usize {
+        self.items.len()
+    }
+}
+
 /// The bounded ring shared by the broker and the worker.
 #[derive(Debug)]
 struct Ring {
-    items: Mutex<VecDeque<Outgoing>>,
-    capacity: usize,
+    items: Mutex<Queue>,
     /// Signalled on every enqueue and on close (single consumer: a stored permit is never lost).
     ready: Notify,
     closed: AtomicBool,
@@ -59,7 +108,7 @@ struct Ring {
 }
 
 impl Ring {
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Outgoing>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
         self.items.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -68,7 +117,7 @@ impl Ring {
         loop {
             {
                 let mut items = self.lock();
-                if let Some(o) = items.pop_front() {
+                if let Some(o) = items.pop() {
                     // Counted under the lock, so a flush never sees the report in neither place.
                     self.in_flight.fetch_add(1, Ordering::SeqCst);
                     return Some(o);
@@ -91,12 +140,10 @@ pub struct FeedbackQueue {
 }
 
 impl FeedbackQueue {
-    /// Starts the worker; the queue holds at most `capacity` reports.
+    /// Starts the worker; the queue holds at most `capacity` reports and [`MAX_QUEUED_BYTES`].
     pub fn start(upstreams: Arc<Upstreams>, capacity: usize, dropped: Counter) -> Self {
-        let capacity = capacity.max(1);
         let ring = Arc::new(Ring {
-            items: Mutex::new(VecDeque::with_capacity(capacity.min(1024))),
-            capacity,
+            items: Mutex::new(Queue::new(capacity, MAX_QUEUED_BYTES)),
             ready: Notify::new(),
             closed: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
@@ -112,20 +159,12 @@ impl FeedbackQueue {
     /// Queues a report, dropping (and counting) the oldest when the queue is full; never blocks.
     pub fn enqueue(&self, outgoing: Outgoing) {
         self.stats.enqueued.inc();
-        let dropped = {
-            let mut items = self.ring.lock();
-            let dropped = if items.len() >= self.ring.capacity {
-                items.pop_front().is_some()
-            } else {
-                false
-            };
-            items.push_back(outgoing);
-            dropped
-        };
-        if dropped {
-            let total = self.stats.dropped.inc() + 1;
+        let dropped = self.ring.lock().push(outgoing);
+        if dropped > 0 {
+            let before = self.stats.dropped.inc_by(dropped);
+            let total = before + dropped;
             // Logarithmic logging: a stuck upstream must not flood the log.
-            if total.is_power_of_two() {
+            if (before + 1..=total).any(u64::is_power_of_two) {
                 tracing::warn!(
                     dropped_total = total,
                     "feedback queue full: oldest reports dropped"
@@ -205,5 +244,86 @@ async fn deliver(upstreams: &Upstreams, outgoing: &Outgoing, stats: &FeedbackSta
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::SystemClock;
+    use proxy_broker_core::model::ExternalServiceConfig;
+
+    fn upstreams() -> Upstreams {
+        let cfg = ExternalServiceConfig {
+            enabled: true,
+            endpoints: vec!["http://127.0.0.1:9".into()],
+            ..Default::default()
+        };
+        Upstreams::new(&cfg, Arc::new(SystemClock), Arc::default()).unwrap()
+    }
+
+    fn report(upstreams: &Upstreams, client_id: String, details_len: usize) -> Outgoing {
+        Outgoing {
+            served_by: None,
+            body: upstreams.wire_feedback(&crate::request::Feedback {
+                proxy_url: Some("socks5://p:1080".into()),
+                exchange_id: "binance".into(),
+                connection_type: proxy_broker_core::ConnectionType::Http,
+                success: false,
+                latency_ms: None,
+                error_details: Some("e".repeat(details_len)),
+                timestamp: std::time::SystemTime::now(),
+                client_id,
+            }),
+        }
+    }
+
+    #[test]
+    fn the_queue_is_bounded_in_count_and_in_bytes_dropping_the_oldest() {
+        let u = upstreams();
+        let size = report(&u, "feed-000".into(), 1000).body.approx_bytes();
+        // (name, capacity, byte limit, reports pushed, kept, dropped)
+        let cases = [
+            ("within both bounds", 10, 10 * size, 5, 5, 0),
+            ("count bound", 3, 100 * size, 5, 3, 2),
+            ("byte bound", 100, 4 * size, 10, 4, 6),
+            (
+                "byte bound below one report keeps the newest",
+                100,
+                size / 2,
+                3,
+                1,
+                2,
+            ),
+        ];
+        for (name, capacity, max_bytes, pushed, kept, dropped) in cases {
+            let mut q = Queue::new(capacity, max_bytes);
+            let total: u64 = (0..pushed)
+                .map(|i| q.push(report(&u, format!("feed-{i:03}"), 1000)))
+                .sum();
+            assert_eq!((q.len(), total), (kept, dropped), "{name}");
+            assert!(q.bytes <= max_bytes.max(size), "{name}: {} bytes", q.bytes);
+            let oldest_kept = q.pop().unwrap();
+            assert_eq!(
+                oldest_kept.body.client_id(),
+                format!("feed-{:03}", pushed - kept),
+                "{name}: the newest are kept"
+            );
+            while q.pop().is_some() {}
+            assert_eq!(q.bytes, 0, "{name}: bytes are given back");
+        }
+    }
+
+    #[test]
+    fn a_firehose_of_large_reports_stays_within_the_byte_bound() {
+        let u = upstreams();
+        let mut q = Queue::new(1_000_000, MAX_QUEUED_BYTES);
+        let mut dropped = 0;
+        for i in 0..5000 {
+            dropped += q.push(report(&u, format!("feed-{i}"), 8 * 1024));
+        }
+        assert!(q.bytes <= MAX_QUEUED_BYTES, "{} bytes", q.bytes);
+        assert_eq!(dropped + q.len() as u64, 5000);
+        assert!(dropped > 0, "16 MiB cannot hold 5000 reports of 8 KiB");
     }
 }

@@ -1,26 +1,51 @@
-//! Talking to upstream proxy services: endpoints in failover order, authentication, per-attempt
-//! timeouts, answer validation, and per-endpoint statistics.
+//! Talking to upstream proxy services: endpoints in failover order, hedging, authentication,
+//! per-attempt timeouts, in-flight limits, answer validation, and per-endpoint statistics.
 //!
-//! Each endpoint has its own reqwest client (its own connection pool; HTTP/1.1, or HTTP/2 when the
-//! server offers it over TLS) and its own circuit breaker. System proxy variables are ignored: the
+//! Each endpoint has its own reqwest client (its own connection pool, reused; HTTP/1.1, or HTTP/2
+//! when the server offers it over TLS), its own circuit breaker, its own in-flight limit and its
+//! own recent latencies. System proxy variables are ignored and redirects are not followed: the
 //! broker talks to its upstreams directly.
+//!
+//! A lookup ([`Upstreams::request`]) is a small race. The first endpoint whose breaker admits is
+//! asked; when it fails the next is asked at once (sequential failover); when it has not
+//! answered within its hedge delay (see [`hedge`]) the next is asked *as well*, and the first
+//! valid answer wins. Each attempt runs on its own task:
+//! - a hedge that lost the race is cancelled (its request dropped) with no verdict on its
+//!   endpoint;
+//! - an attempt that was hedged because it was slow is left to finish in the background, within
+//!   its own timeout, so a black-holed endpoint still times out, counts failures and trips its
+//!   breaker (and a merely slow one records its real latency, which raises its hedge delay).
 
+mod answer;
+pub mod hedge;
+mod series;
+mod wire;
+
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use proxy_broker_core::model::{AuthMethod, ExternalServiceConfig};
-use proxy_broker_core::redact::redact_url;
-use proxy_broker_core::validate::check_proxy_url;
+use hyper::body::Bytes;
+use proxy_broker_core::model::{AuthMethod, ExternalServiceConfig, HedgeDelay};
+use proxy_broker_core::redact::{redact_text, redact_url};
 use proxy_broker_core::{ConfigError, Problem};
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
-use serde::Serialize;
-use serde_json::{Map, Value};
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
+use tracing::Instrument;
 
-use crate::breaker::{Breaker, Policy};
+pub use answer::{
+    Answer, MAX_ANSWER_BYTES, MAX_ANSWER_METADATA_BYTES, MAX_ANSWER_METADATA_DEPTH, MAX_STRATEGY_LEN,
+    MIN_ANSWER_TTL, parse_answer,
+};
+pub use series::Outcome;
+pub use wire::WireFeedback;
+
+use crate::breaker::{Breaker, Permit, Policy};
 use crate::clock::Clock;
-use crate::pb::FallbackPolicy;
 use crate::request::{Feedback, Lookup};
+use series::Series;
+use wire::WireRequest;
 
 /// How long a lookup may spend on upstreams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,24 +56,6 @@ pub struct Budget {
     /// `server.request_timeout_seconds`. An attempt cut short by the caller says nothing about
     /// the endpoint; one cut short by the broker's own limit counts as that endpoint's timeout.
     pub set_by_caller: bool,
-}
-
-/// Shortest TTL an upstream may give.
-pub const MIN_ANSWER_TTL: i64 = 60;
-
-/// A validated upstream answer.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Answer {
-    /// The proxy (allowed scheme, host and port checked).
-    pub proxy_url: String,
-    /// How the upstream chose it.
-    pub strategy: String,
-    /// How long it may be cached (≥ 60; the configured default when the upstream gave none).
-    pub ttl_seconds: u32,
-    /// What the feed should do when the proxy fails.
-    pub fallback_policy: FallbackPolicy,
-    /// Whatever else the upstream attached.
-    pub metadata: Map<String, Value>,
 }
 
 /// Why one endpoint did not produce an answer.
@@ -84,6 +91,11 @@ pub struct Endpoint {
     /// This endpoint's circuit breaker.
     pub breaker: Breaker,
     stats: Mutex<Stats>,
+    /// `upstream_max_in_flight` permits.
+    in_flight: Semaphore,
+    max_in_flight: usize,
+    latencies: Mutex<hedge::Latencies>,
+    series: Series,
 }
 
 impl Endpoint {
@@ -92,13 +104,33 @@ impl Endpoint {
         self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn record(&self, latency: Duration, error: Option<&str>) {
+    /// Upstream requests of this endpoint in flight now (lookups and their background tails).
+    pub fn in_flight(&self) -> usize {
+        self.max_in_flight
+            .saturating_sub(self.in_flight.available_permits())
+    }
+
+    /// The median latency of its recent successful requests.
+    pub fn median_latency(&self) -> Option<Duration> {
+        self.latencies.lock().unwrap_or_else(|e| e.into_inner()).median()
+    }
+
+    fn record(&self, latency: Option<Duration>, error: Option<&str>) {
         let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         s.total_requests += 1;
-        s.last_latency = Some(latency);
+        if latency.is_some() {
+            s.last_latency = latency;
+        }
         if let Some(e) = error {
             s.total_failures += 1;
-            s.last_error = e.to_owned();
+            e.clone_into(&mut s.last_error);
+        }
+    }
+
+    fn failure(&self, reason: String) -> Failure {
+        Failure {
+            endpoint: self.name.clone(),
+            reason,
         }
     }
 }
@@ -106,35 +138,14 @@ impl Endpoint {
 /// The configured upstream services.
 #[derive(Debug)]
 pub struct Upstreams {
-    endpoints: Vec<Endpoint>,
+    endpoints: Vec<Arc<Endpoint>>,
     headers: HeaderMap,
     timeout: Duration,
     default_ttl: u32,
+    hedge_delay: HedgeDelay,
     broker_client_id: String,
     metrics: Arc<crate::metrics::Metrics>,
-}
-
-/// The design's ProxyRequest, as sent upstream.
-#[derive(Debug, Serialize)]
-struct WireRequest<'a> {
-    exchange_id: &'a str,
-    connection_type: &'a str,
-    region: Option<&'a str>,
-    client_id: &'a str,
-    metadata: Map<String, Value>,
-}
-
-/// The design's ProxyFeedback, as sent upstream.
-#[derive(Debug, Serialize)]
-pub struct WireFeedback {
-    proxy_url: String,
-    exchange_id: String,
-    connection_type: &'static str,
-    success: bool,
-    latency_ms: Option<u32>,
-    error_details: Option<String>,
-    timestamp: String,
-    client_id: String,
+    flights: Arc<Semaphore>,
 }
 
 /// How a feedback delivery went.
@@ -142,7 +153,7 @@ pub struct WireFeedback {
 pub enum DeliveryError {
     /// Worth retrying: connection error, timeout, 429 or 5xx.
     Transient(String),
-    /// Not worth retrying (e.g. 400, 401).
+    /// Not worth retrying (e.g. 400, 401, a redirect).
     Permanent(String),
 }
 
@@ -190,6 +201,73 @@ pub fn broker_client_id() -> String {
     )
 }
 
+/// What one attempt is given: the request, encoded once and shared by every attempt of a lookup.
+#[derive(Debug)]
+struct Job {
+    body: Bytes,
+    headers: HeaderMap,
+    timeout: Duration,
+    default_ttl: u32,
+    budget: Option<Budget>,
+}
+
+/// What an attempt reports to its lookup.
+#[derive(Debug)]
+enum Report {
+    Answer(Answer),
+    /// `stop`: the caller's deadline ran out, so trying further endpoints is pointless.
+    Failed {
+        failure: Failure,
+        stop: bool,
+    },
+}
+
+/// One attempt of a lookup.
+#[derive(Debug)]
+struct Running {
+    /// Index of the endpoint.
+    endpoint: usize,
+    abort: tokio::task::AbortHandle,
+    /// Hedged because it was slow: left to finish (and get its verdict) when another wins.
+    slow: bool,
+    done: bool,
+}
+
+/// The attempts of one lookup. Dropping it (the lookup returned or was itself cancelled)
+/// cancels every attempt still running except the slow ones.
+#[derive(Debug, Default)]
+struct Race {
+    attempts: Vec<Running>,
+}
+
+impl Race {
+    fn outstanding(&self) -> usize {
+        self.attempts.iter().filter(|a| !a.done).count()
+    }
+}
+
+impl Drop for Race {
+    fn drop(&mut self) {
+        for a in self.attempts.iter().filter(|a| !a.done && !a.slow) {
+            a.abort.abort();
+        }
+    }
+}
+
+/// Counts an attempt cancelled before it finished (its task aborted) as `cancelled`.
+struct CancelGuard<'a> {
+    endpoint: &'a Endpoint,
+    finished: bool,
+}
+
+impl Drop for CancelGuard<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.endpoint.series.count(Outcome::Cancelled, None);
+        }
+    }
+}
+
 impl Upstreams {
     /// Builds clients for every endpoint, reading credential files now so that a missing or
     /// unreadable one stops start-up with the key named.
@@ -198,6 +276,7 @@ impl Upstreams {
         clock: Arc<dyn Clock>,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<Self, ConfigError> {
+        let max_in_flight = usize::try_from(cfg.upstream_max_in_flight).unwrap_or(64).max(1);
         let creds = &cfg.auth_credentials;
         let cred = |key: &str, file_key: &str| -> Result<Option<String>, ConfigError> {
             match (creds.get(key), creds.get(file_key)) {
@@ -268,6 +347,13 @@ impl Upstreams {
                 .no_proxy()
                 .connect_timeout(Duration::from_secs(cfg.timeout_seconds.unsigned_abs()))
                 .pool_idle_timeout(Duration::from_secs(90))
+                // Connections are reused: at most `upstream_max_in_flight` requests run at once,
+                // and as many idle connections are kept, so a miss storm does not open (and
+                // close) a connection per concurrent miss.
+                .pool_max_idle_per_host(max_in_flight)
+                // A redirect could send the credentials elsewhere and hand a stranger's answer
+                // to a feed: a 3xx is that endpoint's failure.
+                .redirect(reqwest::redirect::Policy::none())
                 .user_agent(concat!("proxy-broker/", env!("CARGO_PKG_VERSION")));
             if let Some(certs) = &trust {
                 b = b.tls_certs_only(certs.clone());
@@ -295,27 +381,38 @@ impl Upstreams {
             let client = builder_template()
                 .build()
                 .map_err(|e| config_error(&path, format!("cannot build an HTTP client: {e}")))?;
-            endpoints.push(Endpoint {
-                name: Arc::from(redact_url(base)),
+            let name: Arc<str> = Arc::from(redact_url(base));
+            endpoints.push(Arc::new(Endpoint {
+                series: Series::resolve(&metrics, &name),
+                name,
                 request_url: parse("/api/v1/proxy/request")?,
                 feedback_url: parse("/api/v1/proxy/feedback")?,
                 client,
                 breaker: Breaker::new(policy, clock.clone()),
                 stats: Mutex::default(),
-            });
+                in_flight: Semaphore::new(max_in_flight),
+                max_in_flight,
+                latencies: Mutex::default(),
+            }));
         }
         Ok(Self {
             endpoints,
             headers,
             timeout: Duration::from_secs(cfg.timeout_seconds.unsigned_abs()),
             default_ttl: u32::try_from(cfg.cache_ttl_seconds).unwrap_or(300),
+            hedge_delay: cfg.hedge_delay_ms,
             broker_client_id: broker_client_id(),
             metrics,
+            flights: Arc::new(Semaphore::new(
+                usize::try_from(cfg.upstream_max_in_flight_total)
+                    .unwrap_or(1024)
+                    .clamp(1, Semaphore::MAX_PERMITS),
+            )),
         })
     }
 
     /// The endpoints, in failover order.
-    pub fn endpoints(&self) -> &[Endpoint] {
+    pub fn endpoints(&self) -> &[Arc<Endpoint>] {
         &self.endpoints
     }
 
@@ -324,14 +421,50 @@ impl Upstreams {
         &self.broker_client_id
     }
 
-    /// Asks each endpoint in order until one gives a valid answer. Open breakers are skipped
-    /// without waiting; each attempt is bounded by `timeout_seconds` and by `budget`.
+    /// `upstream_max_in_flight_total` permits: one per lookup (single flight) in flight, taken
+    /// by the caller of [`Upstreams::request`] (e.g. with `try_acquire_owned`) so that a storm of
+    /// distinct misses is bounded overall.
+    pub fn flight_permits(&self) -> &Arc<Semaphore> {
+        &self.flights
+    }
+
+    /// The names of the endpoints (for [`Upstreams::retire_metrics`] after a reload).
+    pub fn endpoint_names(&self) -> HashSet<String> {
+        self.endpoints.iter().map(|e| e.name.to_string()).collect()
+    }
+
+    /// Removes the metric series (`upstream_requests`, `upstream_duration`, `circuit_state`) of
+    /// every endpoint whose name is not in `still_configured`; called on the old upstreams after
+    /// a reload so that removed endpoints stop being exported.
+    pub fn retire_metrics(&self, still_configured: &HashSet<String>) {
+        for e in &self.endpoints {
+            if !still_configured.contains(&*e.name) {
+                Series::retire(&self.metrics, &e.name);
+            }
+        }
+    }
+
+    /// Sets each endpoint's `proxy_broker_circuit_state` gauge from its breaker (before a scrape).
+    pub fn refresh_circuit_metrics(&self) {
+        for e in &self.endpoints {
+            e.series.set_circuit(e.breaker.snapshot().kind.gauge_value());
+        }
+    }
+
+    /// The hedge delay for `endpoint` now; `None`: hedging is off.
+    pub fn hedge_delay(&self, endpoint: &Endpoint) -> Option<Duration> {
+        hedge::delay(self.hedge_delay, endpoint.median_latency(), self.timeout)
+    }
+
+    /// Asks the endpoints in order until one gives a valid answer, hedging slow ones (see the
+    /// module docs). Open breakers are skipped without waiting; each attempt is bounded by
+    /// `timeout_seconds` and by `budget`. The answer comes with the index of its endpoint.
     pub async fn request(
         &self,
         lookup: &Lookup,
         budget: Option<Budget>,
     ) -> Result<(Answer, usize), Vec<Failure>> {
-        let body = WireRequest {
+        let wire = WireRequest {
             exchange_id: &lookup.exchange_id.to_lowercase(),
             connection_type: lookup.connection_type.as_str(),
             region: lookup.region.as_deref(),
@@ -346,114 +479,126 @@ impl Upstreams {
                 .map(crate::json::struct_to_json)
                 .unwrap_or_default(),
         };
+        let body = match serde_json::to_vec(&wire) {
+            Ok(b) => Bytes::from(b),
+            Err(e) => {
+                return Err(self
+                    .endpoints
+                    .iter()
+                    .map(|ep| ep.failure(format!("cannot encode the request ({e})")))
+                    .collect());
+            }
+        };
+        let mut headers = self.headers.clone();
+        crate::telemetry::inject_current(&mut headers);
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let job = Arc::new(Job {
+            body,
+            headers,
+            timeout: self.timeout,
+            default_ttl: self.default_ttl,
+            budget,
+        });
+
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut race = Race::default();
         let mut failures = Vec::new();
-        for (index, endpoint) in self.endpoints.iter().enumerate() {
+        let mut next = 0;
+        let mut stopped = false;
+        // When to hedge, and the attempt that will then count as slow.
+        let mut hedge_at: Option<(Instant, usize)> = None;
+        loop {
+            if race.outstanding() == 0
+                && (stopped || !self.launch(&mut next, &job, &tx, &mut race, &mut failures, &mut hedge_at))
+            {
+                return Err(failures);
+            }
+            let timer = hedge_at.map(|(at, _)| at);
+            tokio::select! {
+                report = rx.recv() => {
+                    let Some((id, report)) = report else { return Err(failures) };
+                    let Some(attempt) = race.attempts.get_mut(id) else { continue };
+                    attempt.done = true;
+                    let endpoint = attempt.endpoint;
+                    if hedge_at.is_some_and(|(_, owner)| owner == id) {
+                        hedge_at = None;
+                    }
+                    match report {
+                        Report::Answer(answer) => return Ok((answer, endpoint)),
+                        Report::Failed { failure, stop } => {
+                            failures.push(failure);
+                            stopped |= stop;
+                            if !stopped {
+                                // Fast failover: the next endpoint is asked at once.
+                                self.launch(&mut next, &job, &tx, &mut race, &mut failures, &mut hedge_at);
+                            }
+                        }
+                    }
+                }
+                () = tokio::time::sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => {
+                    let Some((_, owner)) = hedge_at.take() else { continue };
+                    if !stopped
+                        && self.launch(&mut next, &job, &tx, &mut race, &mut failures, &mut hedge_at)
+                        && let Some(slow) = race.attempts.get_mut(owner)
+                    {
+                        slow.slow = true;
+                        tracing::debug!(
+                            endpoint = %self.endpoints[slow.endpoint].name,
+                            "no answer within the hedge delay: asked the next endpoint too"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts an attempt on the next endpoint whose breaker admits (skipped ones are recorded as
+    /// failures) and arms the hedge timer for it. `false` when no endpoint is left or the budget
+    /// is spent.
+    fn launch(
+        &self,
+        next: &mut usize,
+        job: &Arc<Job>,
+        tx: &mpsc::UnboundedSender<(usize, Report)>,
+        race: &mut Race,
+        failures: &mut Vec<Failure>,
+        hedge_at: &mut Option<(Instant, usize)>,
+    ) -> bool {
+        while let Some(endpoint) = self.endpoints.get(*next) {
+            let index = *next;
+            *next += 1;
+            if job
+                .budget
+                .is_some_and(|b| b.until.saturating_duration_since(Instant::now()).is_zero())
+            {
+                failures.push(endpoint.failure("deadline reached (not tried)".into()));
+                *next = self.endpoints.len();
+                return false;
+            }
             let Some(permit) = endpoint.breaker.try_acquire() else {
-                self.count(endpoint, "circuit_open", None);
-                failures.push(Failure {
-                    endpoint: endpoint.name.clone(),
-                    reason: "circuit breaker open (skipped)".into(),
-                });
+                endpoint.series.count(Outcome::CircuitOpen, None);
+                failures.push(endpoint.failure("circuit breaker open (skipped)".into()));
                 continue;
             };
-            let remaining = budget.map(|b| b.until.saturating_duration_since(Instant::now()));
-            if remaining.is_some_and(|r| r.is_zero()) {
-                failures.push(Failure {
-                    endpoint: endpoint.name.clone(),
-                    reason: "caller's deadline reached (not tried)".into(),
-                });
-                drop(permit);
-                break;
-            }
-            let caller_bound =
-                budget.is_some_and(|b| b.set_by_caller) && remaining.is_some_and(|r| r < self.timeout);
-            let budget = remaining.map_or(self.timeout, |r| r.min(self.timeout));
-            let started = std::time::Instant::now();
-            let outcome = tokio::time::timeout(budget, self.attempt(endpoint, &body)).await;
-            let latency = started.elapsed();
-            match outcome {
-                Ok(Ok(answer)) => {
-                    self.count(endpoint, "success", Some(latency));
-                    endpoint.record(latency, None);
-                    permit.success();
-                    return Ok((answer, index));
-                }
-                Ok(Err((outcome, reason))) => {
-                    self.count(endpoint, outcome, Some(latency));
-                    endpoint.record(latency, Some(&reason));
-                    permit.failure();
-                    tracing::warn!(endpoint = %endpoint.name, %reason, "upstream failed");
-                    failures.push(Failure {
-                        endpoint: endpoint.name.clone(),
-                        reason,
-                    });
-                }
-                Err(_) if caller_bound => {
-                    // The caller's deadline, not the endpoint, ran out: no verdict on the endpoint.
-                    self.count(endpoint, "deadline", Some(latency));
-                    drop(permit);
-                    failures.push(Failure {
-                        endpoint: endpoint.name.clone(),
-                        reason: format!("caller's deadline reached after {} ms", latency.as_millis()),
-                    });
-                    break;
-                }
-                Err(_) => {
-                    self.count(endpoint, "timeout", Some(latency));
-                    let reason = format!("timed out after {} s", budget.as_secs_f32());
-                    endpoint.record(latency, Some(&reason));
-                    permit.failure();
-                    tracing::warn!(endpoint = %endpoint.name, %reason, "upstream failed");
-                    failures.push(Failure {
-                        endpoint: endpoint.name.clone(),
-                        reason,
-                    });
-                }
-            }
+            let id = race.attempts.len();
+            let task = tokio::spawn(
+                attempt(endpoint.clone(), permit, job.clone(), tx.clone(), id).in_current_span(),
+            );
+            race.attempts.push(Running {
+                endpoint: index,
+                abort: task.abort_handle(),
+                slow: false,
+                done: false,
+            });
+            // Dropping the join handle detaches the task; the race aborts it when needed.
+            drop(task);
+            *hedge_at = match self.hedge_delay(endpoint) {
+                Some(delay) if *next < self.endpoints.len() => Some((Instant::now() + delay, id)),
+                _ => None,
+            };
+            return true;
         }
-        Err(failures)
-    }
-
-    fn count(&self, endpoint: &Endpoint, outcome: &'static str, latency: Option<Duration>) {
-        let name = endpoint.name.to_string();
-        self.metrics
-            .upstream_requests
-            .get_or_create(&vec![("endpoint", name.clone()), ("outcome", outcome.to_owned())])
-            .inc();
-        if let Some(l) = latency {
-            self.metrics
-                .upstream_duration
-                .get_or_create(&vec![("endpoint", name)])
-                .observe(l.as_secs_f64());
-        }
-    }
-
-    async fn attempt(
-        &self,
-        endpoint: &Endpoint,
-        body: &WireRequest<'_>,
-    ) -> Result<Answer, (&'static str, String)> {
-        let response = endpoint
-            .client
-            .post(endpoint.request_url.clone())
-            .headers({
-                let mut headers = self.headers.clone();
-                crate::telemetry::inject_current(&mut headers);
-                headers
-            })
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| ("error", describe_reqwest_error(&e)))?;
-        let status = response.status();
-        if !status.is_success() {
-            return Err(("error", format!("HTTP {status}")));
-        }
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| ("error", describe_reqwest_error(&e)))?;
-        parse_answer(&bytes, self.default_ttl).map_err(|e| ("invalid_answer", format!("invalid answer: {e}")))
+        false
     }
 
     /// The endpoint feedback for `proxy_url` should go to: `served_by` if given, else the first
@@ -469,7 +614,8 @@ impl Upstreams {
             .or((!self.endpoints.is_empty()).then_some(0))
     }
 
-    /// The wire form of a feedback report.
+    /// The wire form of a feedback report: `error_details` redacted (a feed's error text may
+    /// quote a proxy URL with its password), the timestamp written for any time.
     pub fn wire_feedback(&self, fb: &Feedback) -> WireFeedback {
         WireFeedback {
             proxy_url: fb.proxy_url.clone().unwrap_or_default(),
@@ -477,8 +623,8 @@ impl Upstreams {
             connection_type: fb.connection_type.as_str(),
             success: fb.success,
             latency_ms: fb.latency_ms,
-            error_details: fb.error_details.clone(),
-            timestamp: humantime::format_rfc3339_millis(fb.timestamp).to_string(),
+            error_details: fb.error_details.as_deref().map(redact_text),
+            timestamp: wire::rfc3339_millis(fb.timestamp),
             client_id: if fb.client_id.is_empty() {
                 self.broker_client_id.clone()
             } else {
@@ -489,7 +635,9 @@ impl Upstreams {
 
     /// Sends one feedback report to endpoint `index`.
     pub async fn deliver_feedback(&self, index: usize, body: &WireFeedback) -> Result<(), DeliveryError> {
-        let endpoint = &self.endpoints[index];
+        let Some(endpoint) = self.endpoints.get(index) else {
+            return Err(DeliveryError::Permanent(format!("no endpoint #{index}")));
+        };
         let send = endpoint
             .client
             .post(endpoint.feedback_url.clone())
@@ -506,10 +654,152 @@ impl Upstreams {
             Ok(())
         } else if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
             Err(DeliveryError::Transient(format!("HTTP {status}")))
+        } else if status.is_redirection() {
+            Err(DeliveryError::Permanent(format!(
+                "HTTP {status}: redirect (not followed)"
+            )))
         } else {
             Err(DeliveryError::Permanent(format!("HTTP {status}")))
         }
     }
+}
+
+/// One attempt, on its own task: waits for an in-flight slot, sends, reads and validates the
+/// answer, gives the breaker its verdict, counts, and reports to the lookup (which may be gone).
+async fn attempt(
+    endpoint: Arc<Endpoint>,
+    permit: Permit,
+    job: Arc<Job>,
+    tx: mpsc::UnboundedSender<(usize, Report)>,
+    id: usize,
+) {
+    let mut guard = CancelGuard {
+        endpoint: &endpoint,
+        finished: false,
+    };
+    let report = run_attempt(&endpoint, permit, &job).await;
+    guard.finished = true;
+    drop(guard);
+    let _ = tx.send((id, report));
+}
+
+async fn run_attempt(endpoint: &Endpoint, permit: Permit, job: &Job) -> Report {
+    let budget_until = job.budget.map(|b| b.until);
+    let caller_set = job.budget.is_some_and(|b| b.set_by_caller);
+    // The earlier of `start + timeout` and the budget; whether the budget is what cut it short.
+    let bound = |start: Instant| {
+        let own = start + job.timeout;
+        match budget_until {
+            Some(until) if until < own => (until, caller_set),
+            _ => (own, false),
+        }
+    };
+
+    // 1. An in-flight slot, waited for within the same bounds. Running out of time here says
+    //    nothing about the endpoint's health: no verdict.
+    let (wait_until, _) = bound(Instant::now());
+    let waited = Instant::now();
+    let slot = match tokio::time::timeout_at(wait_until, endpoint.in_flight.acquire()).await {
+        Ok(Ok(slot)) => slot,
+        _ => {
+            drop(permit);
+            endpoint.series.count(Outcome::Saturated, None);
+            return Report::Failed {
+                failure: endpoint.failure(format!(
+                    "saturated: {} requests in flight (upstream_max_in_flight) for {} ms",
+                    endpoint.max_in_flight,
+                    waited.elapsed().as_millis()
+                )),
+                stop: false,
+            };
+        }
+    };
+
+    // 2. The request itself.
+    let started = Instant::now();
+    let (until, caller_bound) = bound(started);
+    let outcome = tokio::time::timeout_at(until, send(endpoint, job)).await;
+    let latency = started.elapsed();
+    drop(slot);
+    match outcome {
+        Ok(Ok(answer)) => {
+            endpoint.series.count(Outcome::Success, Some(latency));
+            endpoint.record(Some(latency), None);
+            endpoint
+                .latencies
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .record(latency);
+            permit.success();
+            Report::Answer(answer)
+        }
+        Ok(Err((outcome, reason))) => {
+            endpoint.series.count(outcome, Some(latency));
+            endpoint.record(Some(latency), Some(&reason));
+            permit.failure();
+            tracing::warn!(endpoint = %endpoint.name, %reason, "upstream failed");
+            Report::Failed {
+                failure: endpoint.failure(reason),
+                stop: false,
+            }
+        }
+        Err(_) if caller_bound => {
+            // The caller's deadline, not the endpoint, ran out: no verdict on the endpoint.
+            endpoint.series.count(Outcome::Deadline, Some(latency));
+            drop(permit);
+            Report::Failed {
+                failure: endpoint.failure(format!(
+                    "caller's deadline reached after {} ms",
+                    latency.as_millis()
+                )),
+                stop: true,
+            }
+        }
+        Err(_) => {
+            endpoint.series.count(Outcome::Timeout, Some(latency));
+            let reason = format!("timed out after {} s", (until - started).as_secs_f32());
+            endpoint.record(Some(latency), Some(&reason));
+            permit.failure();
+            tracing::warn!(endpoint = %endpoint.name, %reason, "upstream failed");
+            Report::Failed {
+                failure: endpoint.failure(reason),
+                stop: false,
+            }
+        }
+    }
+}
+
+/// Sends the request and reads the answer, at most [`MAX_ANSWER_BYTES`] of it.
+async fn send(endpoint: &Endpoint, job: &Job) -> Result<Answer, (Outcome, String)> {
+    let mut response = endpoint
+        .client
+        .post(endpoint.request_url.clone())
+        .headers(job.headers.clone())
+        .body(job.body.clone())
+        .send()
+        .await
+        .map_err(|e| (Outcome::Error, describe_reqwest_error(&e)))?;
+    let status = response.status();
+    if status.is_redirection() {
+        // The Location is not shown: it may carry credentials.
+        return Err((
+            Outcome::Redirect,
+            format!("HTTP {status}: redirect (not followed)"),
+        ));
+    }
+    if !status.is_success() {
+        return Err((Outcome::Error, format!("HTTP {status}")));
+    }
+    let invalid = |e: String| (Outcome::InvalidAnswer, format!("invalid answer: {e}"));
+    let mut body = answer::LimitedBody::new(response.content_length()).map_err(invalid)?;
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| (Outcome::Error, describe_reqwest_error(&e)))?
+    {
+        body.push(&chunk).map_err(invalid)?;
+    }
+    parse_answer(&body.into_bytes(), job.default_ttl).map_err(invalid)
 }
 
 /// A reqwest error without the URL (which could carry credentials) and with its cause chain.
@@ -537,113 +827,122 @@ fn describe_reqwest_error(e: &reqwest::Error) -> String {
     }
 }
 
-/// Validates an upstream answer (the design's ProxyResponse). Unknown fields are ignored.
-pub fn parse_answer(body: &[u8], default_ttl: u32) -> Result<Answer, String> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON ({e})"))?;
-    let Value::Object(mut obj) = value else {
-        return Err("not a JSON object".into());
-    };
-    let proxy_url = match obj.remove("proxy_url") {
-        Some(Value::String(s)) => s,
-        Some(_) => return Err("proxy_url is not a string".into()),
-        None => return Err("proxy_url is missing".into()),
-    };
-    check_proxy_url(&proxy_url).map_err(|rule| format!("proxy_url {rule}"))?;
-    let strategy = match obj.remove("strategy") {
-        Some(Value::String(s)) => s,
-        Some(_) => return Err("strategy is not a string".into()),
-        None => return Err("strategy is missing".into()),
-    };
-    let ttl_seconds = match obj.remove("ttl_seconds") {
-        None | Some(Value::Null) => default_ttl,
-        Some(Value::Number(n)) => match n.as_i64() {
-            Some(t) if t >= MIN_ANSWER_TTL => u32::try_from(t).unwrap_or(u32::MAX),
-            Some(t) => return Err(format!("ttl_seconds {t} is below {MIN_ANSWER_TTL}")),
-            None => return Err(format!("ttl_seconds {n} is not a whole number")),
-        },
-        Some(_) => return Err("ttl_seconds is not a number".into()),
-    };
-    let fallback_policy = match obj.remove("fallback_policy") {
-        None | Some(Value::Null) => FallbackPolicy::EmbeddedFallback,
-        Some(Value::String(s)) => match s.as_str() {
-            "direct_connection" => FallbackPolicy::DirectConnection,
-            "embedded_fallback" => FallbackPolicy::EmbeddedFallback,
-            "fail" => FallbackPolicy::Fail,
-            other => {
-                return Err(format!(
-                    "fallback_policy '{other}' is not one of direct_connection, embedded_fallback, fail"
-                ));
-            }
-        },
-        Some(_) => return Err("fallback_policy is not a string".into()),
-    };
-    let metadata = match obj.remove("metadata") {
-        None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(m)) => m,
-        Some(_) => return Err("metadata is not an object".into()),
-    };
-    Ok(Answer {
-        proxy_url,
-        strategy,
-        ttl_seconds,
-        fallback_policy,
-        metadata,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::SystemClock;
 
-    #[test]
-    fn valid_answers_parse_with_defaults_and_extra_fields_ignored() {
-        let a = parse_answer(
-            br#"{"proxy_url":"socks5://p:1080","strategy":"geo","extra":1}"#,
-            300,
-        )
-        .unwrap();
-        assert_eq!(a.ttl_seconds, 300);
-        assert_eq!(a.fallback_policy, FallbackPolicy::EmbeddedFallback);
-        let a = parse_answer(
-            br#"{"proxy_url":"http://u:p@p:8080","strategy":"s","ttl_seconds":90,"fallback_policy":"fail","metadata":{"k":"v"}}"#,
-            300,
-        )
-        .unwrap();
-        assert_eq!((a.ttl_seconds, a.fallback_policy), (90, FallbackPolicy::Fail));
-        assert_eq!(a.metadata["k"], "v");
+    fn upstreams(endpoints: &[&str]) -> (Upstreams, Arc<crate::metrics::Metrics>) {
+        let cfg = ExternalServiceConfig {
+            enabled: true,
+            endpoints: endpoints.iter().map(|e| (*e).to_owned()).collect(),
+            auth_credentials: [("token".to_owned(), "t0ken-value-1234".to_owned())].into(),
+            ..Default::default()
+        };
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let u = Upstreams::new(&cfg, Arc::new(SystemClock), metrics.clone()).unwrap();
+        (u, metrics)
     }
 
     #[test]
-    fn invalid_answers_are_rejected_with_the_reason() {
-        let cases: &[(&[u8], &str)] = &[
-            (b"garbage", "not JSON"),
-            (b"[]", "not a JSON object"),
-            (br#"{"strategy":"s"}"#, "proxy_url is missing"),
-            (br#"{"proxy_url":"ftp://p:1","strategy":"s"}"#, "scheme 'ftp'"),
-            (br#"{"proxy_url":"socks5://p","strategy":"s"}"#, "no port"),
-            (
-                br#"{"proxy_url":"socks5://p:1","strategy":"s","ttl_seconds":5}"#,
-                "below 60",
+    fn every_series_of_an_endpoint_exists_from_the_start() {
+        let (_u, metrics) = upstreams(&["http://127.0.0.1:9"]);
+        let text = metrics.render();
+        for o in Outcome::ALL {
+            let series = format!(
+                "proxy_broker_upstream_requests_total{{endpoint=\"http://127.0.0.1:9\",outcome=\"{}\"}} 0",
+                o.label()
+            );
+            assert!(text.contains(&series), "{series} missing:\n{text}");
+        }
+        assert!(
+            text.contains("proxy_broker_upstream_duration_seconds_count{endpoint=\"http://127.0.0.1:9\"} 0")
+        );
+        assert!(text.contains("proxy_broker_circuit_state{endpoint=\"http://127.0.0.1:9\"} 0"));
+    }
+
+    #[test]
+    fn retire_metrics_removes_the_series_of_endpoints_no_longer_configured() {
+        let (old, metrics) = upstreams(&["http://127.0.0.1:9", "http://127.0.0.1:10"]);
+        old.endpoints[0]
+            .series
+            .count(Outcome::Success, Some(Duration::from_millis(3)));
+        old.endpoints[1]
+            .series
+            .count(Outcome::Timeout, Some(Duration::from_millis(3)));
+        // After a reload only :10 remains (the new upstreams share its series).
+        let new = Upstreams::new(
+            &ExternalServiceConfig {
+                enabled: true,
+                endpoints: vec!["http://127.0.0.1:10".into()],
+                ..Default::default()
+            },
+            Arc::new(SystemClock),
+            metrics.clone(),
+        )
+        .unwrap();
+        old.retire_metrics(&new.endpoint_names());
+        let text = metrics.render();
+        assert!(
+            !text.contains("127.0.0.1:9\""),
+            "removed endpoint still exported:\n{text}"
+        );
+        assert!(
+            text.contains(
+                "proxy_broker_upstream_requests_total{endpoint=\"http://127.0.0.1:10\",outcome=\"timeout\"} 1"
             ),
-            (
-                br#"{"proxy_url":"socks5://p:1","strategy":"s","fallback_policy":"retry"}"#,
-                "fallback_policy 'retry'",
-            ),
-            (br#"{"proxy_url":"socks5://p:1"}"#, "strategy is missing"),
-            (
-                br#"{"proxy_url":"socks5://p:1","strategy":"s","metadata":[1]}"#,
-                "metadata is not an object",
-            ),
-        ];
-        for (body, want) in cases {
-            let err = parse_answer(body, 300).unwrap_err();
-            assert!(err.contains(want), "{err} should contain {want}");
+            "kept endpoint keeps its counts:\n{text}"
+        );
+        new.endpoints[0].series.count(Outcome::Success, None);
+        assert!(metrics.render().contains(
+            "proxy_broker_upstream_requests_total{endpoint=\"http://127.0.0.1:10\",outcome=\"success\"} 1"
+        ));
+        // Retiring with everything still configured removes nothing.
+        new.retire_metrics(&new.endpoint_names());
+        assert!(metrics.render().contains("127.0.0.1:10"));
+    }
+
+    #[test]
+    fn the_flight_semaphore_has_upstream_max_in_flight_total_permits() {
+        let cfg = ExternalServiceConfig {
+            enabled: true,
+            endpoints: vec!["http://127.0.0.1:9".into()],
+            upstream_max_in_flight_total: 3,
+            upstream_max_in_flight: 2,
+            ..Default::default()
+        };
+        let u = Upstreams::new(&cfg, Arc::new(SystemClock), Arc::default()).unwrap();
+        assert_eq!(u.flight_permits().available_permits(), 3);
+        assert_eq!(u.endpoints()[0].in_flight(), 0);
+        assert_eq!(u.endpoints()[0].in_flight.available_permits(), 2);
+    }
+
+    fn feedback(error_details: &str, timestamp: std::time::SystemTime) -> Feedback {
+        Feedback {
+            proxy_url: Some("socks5://p:1080".into()),
+            exchange_id: "Binance".into(),
+            connection_type: proxy_broker_core::ConnectionType::Http,
+            success: false,
+            latency_ms: Some(5),
+            error_details: Some(error_details.into()),
+            timestamp,
+            client_id: String::new(),
         }
     }
 
     #[test]
-    fn a_rejected_proxy_url_never_shows_its_password() {
-        let err = parse_answer(br#"{"proxy_url":"ftp://u:hunter2@p:1","strategy":"s"}"#, 300).unwrap_err();
-        assert!(!err.contains("hunter2"), "{err}");
+    fn wire_feedback_redacts_error_details_and_never_panics_on_timestamps() {
+        let (u, _) = upstreams(&["http://127.0.0.1:9"]);
+        let before_1970 = std::time::UNIX_EPOCH - Duration::from_secs(1_000_000);
+        let wire = u.wire_feedback(&feedback(
+            "connect to http://alice:hunter2@proxy:8080 failed",
+            before_1970,
+        ));
+        let details = wire.error_details.as_deref().unwrap();
+        assert!(!details.contains("hunter2"), "{details}");
+        assert!(details.contains("proxy:8080"), "{details}");
+        assert_eq!(wire.timestamp, "1970-01-01T00:00:00.000Z");
+        assert_eq!(wire.exchange_id, "binance");
+        assert_eq!(wire.client_id, u.broker_client_id());
     }
 }

@@ -224,7 +224,8 @@ async fn http_401_counts_as_a_failure_and_the_next_endpoint_answers() {
 
 #[tokio::test]
 async fn timeout_counts_as_a_failure_and_the_next_endpoint_answers() {
-    let took = assert_fails_over(Reply::Hang, "timeout_seconds: 1", "timed out").await;
+    // Hedging off: the sequential failover after a timeout (hedging is tests/upstream_hardening.rs).
+    let took = assert_fails_over(Reply::Hang, "timeout_seconds: 1\nhedge_delay_ms: 0", "timed out").await;
     assert!(
         took >= Duration::from_millis(900) && took < secs(5),
         "bounded by timeout_seconds: {took:?}"
@@ -470,7 +471,8 @@ async fn open_endpoint_is_skipped_without_waiting() {
     hanging.default_request(Reply::Hang);
     let b = broker(
         &[&hanging, &healthy],
-        "timeout_seconds: 1\nfailure_threshold: 1",
+        // Hedging off, so that the first lookup waits for the timeout that opens the breaker.
+        "timeout_seconds: 1\nfailure_threshold: 1\nhedge_delay_ms: 0",
         "",
     )
     .await;

@@ -197,6 +197,61 @@ pub struct ExternalServiceConfig {
     pub eject_after_failures: i64,
     /// Most of one embedded pool that may be ejected at once, 0..=100 percent.
     pub max_ejection_percent: i64,
+    /// When to ask the next endpoint in parallel while one has not answered: `auto` or
+    /// 0..=60000 ms (0 turns hedging off).
+    pub hedge_delay_ms: HedgeDelay,
+    /// Upstream requests in flight per endpoint, 1..=10000.
+    pub upstream_max_in_flight: i64,
+    /// Upstream lookups (single flights) in flight overall, 1..=100000.
+    pub upstream_max_in_flight_total: i64,
+}
+
+/// `external_service.hedge_delay_ms`: `"auto"` or a whole number of milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum HedgeDelay {
+    /// 3 × the endpoint's recent median latency, at least 50 ms, at most half of `timeout_seconds`.
+    #[default]
+    Auto,
+    /// This many milliseconds (0 turns hedging off); checked to be 0..=60000 by validation.
+    Fixed(i64),
+}
+
+impl Serialize for HedgeDelay {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            HedgeDelay::Auto => serializer.serialize_str("auto"),
+            HedgeDelay::Fixed(ms) => serializer.serialize_i64(*ms),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HedgeDelay {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = HedgeDelay;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("\"auto\" or a whole number of milliseconds")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(HedgeDelay::Fixed(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(HedgeDelay::Fixed(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+            // Environment values are strings: "auto" or digits.
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                match v.trim() {
+                    "auto" => Ok(HedgeDelay::Auto),
+                    digits => digits
+                        .parse()
+                        .map(HedgeDelay::Fixed)
+                        .map_err(|_| E::invalid_value(de::Unexpected::Str(v), &self)),
+                }
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
 }
 
 impl Default for ExternalServiceConfig {
@@ -218,6 +273,9 @@ impl Default for ExternalServiceConfig {
             feedback_queue_size: 10_000,
             eject_after_failures: 3,
             max_ejection_percent: 50,
+            hedge_delay_ms: HedgeDelay::Auto,
+            upstream_max_in_flight: 64,
+            upstream_max_in_flight_total: 1024,
         }
     }
 }

@@ -280,6 +280,23 @@ impl Validate for ExternalServiceConfig {
             0,
             100,
         );
+        if let crate::model::HedgeDelay::Fixed(ms) = self.hedge_delay_ms {
+            check_range(problems, join(path, "hedge_delay_ms"), ms, 0, 60_000);
+        }
+        check_range(
+            problems,
+            join(path, "upstream_max_in_flight"),
+            self.upstream_max_in_flight,
+            1,
+            10_000,
+        );
+        check_range(
+            problems,
+            join(path, "upstream_max_in_flight_total"),
+            self.upstream_max_in_flight_total,
+            1,
+            100_000,
+        );
         const KNOWN: &[&str] = &[
             "token",
             "token_file",

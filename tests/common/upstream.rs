@@ -50,6 +50,13 @@ pub enum Reply {
     Garbage,
     /// Waits, then answers as the inner reply.
     Slow(Duration, Box<Reply>),
+    /// A redirect (e.g. 307) to `location`, with a short body.
+    Redirect(u16, String),
+    /// Waits for a permit of the gate (the test adds them), then answers as the inner reply.
+    Gated(Arc<tokio::sync::Semaphore>, Box<Reply>),
+    /// 200 with a JSON-looking body of `bytes` bytes, streamed in 64 KiB chunks without keeping
+    /// it in memory; with `declared`, `Content-Length` announces the size up front.
+    Huge { bytes: usize, declared: bool },
 }
 
 impl Reply {
@@ -77,6 +84,10 @@ impl Reply {
 pub struct Recorded {
     /// Arrival order across every upstream in the process.
     pub seq: u64,
+    /// When it arrived.
+    pub at: std::time::Instant,
+    /// The client's address (one per TCP connection).
+    pub peer: SocketAddr,
     pub path: String,
     /// HTTP/1.1 or HTTP/2.
     pub version: axum::http::Version,
@@ -120,12 +131,34 @@ struct Inner {
     requests: Mutex<Script>,
     feedback: Mutex<Script>,
     recorded: Mutex<Vec<Recorded>>,
+    /// Requests being answered now, and the most at once.
+    in_flight: std::sync::atomic::AtomicUsize,
+    max_in_flight: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Clone)]
 struct ConnState {
     inner: Arc<Inner>,
     kill: Arc<Notify>,
+    peer: SocketAddr,
+}
+
+/// Counts a request as in flight while it lives.
+struct InFlight(Arc<Inner>);
+
+impl InFlight {
+    fn new(inner: Arc<Inner>) -> Self {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = inner.in_flight.fetch_add(1, SeqCst) + 1;
+        inner.max_in_flight.fetch_max(now, SeqCst);
+        Self(inner)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// A running scriptable upstream. Stops accepting when dropped.
@@ -165,6 +198,8 @@ impl Upstream {
             requests: Script::new(Reply::proxy(&proxy)),
             feedback: Script::new(Reply::ok(json!({"ok": true}))),
             recorded: Mutex::new(Vec::new()),
+            in_flight: Default::default(),
+            max_in_flight: Default::default(),
         });
         let url = match tls {
             Some(_) => format!("https://localhost:{}", addr.port()),
@@ -174,7 +209,7 @@ impl Upstream {
         let state = inner.clone();
         let accept = tokio::spawn(async move {
             loop {
-                let Ok((tcp, _)) = listener.accept().await else {
+                let Ok((tcp, peer)) = listener.accept().await else {
                     continue;
                 };
                 // Dropping the socket then sends a reset instead of a clean close.
@@ -182,11 +217,11 @@ impl Upstream {
                 let (state, acceptor) = (state.clone(), acceptor.clone());
                 tokio::spawn(async move {
                     match acceptor {
-                        None => serve_connection(tcp, state).await,
+                        None => serve_connection(tcp, state, peer).await,
                         Some(acceptor) => {
                             // A failed handshake (e.g. no client certificate) just ends here.
                             if let Ok(tls) = acceptor.accept(tcp).await {
-                                serve_connection(tls, state).await;
+                                serve_connection(tls, state, peer).await;
                             }
                         }
                     }
@@ -251,6 +286,17 @@ impl Upstream {
         self.requests().len()
     }
 
+    /// The most proxy or feedback requests this upstream was answering at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.inner.max_in_flight.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Distinct TCP connections that carried proxy requests.
+    pub fn request_connections(&self) -> usize {
+        let peers: std::collections::HashSet<_> = self.requests().iter().map(|r| r.peer).collect();
+        peers.len()
+    }
+
     /// How many feedback reports arrived.
     pub fn feedback_count(&self) -> usize {
         self.feedback().len()
@@ -311,7 +357,7 @@ where
     }
 }
 
-async fn serve_connection<I>(io: I, inner: Arc<Inner>)
+async fn serve_connection<I>(io: I, inner: Arc<Inner>, peer: SocketAddr)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -319,6 +365,7 @@ where
     let router = axum::Router::new().fallback(handle).with_state(ConnState {
         inner,
         kill: kill.clone(),
+        peer,
     });
     let builder = auto::Builder::new(TokioExecutor::new());
     let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(router));
@@ -332,8 +379,11 @@ async fn handle(State(state): State<ConnState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let raw = axum::body::to_bytes(body, 1 << 20).await.unwrap_or_default();
     let path = parts.uri.path().to_owned();
+    let _in_flight = InFlight::new(state.inner.clone());
     state.inner.recorded.lock().unwrap().push(Recorded {
-        seq: SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
+        seq: next_seq(),
+        at: std::time::Instant::now(),
+        peer: state.peer,
         path: path.clone(),
         version: parts.version,
         headers: parts.headers,
@@ -373,6 +423,18 @@ async fn respond(mut reply: Reply, kill: &Notify) -> Response {
                 Body::from("<html>definitely {not json"),
             )
                 .into_response(),
+            Reply::Gated(gate, inner) => {
+                gate.acquire().await.unwrap().forget();
+                reply = *inner;
+                continue;
+            }
+            Reply::Redirect(status, location) => (
+                StatusCode::from_u16(status).unwrap(),
+                [(header::LOCATION, location)],
+                "redirecting",
+            )
+                .into_response(),
+            Reply::Huge { bytes, declared } => huge_body(bytes, declared),
             Reply::Hang => std::future::pending().await,
             Reply::Reset => {
                 kill.notify_one();
@@ -380,6 +442,160 @@ async fn respond(mut reply: Reply, kill: &Notify) -> Response {
             }
         };
     }
+}
+
+fn huge_body(bytes: usize, declared: bool) -> Response {
+    const CHUNK: usize = 64 * 1024;
+    let head = Bytes::from_static(br#"{"proxy_url":"socks5://huge.test:1080","strategy":""#);
+    let filler = Bytes::from(vec![b'a'; CHUNK]);
+    let tail = Bytes::from_static(br#""}"#);
+    let middle = bytes.saturating_sub(head.len() + tail.len());
+    let total = head.len() + middle + tail.len();
+    let chunks = std::iter::once(head)
+        .chain((0..middle / CHUNK).map(move |_| filler.clone()))
+        .chain(std::iter::once(Bytes::from(vec![b'a'; middle % CHUNK])))
+        .chain(std::iter::once(tail))
+        .map(Ok::<_, std::convert::Infallible>);
+    let mut response = Response::new(Body::from_stream(tokio_stream::iter(chunks)));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+    if declared {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, total.into());
+    }
+    response
+}
+
+/// A black-holed endpoint: accepts TCP connections, reads whatever arrives and never answers.
+/// It counts connections and sees when the client gives up (closes its side).
+#[derive(Debug)]
+pub struct BlackHole {
+    pub addr: SocketAddr,
+    /// `http://127.0.0.1:port`.
+    pub url: String,
+    state: Arc<BlackHoleState>,
+    accept: JoinHandle<()>,
+}
+
+#[derive(Debug, Default)]
+struct BlackHoleState {
+    /// Process-wide sequence numbers (as [`Recorded::seq`]) and arrival times of each
+    /// connection's first bytes.
+    requests: Mutex<Vec<(u64, std::time::Instant)>>,
+    /// Sequence numbers of the moments clients closed their connections.
+    closed: Mutex<Vec<u64>>,
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+impl BlackHole {
+    pub async fn start() -> Self {
+        use tokio::io::AsyncReadExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(BlackHoleState::default());
+        let shared = state.clone();
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((mut tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let state = shared.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    let mut seen = false;
+                    loop {
+                        match tcp.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(_) if !seen => {
+                                seen = true;
+                                let at = std::time::Instant::now();
+                                state.requests.lock().unwrap().push((next_seq(), at));
+                            }
+                            Ok(_) => {}
+                        }
+                    }
+                    if seen {
+                        state.closed.lock().unwrap().push(next_seq());
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            url: format!("http://{addr}"),
+            state,
+            accept,
+        }
+    }
+
+    /// Connections that sent a request so far.
+    pub fn request_count(&self) -> usize {
+        self.state.requests.lock().unwrap().len()
+    }
+
+    /// Connections with a request that the client closed (gave up on or cancelled).
+    pub fn closed_count(&self) -> usize {
+        self.state.closed.lock().unwrap().len()
+    }
+
+    /// Sequence numbers of requests arriving.
+    pub fn request_seqs(&self) -> Vec<u64> {
+        self.state
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(seq, _)| *seq)
+            .collect()
+    }
+
+    /// When requests arrived.
+    pub fn request_times(&self) -> Vec<std::time::Instant> {
+        self.state
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, at)| *at)
+            .collect()
+    }
+
+    /// Sequence numbers of clients closing.
+    pub fn closed_seqs(&self) -> Vec<u64> {
+        self.state.closed.lock().unwrap().clone()
+    }
+}
+
+/// The next process-wide event number (shared by every upstream and black hole).
+pub fn next_seq() -> u64 {
+    SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Drives `upstream` through `phases` (reply, how long) `rounds` times, then leaves `last` as its
+/// default reply: a flapping endpoint.
+pub fn flap(
+    upstream: &Upstream,
+    phases: Vec<(Reply, Duration)>,
+    rounds: usize,
+    last: Reply,
+) -> JoinHandle<()> {
+    let inner = upstream.inner.clone();
+    tokio::spawn(async move {
+        for _ in 0..rounds {
+            for (reply, period) in &phases {
+                inner.requests.lock().unwrap().default = reply.clone();
+                tokio::time::sleep(*period).await;
+            }
+        }
+        inner.requests.lock().unwrap().default = last;
+    })
 }
 
 /// A private CA with a server certificate (`localhost`, `127.0.0.1`) and a client certificate,
