@@ -3,6 +3,7 @@
 //! drops the new report and counts it; a failed delivery is logged and counted. Neither ever
 //! reaches the caller.
 
+use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -13,12 +14,13 @@ use tokio::sync::mpsc;
 
 use crate::grpc::Grpc;
 use crate::pb;
+use crate::proxy::shown;
 
 /// Longest `error_details` the broker accepts, in bytes.
 pub use proxy_broker_core::validate::MAX_ERROR_DETAILS_LEN;
 
-/// How a proxy (or a direct connection) worked.
-#[derive(Debug, Clone)]
+/// How a proxy (or a direct connection) worked. Its `Debug` masks the proxy's credentials.
+#[derive(Clone)]
 pub struct Feedback {
     /// The proxy as it was handed out; `None` for a direct connection.
     pub proxy_url: Option<String>,
@@ -32,6 +34,19 @@ pub struct Feedback {
     pub latency: Option<Duration>,
     /// What went wrong (passwords are redacted and the text cut to 4 KiB before sending).
     pub error: Option<String>,
+}
+
+impl fmt::Debug for Feedback {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Feedback")
+            .field("proxy_url", &self.proxy_url.as_deref().map(shown))
+            .field("exchange_id", &self.exchange_id)
+            .field("connection_type", &self.connection_type)
+            .field("success", &self.success)
+            .field("latency", &self.latency)
+            .field("error", &self.error.as_deref().map(redact_text))
+            .finish()
+    }
 }
 
 impl Feedback {

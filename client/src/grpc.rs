@@ -9,9 +9,12 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
+use proxy_broker_core::redact::{MASK, redact_text};
+
 use crate::error::Error;
 use crate::pb::proxy_broker_admin_client::ProxyBrokerAdminClient;
 use crate::pb::proxy_broker_client::ProxyBrokerClient;
+use crate::proxy::shown;
 
 /// Adds `authorization: Bearer <token>` to every call when a token is set.
 #[derive(Clone, Default)]
@@ -42,13 +45,26 @@ pub type BrokerStub = ProxyBrokerClient<InterceptedService<Channel, Auth>>;
 pub type AdminStub = ProxyBrokerAdminClient<InterceptedService<Channel, Auth>>;
 
 /// How to reach the broker.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct GrpcSettings {
     pub url: String,
     pub token: Option<String>,
     pub ca_pem: Vec<Vec<u8>>,
     pub tls_domain: Option<String>,
     pub connect_timeout: Duration,
+}
+
+/// By hand: the token is a secret, and the URL may carry credentials.
+impl fmt::Debug for GrpcSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GrpcSettings")
+            .field("url", &shown(&self.url))
+            .field("token", &self.token.as_ref().map(|_| MASK))
+            .field("broker_ca_pems", &self.ca_pem.len())
+            .field("tls_domain", &self.tls_domain)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
 }
 
 /// A lazily connected channel plus credentials.
@@ -61,9 +77,11 @@ pub(crate) struct Grpc {
 impl Grpc {
     /// Builds the channel without connecting (needs a Tokio runtime).
     pub(crate) fn new(settings: &GrpcSettings) -> Result<Self, Error> {
-        let url = settings.url.trim_end_matches('/');
-        let mut endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|e| Error::Settings(format!("broker URL '{url}': {e}")))?
+        let raw = settings.url.trim_end_matches('/');
+        // Shown in errors only with its credentials (if any) masked.
+        let url = shown(raw);
+        let mut endpoint = Endpoint::from_shared(raw.to_owned())
+            .map_err(|e| Error::Settings(format!("broker URL '{url}': {}", redact_text(&e.to_string()))))?
             .connect_timeout(settings.connect_timeout)
             .tcp_nodelay(true);
         match endpoint.uri().scheme_str() {

@@ -2,6 +2,7 @@
 //! cryptofeed reads it (`CRYPTOFEED_PROXY_*` environment over an optional YAML file's `proxy:`
 //! block) with the broker's own model, loader and resolver from `proxy-broker-core`.
 
+use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -17,8 +18,9 @@ pub const PROXY_ENV_PREFIX: &str = "CRYPTOFEED_PROXY_";
 /// Environment variable naming a YAML file whose `proxy:` block is the local configuration.
 pub const CONFIG_FILE_ENV: &str = "PROXY_BROKER_CLIENT_CONFIG";
 
-/// Where the local embedded configuration comes from.
-#[derive(Debug, Clone, Default)]
+/// Where the local embedded configuration comes from. Its `Debug` shows variable names and paths,
+/// never values (they hold proxy credentials and tokens).
+#[derive(Clone, Default)]
 pub enum LocalConfig {
     /// The process environment: `CRYPTOFEED_PROXY_*` variables over the YAML file named by
     /// `PROXY_BROKER_CLIENT_CONFIG`. Absent when neither is set.
@@ -33,6 +35,21 @@ pub enum LocalConfig {
     /// No local configuration: when the broker is unavailable, fail (or connect directly if
     /// allowed).
     None,
+}
+
+impl fmt::Debug for LocalConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LocalConfig::FromEnv => f.write_str("FromEnv"),
+            LocalConfig::EnvVars(vars) => f
+                .debug_tuple("EnvVars")
+                .field(&vars.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>())
+                .finish(),
+            LocalConfig::File(path) => f.debug_tuple("File").field(path).finish(),
+            LocalConfig::Settings(_) => f.write_str("Settings(..)"),
+            LocalConfig::None => f.write_str("None"),
+        }
+    }
 }
 
 /// A cryptofeed configuration file: the `proxy:` block; other top-level keys (the feed's own
@@ -50,10 +67,18 @@ impl Validate for FeedConfigFile {
 }
 
 /// A loaded local configuration with its resolver (pool rotation and leases live here).
-#[derive(Debug)]
 pub(crate) struct Local {
     resolver: EmbeddedResolver,
     ttl: Duration,
+}
+
+/// By hand: the resolver holds the proxy URLs, credentials included.
+impl fmt::Debug for Local {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Local")
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Local {
