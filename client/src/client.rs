@@ -535,6 +535,73 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn out_of_range_settings_are_errors_naming_the_setting_not_panics() {
+        type Set = fn(ClientBuilder) -> ClientBuilder;
+        // (setting, builder change, the value as shown in the error); each of these used to
+        // panic later (grpc-timeout encoding, `Instant + Duration`, the queue's channel).
+        let rows: [(&str, Set, &str); 7] = [
+            (
+                "broker_timeout",
+                |b| b.broker_timeout(Duration::MAX),
+                "18446744073709551615.",
+            ),
+            ("broker_timeout", |b| b.broker_timeout(Duration::ZERO), "0ns"),
+            (
+                "connect_timeout",
+                |b| b.connect_timeout(Duration::from_secs(3601)),
+                "3601s",
+            ),
+            ("connect_timeout", |b| b.connect_timeout(Duration::ZERO), "0ns"),
+            (
+                "broker_retry_after",
+                |b| b.broker_retry_after(Duration::MAX),
+                "18446744073709551615.",
+            ),
+            (
+                "feedback_queue",
+                |b| b.feedback_queue(usize::MAX),
+                "18446744073709551615",
+            ),
+            ("feedback_queue", |b| b.feedback_queue(0), "0 is out of range"),
+        ];
+        for (field, set, value) in rows {
+            let builder = set(BrokerClient::builder("http://127.0.0.1:1").local_config(LocalConfig::None));
+            match builder.build() {
+                Err(Error::InvalidArgument { field: got, rule }) => {
+                    assert_eq!(got, field, "{rule}");
+                    assert!(
+                        rule.contains(value) && rule.contains("out of range"),
+                        "{field}: {rule}"
+                    );
+                }
+                other => panic!("{field}: expected InvalidArgument, got {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_longest_allowed_settings_work() {
+        let client = BrokerClient::builder("http://127.0.0.1:1")
+            .local_config(LocalConfig::None)
+            .allow_direct_fallback(true)
+            .broker_timeout(MAX_TIMEOUT)
+            .connect_timeout(MAX_TIMEOUT)
+            .broker_retry_after(MAX_TIMEOUT)
+            .max_cache_ttl(Duration::MAX)
+            .feedback_queue(MAX_FEEDBACK_QUEUE)
+            .build()
+            .unwrap();
+        // Nothing listens on port 1: the broker is down, and `broker_retry_after` starts.
+        for _ in 0..2 {
+            let r = client
+                .resolve("binance", ConnectionType::Http, None)
+                .await
+                .unwrap();
+            assert_eq!(r.source, crate::Source::AllowedDirect);
+        }
+    }
+
+    #[tokio::test]
     async fn bad_arguments_are_rejected_before_asking_the_broker() {
         let client = BrokerClient::builder("http://127.0.0.1:1")
             .local_config(LocalConfig::None)

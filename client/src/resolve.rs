@@ -316,6 +316,18 @@ mod tests {
         assert!(cache.get(&key()).is_none());
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_ttl_of_u32_max_seconds_is_cut_to_max_ttl() {
+        let huge = answer("socks5://p:1080", u32::MAX);
+        assert_eq!(huge.ttl, MAX_TTL);
+        let cache = ResolveCache::new(Duration::MAX, 16);
+        cache.insert(key(), &huge);
+        tokio::time::advance(MAX_TTL - Duration::from_secs(1)).await;
+        assert!(cache.get(&key()).is_some());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(cache.get(&key()).is_none());
+    }
+
     #[test]
     fn unset_policy_means_embedded_fallback() {
         assert_eq!(FallbackPolicy::from_pb(0), FallbackPolicy::EmbeddedFallback);
