@@ -54,7 +54,7 @@ pub use connect::{ConnectOptions, WebSocket};
 pub use error::Error;
 pub use feedback::{Feedback, FeedbackStats};
 pub use grpc::{AdminStub, Auth, BrokerStub};
-pub use local::{CONFIG_FILE_ENV, LocalConfig, PROXY_ENV_PREFIX};
+pub use local::{CONFIG_FILE_ENV, LocalConfig, MAX_ENV_LIST_INDEX, PROXY_ENV_PREFIX};
 pub use proxy::{ProxyScheme, ProxyUrl};
 pub use proxy_broker_core::{ConnectionType, ProxySettings};
 pub use resolve::{FallbackPolicy, MAX_TTL, Resolved, Source};
