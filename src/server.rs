@@ -7,17 +7,16 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::server::NamedService;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tower::ServiceBuilder;
 
 use crate::admin::AdminService;
 use crate::auth::BearerAuth;
 use crate::broker::Broker;
-use crate::config::{BrokerConfig, Reflection, TlsConfig};
+use crate::config::{BrokerConfig, Reflection};
 use crate::pb;
 use crate::pb::proxy_broker_admin_server::ProxyBrokerAdminServer;
 use crate::pb::proxy_broker_server::ProxyBrokerServer;
@@ -43,9 +42,9 @@ pub enum ServeError {
     /// The transport failed.
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
-    /// TLS files could not be read.
-    #[error("server.tls: cannot read {0}: {1}")]
-    TlsFile(String, std::io::Error),
+    /// The TLS files cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Builds the broker for `config` and serves it on `listener` until `shutdown` completes.
@@ -55,16 +54,6 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     serve(listener, Arc::new(Broker::new(config)?), shutdown).await
-}
-
-fn tls_config(tls: &TlsConfig) -> Result<ServerTlsConfig, ServeError> {
-    let read = |path: &str| std::fs::read(path).map_err(|e| ServeError::TlsFile(path.to_owned(), e));
-    let mut config =
-        ServerTlsConfig::new().identity(Identity::from_pem(read(&tls.cert_file)?, read(&tls.key_file)?));
-    if let Some(ca) = &tls.client_ca_file {
-        config = config.client_ca_root(Certificate::from_pem(read(ca)?));
-    }
-    Ok(config)
 }
 
 /// Serves `broker` on `listener` until `shutdown` completes.
@@ -129,10 +118,8 @@ pub async fn serve(
         ))
         .into_inner();
 
-    let mut builder = Server::builder();
-    if let Some(tls) = &server_cfg.tls {
-        builder = builder.tls_config(tls_config(tls)?)?;
-    }
+    // TLS (certificates reloaded when their files change) is done by `tls::incoming`, below.
+    let builder = Server::builder();
     let mut router = builder
         // Health checks skip the limits (see `limits`): probes must not be shed.
         .layer(crate::limits::BypassLayer::new(stack))
@@ -161,8 +148,9 @@ pub async fn serve(
     };
 
     let local = listener.local_addr().ok();
+    let incoming = crate::tls::incoming(listener, server_cfg.tls.as_ref())?;
     tracing::info!(address = ?local, tls = server_cfg.tls.is_some(), "serving gRPC");
-    let server = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+    let server = router.serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(server);
     tokio::select! {
         result = &mut server => result?,
