@@ -557,3 +557,148 @@ impl AsyncWrite for Connection {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn pair() -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    struct OnDisk {
+        _dir: tempfile::TempDir,
+        cert: PathBuf,
+        key: PathBuf,
+    }
+
+    impl OnDisk {
+        fn new((cert, key): &(String, String)) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let files = Self {
+                cert: dir.path().join("tls.crt"),
+                key: dir.path().join("tls.key"),
+                _dir: dir,
+            };
+            files.write((cert, key));
+            files
+        }
+
+        fn write(&self, (cert, key): (&str, &str)) {
+            std::fs::write(&self.cert, cert).unwrap();
+            std::fs::write(&self.key, key).unwrap();
+        }
+
+        fn resolver(&self) -> ReloadingCert {
+            let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
+            ReloadingCert::load(&self.cert, &self.key, provider).unwrap()
+        }
+    }
+
+    fn served(resolver: &ReloadingCert) -> Vec<u8> {
+        resolver.current().cert[0].to_vec()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_files_are_looked_at_no_more_than_once_per_interval() {
+        let (first, second) = (pair(), pair());
+        let files = OnDisk::new(&first);
+        let resolver = files.resolver();
+        let before = served(&resolver);
+        files.write((&second.0, &second.1));
+        tokio::time::advance(RECHECK_INTERVAL / 2).await;
+        assert_eq!(resolver.reload_if_due(Instant::now()), Reload::NotDue);
+        assert_eq!(served(&resolver), before);
+        tokio::time::advance(RECHECK_INTERVAL / 2).await;
+        assert_eq!(resolver.reload_if_due(Instant::now()), Reload::Reloaded);
+        assert_ne!(served(&resolver), before);
+        // Just looked: not again before another interval, and nothing new then.
+        assert_eq!(resolver.reload_if_due(Instant::now()), Reload::NotDue);
+        tokio::time::advance(RECHECK_INTERVAL).await;
+        assert_eq!(resolver.reload_if_due(Instant::now()), Reload::Unchanged);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_pair_keeps_the_old_certificate_and_warns_once_per_shape() {
+        let (first, second) = (pair(), pair());
+        let files = OnDisk::new(&first);
+        let resolver = files.resolver();
+        let before = served(&resolver);
+        let look = || resolver.reload_if_due(Instant::now());
+        // (files written, outcome of the first look, outcome of the next)
+        let rows: [((&str, &str), Reload, Reload); 5] = [
+            // The new certificate with the old key: refused, warned once.
+            (
+                (&second.0, &first.1),
+                Reload::Refused { warned: true },
+                Reload::Refused { warned: false },
+            ),
+            // Another broken shape: a new warning.
+            (
+                (&second.0, ""),
+                Reload::Refused { warned: true },
+                Reload::Refused { warned: false },
+            ),
+            // Back to what is served: nothing to do, and the next break is news again.
+            ((&first.0, &first.1), Reload::Unchanged, Reload::Unchanged),
+            (
+                (&second.0, ""),
+                Reload::Refused { warned: true },
+                Reload::Refused { warned: false },
+            ),
+            // A good pair at last.
+            ((&second.0, &second.1), Reload::Reloaded, Reload::Unchanged),
+        ];
+        for (i, (written, first_look, next_look)) in rows.into_iter().enumerate() {
+            files.write(written);
+            tokio::time::advance(RECHECK_INTERVAL).await;
+            assert_eq!(look(), first_look, "row {i}");
+            tokio::time::advance(RECHECK_INTERVAL).await;
+            assert_eq!(look(), next_look, "row {i}");
+            if i < 4 {
+                assert_eq!(served(&resolver), before, "row {i}: the old certificate is kept");
+            }
+        }
+        assert_ne!(served(&resolver), before);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_missing_file_is_refused_like_a_broken_one() {
+        let files = OnDisk::new(&pair());
+        let resolver = files.resolver();
+        let before = served(&resolver);
+        std::fs::remove_file(&files.key).unwrap();
+        tokio::time::advance(RECHECK_INTERVAL).await;
+        assert_eq!(
+            resolver.reload_if_due(Instant::now()),
+            Reload::Refused { warned: true }
+        );
+        tokio::time::advance(RECHECK_INTERVAL).await;
+        assert_eq!(
+            resolver.reload_if_due(Instant::now()),
+            Reload::Refused { warned: false }
+        );
+        assert_eq!(served(&resolver), before);
+    }
+
+    #[test]
+    fn debug_shows_paths_and_sizes_never_the_key() {
+        let (cert, key) = pair();
+        let files = Files {
+            cert: cert.clone().into_bytes(),
+            key: key.clone().into_bytes(),
+        };
+        let shown = format!("{files:?}");
+        let body = key.lines().nth(1).unwrap().to_owned();
+        assert!(!shown.contains(&body) && !shown.contains("PRIVATE"), "{shown}");
+        let tmp = OnDisk::new(&(cert, key));
+        let shown = format!("{:?}", tmp.resolver());
+        assert!(shown.contains("tls.key") && !shown.contains(&body), "{shown}");
+    }
+}
