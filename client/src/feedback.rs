@@ -49,6 +49,22 @@ impl fmt::Debug for Feedback {
     }
 }
 
+/// The wire report, with the proxy URL's credentials masked.
+impl fmt::Debug for pb::ProxyFeedback {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProxyFeedback")
+            .field("proxy_url", &shown(&self.proxy_url))
+            .field("exchange_id", &self.exchange_id)
+            .field("connection_type", &self.connection_type)
+            .field("success", &self.success)
+            .field("latency_ms", &self.latency_ms)
+            .field("error_details", &self.error_details.as_deref().map(redact_text))
+            .field("timestamp", &self.timestamp)
+            .field("client_id", &self.client_id)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Feedback {
     /// The wire form, stamped with `client_id` and the current time.
     pub(crate) fn to_pb(&self, client_id: &str) -> pb::ProxyFeedback {
@@ -181,7 +197,7 @@ mod tests {
             error: Some(format!("via socks5://u:secret@p:1080: {}", "é".repeat(3000))),
         };
         let wire = fb.to_pb("me");
-        let details = wire.error_details.unwrap();
+        let details = wire.error_details.clone().unwrap();
         assert!(!details.contains("secret"));
         assert!(details.len() <= MAX_ERROR_DETAILS_LEN);
         assert_eq!(
@@ -189,5 +205,7 @@ mod tests {
             "the URL itself is sent as handed out"
         );
         assert_eq!(wire.client_id, "me");
+        let shown = format!("{wire:?}");
+        assert!(!shown.contains("secret") && shown.contains("@p:1080"), "{shown}");
     }
 }

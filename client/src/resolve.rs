@@ -108,6 +108,21 @@ pub struct Resolved {
     pub metadata: prost_types::Struct,
 }
 
+/// The wire answer, with the proxy URL's and endpoint's credentials masked.
+impl fmt::Debug for pb::ProxyResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProxyResponse")
+            .field("proxy_url", &shown(&self.proxy_url))
+            .field("strategy", &self.strategy)
+            .field("ttl_seconds", &self.ttl_seconds)
+            .field("fallback_policy", &self.fallback_policy)
+            .field("metadata", &self.metadata)
+            .field("source", &self.source)
+            .field("upstream_endpoint", &shown(&self.upstream_endpoint))
+            .finish_non_exhaustive()
+    }
+}
+
 impl fmt::Debug for Resolved {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Resolved")

@@ -65,7 +65,16 @@ async fn debug_and_errors_never_show_proxy_credentials_or_the_token() {
             url,
             "the URL itself is intact"
         );
-        let shown = format!("{resolved:?} {}", resolved.proxy.as_ref().unwrap());
+        let wire = client
+            .raw()
+            .request_proxy(proxy_broker_client::pb::ProxyRequest {
+                exchange_id: "binance".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let shown = format!("{resolved:?} {} {wire:?}", resolved.proxy.as_ref().unwrap());
         assert!(shown.contains(&dead.to_string()), "{shown}");
         assert_hidden(&shown, &everywhere, url);
 
