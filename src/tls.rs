@@ -12,8 +12,10 @@
 //!   bundle read at start; changing it needs a restart.
 //! - [`incoming`] accepts TCP connections and runs each TLS handshake on its own task with a
 //!   [`HANDSHAKE_TIMEOUT`], so a slow or silent client never holds up the accept loop; finished
-//!   handshakes are handed to tonic as [`Connection`]s (ALPN `h2`). Without TLS the accepted TCP
-//!   streams are handed over as they are.
+//!   handshakes are handed to tonic as [`Connection`]s (ALPN `h2`). Handshakes in progress are
+//!   bounded by that timeout (and the process's file-descriptor limit), not by a count, so that a
+//!   crowd of stalled clients cannot lock out a real one. Without TLS the accepted TCP streams are
+//!   handed over as they are.
 //!
 //! Why not tonic's `ServerTlsConfig`: it takes an identity once, at start.
 //! Why reading the files on a handshake rather than watching them (`notify`): a read of two small
