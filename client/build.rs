@@ -10,6 +10,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     tonic_prost_build::configure()
         .build_server(false)
+        // Messages that carry proxy URLs (credentials included) get a hand-written `Debug` that
+        // masks them (`src/resolve.rs`, `src/feedback.rs`).
+        .skip_debug(["proxybroker.v1.ProxyResponse", "proxybroker.v1.ProxyFeedback"])
         .compile_fds(fds)?;
     Ok(())
 }

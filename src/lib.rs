@@ -26,6 +26,7 @@ pub mod request;
 pub mod server;
 pub mod service;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 
 pub use config::BrokerConfig;

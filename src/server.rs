@@ -7,17 +7,16 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::server::NamedService;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tower::ServiceBuilder;
 
 use crate::admin::AdminService;
 use crate::auth::BearerAuth;
 use crate::broker::Broker;
-use crate::config::{BrokerConfig, Reflection, TlsConfig};
+use crate::config::{BrokerConfig, Reflection};
 use crate::pb;
 use crate::pb::proxy_broker_admin_server::ProxyBrokerAdminServer;
 use crate::pb::proxy_broker_server::ProxyBrokerServer;
@@ -49,9 +48,9 @@ pub enum ServeError {
     /// The transport failed.
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
-    /// TLS files could not be read.
-    #[error("server.tls: cannot read {0}: {1}")]
-    TlsFile(String, std::io::Error),
+    /// The TLS files cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Builds the broker for `config` and serves it on `listener` until `shutdown` completes.
@@ -61,16 +60,6 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     serve(listener, Arc::new(Broker::new(config)?), shutdown).await
-}
-
-fn tls_config(tls: &TlsConfig) -> Result<ServerTlsConfig, ServeError> {
-    let read = |path: &str| std::fs::read(path).map_err(|e| ServeError::TlsFile(path.to_owned(), e));
-    let mut config =
-        ServerTlsConfig::new().identity(Identity::from_pem(read(&tls.cert_file)?, read(&tls.key_file)?));
-    if let Some(ca) = &tls.client_ca_file {
-        config = config.client_ca_root(Certificate::from_pem(read(ca)?));
-    }
-    Ok(config)
 }
 
 /// Serves `broker` on `listener` until `shutdown` completes.
@@ -145,7 +134,7 @@ pub async fn serve(
 
     // Per connection: a bounded number of streams, and flow-control windows that bound the bytes
     // one connection can make the broker buffer (64 KiB per stream, 1 MiB per connection).
-    let mut builder = Server::builder()
+    let builder = Server::builder()
         .max_concurrent_streams(u32::try_from(server_cfg.max_concurrent_streams).unwrap_or(256))
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -155,11 +144,8 @@ pub async fn serve(
         )
         .http2_keepalive_timeout(Some(Duration::from_secs(
             server_cfg.http2_keepalive_timeout_seconds.unsigned_abs(),
-        )))
-        .tcp_nodelay(true);
-    if let Some(tls) = &server_cfg.tls {
-        builder = builder.tls_config(tls_config(tls)?)?;
-    }
+        )));
+    // TLS (certificates reloaded when their files change) is done by `tls::incoming`, below.
     let mut router = builder
         // Health checks skip the limits, feed calls are never shed (see `limits`).
         .layer(crate::limits::AdmissionLayer::new(feed_stack, other_stack))
@@ -188,8 +174,9 @@ pub async fn serve(
     };
 
     let local = listener.local_addr().ok();
+    let incoming = crate::tls::incoming(listener, server_cfg.tls.as_ref())?;
     tracing::info!(address = ?local, tls = server_cfg.tls.is_some(), "serving gRPC");
-    let server = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+    let server = router.serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(server);
     tokio::select! {
         result = &mut server => result?,

@@ -2,11 +2,13 @@
 //! feedback in the background. Connecting lives in [`crate::connect`].
 
 use std::collections::HashMap;
+use std::fmt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use proxy_broker_core::ConnectionType;
+use proxy_broker_core::redact::redact_text;
 use proxy_broker_core::validate::check_exchange_id;
 use rustls::pki_types::CertificateDer;
 use tokio::time::Instant;
@@ -16,14 +18,21 @@ use crate::feedback::{Feedback, FeedbackQueue, FeedbackStats, pb_connection_type
 use crate::grpc::{AdminStub, BrokerStub, Grpc, GrpcSettings};
 use crate::local::{Local, LocalConfig};
 use crate::pb;
+use crate::proxy::ProxyUrl;
 use crate::resolve::{Key, ResolveCache, Resolved};
 use proxy_broker_core::validate::MAX_REGION_LEN;
 
 /// Most answers kept in the resolve cache.
 const CACHE_ENTRIES: usize = 1024;
+/// Longest accepted `broker_timeout`, `connect_timeout` and `broker_retry_after`: anything longer
+/// is a mistake (and some of it would overflow a deadline or the `grpc-timeout` header).
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Most feedback reports that may wait for delivery (`feedback_queue`).
+pub const MAX_FEEDBACK_QUEUE: usize = 1 << 20;
 
-/// Settings for a [`BrokerClient`]; start with [`BrokerClient::builder`].
-#[derive(Debug, Clone)]
+/// Settings for a [`BrokerClient`]; start with [`BrokerClient::builder`]. Its `Debug` shows no
+/// token and no proxy credentials.
+#[derive(Clone)]
 #[must_use]
 pub struct ClientBuilder {
     grpc: GrpcSettings,
@@ -160,8 +169,17 @@ impl ClientBuilder {
                 "BrokerClient must be built inside a Tokio runtime".into(),
             ));
         }
-        if self.broker_timeout.is_zero() || self.connect_timeout.is_zero() {
-            return Err(Error::Settings("timeouts must be greater than zero".into()));
+        check_duration("broker_timeout", self.broker_timeout, false)?;
+        check_duration("connect_timeout", self.connect_timeout, false)?;
+        check_duration("broker_retry_after", self.broker_retry_after, true)?;
+        if !(1..=MAX_FEEDBACK_QUEUE).contains(&self.feedback_queue) {
+            return Err(Error::invalid(
+                "feedback_queue",
+                format!(
+                    "{} is out of range (1..={MAX_FEEDBACK_QUEUE})",
+                    self.feedback_queue
+                ),
+            ));
         }
         if let Some(region) = &self.region {
             check_region(region)?;
@@ -211,6 +229,43 @@ pub fn default_client_id() -> String {
     )
 }
 
+/// `value` must be at most [`MAX_TIMEOUT`], and non-zero unless `zero_ok`.
+fn check_duration(field: &'static str, value: Duration, zero_ok: bool) -> Result<(), Error> {
+    let (low, low_text) = if zero_ok {
+        (Duration::ZERO, "0")
+    } else {
+        (Duration::from_nanos(1), "greater than 0")
+    };
+    if value < low || value > MAX_TIMEOUT {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "{value:?} is out of range ({low_text} ..= {}s)",
+                MAX_TIMEOUT.as_secs()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("grpc", &self.grpc)
+            .field("broker_timeout", &self.broker_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("client_id", &self.client_id)
+            .field("region", &self.region)
+            .field("local", &self.local)
+            .field("allow_direct_fallback", &self.allow_direct_fallback)
+            .field("max_cache_ttl", &self.max_cache_ttl)
+            .field("broker_retry_after", &self.broker_retry_after)
+            .field("feedback_queue", &self.feedback_queue)
+            .field("root_ca_pems", &self.root_pem.len())
+            .finish()
+    }
+}
+
 fn check_region(region: &str) -> Result<(), Error> {
     if region.len() > MAX_REGION_LEN {
         return Err(Error::invalid(
@@ -222,12 +277,12 @@ fn check_region(region: &str) -> Result<(), Error> {
 }
 
 /// The feed's handle on the broker. Cheap to clone; clones share the cache and feedback queue.
+/// Its `Debug` shows no token and no proxy credentials.
 #[derive(Debug, Clone)]
 pub struct BrokerClient {
     pub(crate) inner: Arc<Inner>,
 }
 
-#[derive(Debug)]
 pub(crate) struct Inner {
     grpc: Grpc,
     pub(crate) client_id: String,
@@ -242,15 +297,63 @@ pub(crate) struct Inner {
     feedback: FeedbackQueue,
     pub(crate) tls: Result<Arc<rustls::ClientConfig>, String>,
     pub(crate) roots: Vec<CertificateDer<'static>>,
-    pub(crate) http_clients: Mutex<HashMap<(Option<String>, Duration), reqwest::Client>>,
+    /// reqwest clients by proxy and connect timeout (keyed by [`ProxyUrl`], whose `Debug` hides
+    /// its credentials).
+    pub(crate) http_clients: Mutex<HashMap<(Option<ProxyUrl>, Duration), reqwest::Client>>,
+}
+
+/// By hand: only fields that cannot hold a secret, and no foreign `Debug` that might (reqwest
+/// clients carry proxy URLs, the local resolver carries the local configuration).
+impl fmt::Debug for Inner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BrokerClient")
+            .field("grpc", &self.grpc)
+            .field("client_id", &self.client_id)
+            .field("broker_timeout", &self.broker_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("region", &self.region)
+            .field("local", &self.local)
+            .field("allow_direct_fallback", &self.allow_direct_fallback)
+            .field("cache", &self.cache)
+            .field("broker_retry_after", &self.broker_retry_after)
+            .field("feedback", &self.feedback.stats())
+            .field(
+                "tls",
+                &self.tls.as_ref().map(|_| "rustls").map_err(String::as_str),
+            )
+            .field("root_certificates", &self.roots.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why the broker gave no answer.
 enum BrokerFailure {
-    /// Unreachable, timed out, or UNAVAILABLE: the local configuration may answer.
+    /// Unreachable, timed out, or a status that says the broker could not decide (see
+    /// [`falls_back`]): the local configuration may answer.
     Unavailable(String),
     /// Any other refusal: returned to the caller.
     Refused(Error),
+}
+
+/// Whether a status from the broker means "no answer right now" (fall back locally) rather than
+/// "your request is wrong" (surface it).
+///
+/// UNAVAILABLE, DEADLINE_EXCEEDED and CANCELLED: the broker or its upstream is down or slow.
+/// RESOURCE_EXHAUSTED: the broker shed the call under load. UNKNOWN and INTERNAL: a broker bug,
+/// or something between the feed and the broker (a proxy, a load balancer) that does not speak
+/// gRPC. None of these is the feed's fault and a local answer is better than none. Everything
+/// else (UNAUTHENTICATED, PERMISSION_DENIED, INVALID_ARGUMENT, UNIMPLEMENTED, ...) is a
+/// misconfiguration a fallback would hide, so it is returned.
+fn falls_back(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
+            | tonic::Code::ResourceExhausted
+            | tonic::Code::Unknown
+            | tonic::Code::Internal
+    )
 }
 
 impl BrokerClient {
@@ -287,9 +390,10 @@ impl BrokerClient {
     /// Which proxy to use for `exchange` and `connection_type` (optionally in `region`).
     ///
     /// A cached broker answer is reused until its TTL passes. When the broker is unreachable,
-    /// times out or answers UNAVAILABLE, the local embedded configuration answers
-    /// ([`crate::Source::Local`]); without one this fails with [`Error::NoRoute`] unless direct
-    /// connections were allowed. Other broker errors are returned as [`Error::Broker`].
+    /// times out, or answers UNAVAILABLE, RESOURCE_EXHAUSTED, UNKNOWN or INTERNAL, the local
+    /// embedded configuration answers ([`crate::Source::Local`]); without one this fails with
+    /// [`Error::NoRoute`] unless direct connections were allowed. Other broker errors
+    /// (UNAUTHENTICATED, INVALID_ARGUMENT, ...) are returned as [`Error::Broker`].
     pub async fn resolve(
         &self,
         exchange: &str,
@@ -358,20 +462,20 @@ impl BrokerClient {
                 return Resolved::from_pb(response.into_inner()).map_err(BrokerFailure::Refused);
             }
             Err(_) => format!("no answer within {:?}", inner.broker_timeout),
-            Ok(Err(status)) => match status.code() {
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
-                    format!("{:?}: {}", status.code(), status.message())
-                }
-                code => {
-                    return Err(BrokerFailure::Refused(Error::Broker {
-                        code,
-                        message: status.message().to_owned(),
-                    }));
-                }
-            },
+            Ok(Err(status)) if falls_back(status.code()) => {
+                format!("{:?}: {}", status.code(), redact_text(status.message()))
+            }
+            Ok(Err(status)) => {
+                return Err(BrokerFailure::Refused(Error::Broker {
+                    code: status.code(),
+                    message: redact_text(status.message()),
+                }));
+            }
         };
         if !inner.broker_retry_after.is_zero() {
-            *lock(&inner.broker_down_until) = Some(Instant::now() + inner.broker_retry_after);
+            // `broker_retry_after` is at most `MAX_TIMEOUT` (checked in `build`); `checked_add`
+            // all the same, so that no setting can make this panic.
+            *lock(&inner.broker_down_until) = Instant::now().checked_add(inner.broker_retry_after);
         }
         Err(BrokerFailure::Unavailable(failure))
     }
@@ -428,6 +532,73 @@ mod tests {
     fn building_outside_a_runtime_is_an_error_not_a_panic() {
         let err = BrokerClient::new("http://127.0.0.1:1").unwrap_err().to_string();
         assert!(err.contains("Tokio runtime"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn out_of_range_settings_are_errors_naming_the_setting_not_panics() {
+        type Set = fn(ClientBuilder) -> ClientBuilder;
+        // (setting, builder change, the value as shown in the error); each of these used to
+        // panic later (grpc-timeout encoding, `Instant + Duration`, the queue's channel).
+        let rows: [(&str, Set, &str); 7] = [
+            (
+                "broker_timeout",
+                |b| b.broker_timeout(Duration::MAX),
+                "18446744073709551615.",
+            ),
+            ("broker_timeout", |b| b.broker_timeout(Duration::ZERO), "0ns"),
+            (
+                "connect_timeout",
+                |b| b.connect_timeout(Duration::from_secs(3601)),
+                "3601s",
+            ),
+            ("connect_timeout", |b| b.connect_timeout(Duration::ZERO), "0ns"),
+            (
+                "broker_retry_after",
+                |b| b.broker_retry_after(Duration::MAX),
+                "18446744073709551615.",
+            ),
+            (
+                "feedback_queue",
+                |b| b.feedback_queue(usize::MAX),
+                "18446744073709551615",
+            ),
+            ("feedback_queue", |b| b.feedback_queue(0), "0 is out of range"),
+        ];
+        for (field, set, value) in rows {
+            let builder = set(BrokerClient::builder("http://127.0.0.1:1").local_config(LocalConfig::None));
+            match builder.build() {
+                Err(Error::InvalidArgument { field: got, rule }) => {
+                    assert_eq!(got, field, "{rule}");
+                    assert!(
+                        rule.contains(value) && rule.contains("out of range"),
+                        "{field}: {rule}"
+                    );
+                }
+                other => panic!("{field}: expected InvalidArgument, got {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_longest_allowed_settings_work() {
+        let client = BrokerClient::builder("http://127.0.0.1:1")
+            .local_config(LocalConfig::None)
+            .allow_direct_fallback(true)
+            .broker_timeout(MAX_TIMEOUT)
+            .connect_timeout(MAX_TIMEOUT)
+            .broker_retry_after(MAX_TIMEOUT)
+            .max_cache_ttl(Duration::MAX)
+            .feedback_queue(MAX_FEEDBACK_QUEUE)
+            .build()
+            .unwrap();
+        // Nothing listens on port 1: the broker is down, and `broker_retry_after` starts.
+        for _ in 0..2 {
+            let r = client
+                .resolve("binance", ConnectionType::Http, None)
+                .await
+                .unwrap();
+            assert_eq!(r.source, crate::Source::AllowedDirect);
+        }
     }
 
     #[tokio::test]

@@ -206,7 +206,7 @@ impl BrokerClient {
         proxy: Option<&ProxyUrl>,
         connect_timeout: Duration,
     ) -> Result<reqwest::Client, Error> {
-        let key = (proxy.map(|p| p.as_str().to_owned()), connect_timeout);
+        let key = (proxy.cloned(), connect_timeout);
         if let Some(client) = lock(&self.inner.http_clients).get(&key) {
             return Ok(client.clone());
         }

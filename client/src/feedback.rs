@@ -3,6 +3,7 @@
 //! drops the new report and counts it; a failed delivery is logged and counted. Neither ever
 //! reaches the caller.
 
+use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -13,12 +14,13 @@ use tokio::sync::mpsc;
 
 use crate::grpc::Grpc;
 use crate::pb;
+use crate::proxy::shown;
 
 /// Longest `error_details` the broker accepts, in bytes.
 pub use proxy_broker_core::validate::MAX_ERROR_DETAILS_LEN;
 
-/// How a proxy (or a direct connection) worked.
-#[derive(Debug, Clone)]
+/// How a proxy (or a direct connection) worked. Its `Debug` masks the proxy's credentials.
+#[derive(Clone)]
 pub struct Feedback {
     /// The proxy as it was handed out; `None` for a direct connection.
     pub proxy_url: Option<String>,
@@ -32,6 +34,35 @@ pub struct Feedback {
     pub latency: Option<Duration>,
     /// What went wrong (passwords are redacted and the text cut to 4 KiB before sending).
     pub error: Option<String>,
+}
+
+impl fmt::Debug for Feedback {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Feedback")
+            .field("proxy_url", &self.proxy_url.as_deref().map(shown))
+            .field("exchange_id", &self.exchange_id)
+            .field("connection_type", &self.connection_type)
+            .field("success", &self.success)
+            .field("latency", &self.latency)
+            .field("error", &self.error.as_deref().map(redact_text))
+            .finish()
+    }
+}
+
+/// The wire report, with the proxy URL's credentials masked.
+impl fmt::Debug for pb::ProxyFeedback {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProxyFeedback")
+            .field("proxy_url", &shown(&self.proxy_url))
+            .field("exchange_id", &self.exchange_id)
+            .field("connection_type", &self.connection_type)
+            .field("success", &self.success)
+            .field("latency_ms", &self.latency_ms)
+            .field("error_details", &self.error_details.as_deref().map(redact_text))
+            .field("timestamp", &self.timestamp)
+            .field("client_id", &self.client_id)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Feedback {
@@ -166,7 +197,7 @@ mod tests {
             error: Some(format!("via socks5://u:secret@p:1080: {}", "é".repeat(3000))),
         };
         let wire = fb.to_pb("me");
-        let details = wire.error_details.unwrap();
+        let details = wire.error_details.clone().unwrap();
         assert!(!details.contains("secret"));
         assert!(details.len() <= MAX_ERROR_DETAILS_LEN);
         assert_eq!(
@@ -174,5 +205,7 @@ mod tests {
             "the URL itself is sent as handed out"
         );
         assert_eq!(wire.client_id, "me");
+        let shown = format!("{wire:?}");
+        assert!(!shown.contains("secret") && shown.contains("@p:1080"), "{shown}");
     }
 }

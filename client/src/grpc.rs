@@ -9,9 +9,12 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
+use proxy_broker_core::redact::{MASK, redact_text};
+
 use crate::error::Error;
 use crate::pb::proxy_broker_admin_client::ProxyBrokerAdminClient;
 use crate::pb::proxy_broker_client::ProxyBrokerClient;
+use crate::proxy::shown;
 
 /// Adds `authorization: Bearer <token>` to every call when a token is set.
 #[derive(Clone, Default)]
@@ -42,13 +45,26 @@ pub type BrokerStub = ProxyBrokerClient<InterceptedService<Channel, Auth>>;
 pub type AdminStub = ProxyBrokerAdminClient<InterceptedService<Channel, Auth>>;
 
 /// How to reach the broker.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct GrpcSettings {
     pub url: String,
     pub token: Option<String>,
     pub ca_pem: Vec<Vec<u8>>,
     pub tls_domain: Option<String>,
     pub connect_timeout: Duration,
+}
+
+/// By hand: the token is a secret, and the URL may carry credentials.
+impl fmt::Debug for GrpcSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GrpcSettings")
+            .field("url", &shown(&self.url))
+            .field("token", &self.token.as_ref().map(|_| MASK))
+            .field("broker_ca_pems", &self.ca_pem.len())
+            .field("tls_domain", &self.tls_domain)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
 }
 
 /// A lazily connected channel plus credentials.
@@ -61,11 +77,14 @@ pub(crate) struct Grpc {
 impl Grpc {
     /// Builds the channel without connecting (needs a Tokio runtime).
     pub(crate) fn new(settings: &GrpcSettings) -> Result<Self, Error> {
-        let url = settings.url.trim_end_matches('/');
-        let mut endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|e| Error::Settings(format!("broker URL '{url}': {e}")))?
+        let raw = settings.url.trim_end_matches('/');
+        // Shown in errors only with its credentials (if any) masked.
+        let url = shown(raw);
+        let mut endpoint = Endpoint::from_shared(raw.to_owned())
+            .map_err(|e| Error::Settings(format!("broker URL '{url}': {}", redact_text(&e.to_string()))))?
             .connect_timeout(settings.connect_timeout)
             .tcp_nodelay(true);
+        check_authority(endpoint.uri(), &url)?;
         match endpoint.uri().scheme_str() {
             Some("http") => {
                 if !settings.ca_pem.is_empty() {
@@ -117,6 +136,28 @@ impl Grpc {
     }
 }
 
+/// The broker URL's authority: a host, an optional numeric port, no credentials (gRPC would put
+/// them in the `:authority` header and never use them; the token goes in `auth_token`).
+fn check_authority(uri: &tonic::codegen::http::Uri, shown: &str) -> Result<(), Error> {
+    let Some(authority) = uri.authority() else {
+        return Err(Error::Settings(format!("broker URL '{shown}' has no host")));
+    };
+    if authority.as_str().contains('@') {
+        return Err(Error::Settings(format!(
+            "broker URL '{shown}' carries credentials, which are not used: give the token with auth_token"
+        )));
+    }
+    let after_host = &authority.as_str()[authority.host().len()..];
+    if let Some(port) = after_host.strip_prefix(':')
+        && port.parse::<u16>().is_err()
+    {
+        return Err(Error::Settings(format!(
+            "broker URL '{shown}': port '{port}' is not a number in 0..=65535"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,5 +199,32 @@ mod tests {
         plain_with_ca.ca_pem.push(b"pem".to_vec());
         assert!(Grpc::new(&plain_with_ca).is_err());
         assert!(Grpc::new(&settings("https://broker:443", None)).is_ok());
+    }
+
+    #[tokio::test]
+    async fn broker_urls_need_a_numeric_port_and_no_credentials() {
+        // (URL, what the error says; None: accepted)
+        let rows = [
+            ("http://broker:50051", None),
+            ("http://broker", None),
+            ("http://[::1]:50051", None),
+            ("https://[::1]", None),
+            ("http://broker:not-a-port", Some("port 'not-a-port'")),
+            ("http://broker:70000", Some("port '70000'")),
+            ("http://user:pass@broker:1", Some("carries credentials")),
+            ("http://token@broker:1", Some("carries credentials")),
+        ];
+        for (url, expected) in rows {
+            match (Grpc::new(&settings(url, None)), expected) {
+                (Ok(_), None) => {}
+                (Err(e), Some(text)) => {
+                    let e = e.to_string();
+                    assert!(e.contains(text), "{url}: {e}");
+                    assert!(!e.contains("pass") && !e.contains("token@"), "{url}: {e}");
+                }
+                (Ok(_), Some(text)) => panic!("{url}: accepted, expected '{text}'"),
+                (Err(e), None) => panic!("{url}: {e}"),
+            }
+        }
     }
 }

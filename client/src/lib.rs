@@ -23,7 +23,7 @@
 //!
 //! - [`BrokerClient::resolve`]: the proxy (or direct), its TTL, fallback policy and source; broker
 //!   answers are cached for their TTL. When the broker is unreachable, times out or answers
-//!   UNAVAILABLE, the local embedded configuration answers — read like cryptofeed reads it, with
+//!   UNAVAILABLE, RESOURCE_EXHAUSTED, UNKNOWN or INTERNAL, the local embedded configuration answers — read like cryptofeed reads it, with
 //!   the broker's own code from `proxy-broker-core` ([`LocalConfig`]). Without one the call fails
 //!   closed ([`Error::NoRoute`]) unless [`ClientBuilder::allow_direct_fallback`] was set.
 //! - [`BrokerClient::connect_websocket`]: a tokio-tungstenite stream through `socks5`, `socks5h`,
@@ -49,15 +49,15 @@ mod resolve;
 mod tls;
 mod tunnel;
 
-pub use client::{BrokerClient, ClientBuilder, default_client_id};
+pub use client::{BrokerClient, ClientBuilder, MAX_FEEDBACK_QUEUE, MAX_TIMEOUT, default_client_id};
 pub use connect::{ConnectOptions, WebSocket};
 pub use error::Error;
 pub use feedback::{Feedback, FeedbackStats};
 pub use grpc::{AdminStub, Auth, BrokerStub};
-pub use local::{CONFIG_FILE_ENV, LocalConfig, PROXY_ENV_PREFIX};
+pub use local::{CONFIG_FILE_ENV, LocalConfig, MAX_ENV_LIST_INDEX, PROXY_ENV_PREFIX};
 pub use proxy::{ProxyScheme, ProxyUrl};
 pub use proxy_broker_core::{ConnectionType, ProxySettings};
-pub use resolve::{FallbackPolicy, Resolved, Source};
+pub use resolve::{FallbackPolicy, MAX_TTL, Resolved, Source};
 pub use tunnel::{Connection, Route};
 
 /// The WebSocket message type (re-exported from tungstenite).

@@ -2,6 +2,7 @@
 //! cryptofeed reads it (`CRYPTOFEED_PROXY_*` environment over an optional YAML file's `proxy:`
 //! block) with the broker's own model, loader and resolver from `proxy-broker-core`.
 
+use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -17,8 +18,9 @@ pub const PROXY_ENV_PREFIX: &str = "CRYPTOFEED_PROXY_";
 /// Environment variable naming a YAML file whose `proxy:` block is the local configuration.
 pub const CONFIG_FILE_ENV: &str = "PROXY_BROKER_CLIENT_CONFIG";
 
-/// Where the local embedded configuration comes from.
-#[derive(Debug, Clone, Default)]
+/// Where the local embedded configuration comes from. Its `Debug` shows variable names and paths,
+/// never values (they hold proxy credentials and tokens).
+#[derive(Clone, Default)]
 pub enum LocalConfig {
     /// The process environment: `CRYPTOFEED_PROXY_*` variables over the YAML file named by
     /// `PROXY_BROKER_CLIENT_CONFIG`. Absent when neither is set.
@@ -33,6 +35,21 @@ pub enum LocalConfig {
     /// No local configuration: when the broker is unavailable, fail (or connect directly if
     /// allowed).
     None,
+}
+
+impl fmt::Debug for LocalConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LocalConfig::FromEnv => f.write_str("FromEnv"),
+            LocalConfig::EnvVars(vars) => f
+                .debug_tuple("EnvVars")
+                .field(&vars.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>())
+                .finish(),
+            LocalConfig::File(path) => f.debug_tuple("File").field(path).finish(),
+            LocalConfig::Settings(_) => f.write_str("Settings(..)"),
+            LocalConfig::None => f.write_str("None"),
+        }
+    }
 }
 
 /// A cryptofeed configuration file: the `proxy:` block; other top-level keys (the feed's own
@@ -50,10 +67,18 @@ impl Validate for FeedConfigFile {
 }
 
 /// A loaded local configuration with its resolver (pool rotation and leases live here).
-#[derive(Debug)]
 pub(crate) struct Local {
     resolver: EmbeddedResolver,
     ttl: Duration,
+}
+
+/// By hand: the resolver holds the proxy URLs, credentials included.
+impl fmt::Debug for Local {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Local")
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Local {
@@ -104,6 +129,33 @@ fn process_env() -> Vec<(String, String)> {
         .collect()
 }
 
+/// Largest list index a `CRYPTOFEED_PROXY_*` variable name may carry (`...__PROXIES__9999__URL`).
+///
+/// The shared loader fills a list up to the index it is given, so a name like
+/// `...__PROXIES__99999999999__URL` would have it allocate terabytes and abort the process; the
+/// client refuses such names before loading.
+pub const MAX_ENV_LIST_INDEX: u64 = 9_999;
+
+/// Refuses variable names with a list index above [`MAX_ENV_LIST_INDEX`], naming the variable.
+fn check_list_indexes(vars: &[(String, String)]) -> Result<(), Error> {
+    for (name, _) in vars {
+        if !name.to_ascii_uppercase().starts_with(PROXY_ENV_PREFIX) {
+            continue;
+        }
+        let too_big = name[PROXY_ENV_PREFIX.len()..].split("__").any(|segment| {
+            !segment.is_empty()
+                && segment.bytes().all(|b| b.is_ascii_digit())
+                && !segment.parse::<u64>().is_ok_and(|i| i <= MAX_ENV_LIST_INDEX)
+        });
+        if too_big {
+            return Err(Error::Settings(format!(
+                "environment variable {name}: a list index must be at most {MAX_ENV_LIST_INDEX}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Loads from `vars` and a file (explicit, else named by `PROXY_BROKER_CLIENT_CONFIG`); `None`
 /// when there is neither a file nor any `CRYPTOFEED_PROXY_*` variable.
 fn from_vars(vars: Vec<(String, String)>, file: Option<PathBuf>) -> Result<Option<ProxySettings>, Error> {
@@ -118,6 +170,7 @@ fn from_vars(vars: Vec<(String, String)>, file: Option<PathBuf>) -> Result<Optio
     if file.is_none() && !has_env {
         return Ok(None);
     }
+    check_list_indexes(&vars)?;
     let mut loader = Loader::new()
         .env_mapping(EnvMapping::new(PROXY_ENV_PREFIX, "proxy"))
         .env_vars(vars)
@@ -186,6 +239,29 @@ mod tests {
         let local = Local::load(&vars(&[(CONFIG_FILE_ENV, &path)])).unwrap().unwrap();
         let r = local.resolve("x", ConnectionType::Http).unwrap();
         assert_eq!(r.proxy.unwrap().as_str(), "http://p:3128");
+    }
+
+    #[test]
+    fn a_huge_list_index_in_the_environment_is_an_error_not_an_abort() {
+        let pool = |index: &str| {
+            vars(&[
+                ("CRYPTOFEED_PROXY_ENABLED", "true"),
+                (
+                    &format!("CRYPTOFEED_PROXY_DEFAULT__HTTP__POOL__PROXIES__{index}__URL"),
+                    "socks5://h:1080",
+                ),
+            ])
+        };
+        for index in ["10000", "99999999999", "184467440737095516160"] {
+            let err = Local::load(&pool(index)).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("PROXIES__{index}__URL")) && err.contains("at most 9999"),
+                "{index}: {err}"
+            );
+        }
+        let local = Local::load(&pool("0")).unwrap().unwrap();
+        let r = local.resolve("x", ConnectionType::Http).unwrap();
+        assert_eq!(r.proxy.unwrap().as_str(), "socks5://h:1080");
     }
 
     #[test]

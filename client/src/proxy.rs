@@ -1,15 +1,35 @@
 //! A proxy URL as the broker hands it out, parsed once: scheme, host, port and credentials.
 //!
 //! The URL is kept verbatim (feedback must name the proxy exactly as it was handed out), but it is
-//! only ever shown with its password replaced by `***` (`Debug`, `Display`, errors, logs).
+//! only ever shown with its credentials masked (`Debug`, `Display`, errors, logs).
 
 use std::fmt;
 
 use percent_encoding::percent_decode_str;
-use proxy_broker_core::redact::redact_url;
+use proxy_broker_core::redact::{MASK, redact_url};
 use proxy_broker_core::validate::check_proxy_url;
 
 use crate::error::Error;
+
+/// `raw` (a URL, parsed or not) as it may be shown: [`redact_url`], and then, should any user
+/// name be left in the authority (user-only tokens, API keys as user names), the whole userinfo
+/// replaced by `***`. A guard, so that the client never shows a user name whatever shape the
+/// shared redactor masks.
+pub(crate) fn shown(raw: &str) -> String {
+    let redacted = redact_url(raw);
+    let Some(scheme_end) = redacted.find("://") else {
+        return redacted;
+    };
+    let start = scheme_end + 3;
+    let rest = &redacted[start..];
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    match authority.rfind('@') {
+        Some(at) if &authority[..at] != MASK => {
+            format!("{}{MASK}{}", &redacted[..start], &rest[at..])
+        }
+        _ => redacted,
+    }
+}
 
 /// How the client talks to a proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -77,7 +97,7 @@ impl ProxyUrl {
         let host = match url.host() {
             Some(url::Host::Ipv6(ip)) => ip.to_string(),
             Some(host) => host.to_string(),
-            None => return Err(Error::ProxyUrl(format!("'{}' has no host", redact_url(raw)))),
+            None => return Err(Error::ProxyUrl(format!("'{}' has no host", shown(raw)))),
         };
         let port = url.port_or_known_default().unwrap_or(1080);
         let decode = |s: &str| percent_decode_str(s).decode_utf8_lossy().into_owned();
@@ -99,9 +119,9 @@ impl ProxyUrl {
         &self.raw
     }
 
-    /// The URL with its password replaced by `***`.
+    /// The URL with its credentials (user name and password) masked.
     pub fn redacted(&self) -> String {
-        redact_url(&self.raw)
+        shown(&self.raw)
     }
 
     /// The scheme.
@@ -153,8 +173,38 @@ mod tests {
         assert_eq!((p.host(), p.port()), ("proxy.example", 1080));
         assert_eq!(p.username(), Some("us@er"));
         assert_eq!(p.password(), Some("p:ss"));
-        assert_eq!(p.to_string(), "socks5h://us%40er:***@proxy.example:1080");
-        assert!(!format!("{p:?}").contains("p%3Ass"));
+        for shown in [p.to_string(), format!("{p:?}"), p.redacted()] {
+            assert!(shown.contains("proxy.example:1080"), "{shown}");
+            for secret in ["us%40er", "p%3Ass"] {
+                assert!(!shown.contains(secret), "{secret} in {shown}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_shape_of_userinfo_is_masked() {
+        // (URL, secrets that must not be shown, what must still be shown)
+        let rows = [
+            ("socks5://user:pass@h:1080", &["user", "pass"][..], "h:1080"),
+            ("socks5://TOKENVALUE@h:1080", &["TOKENVALUE"], "h:1080"),
+            ("http://APIKEY123:@proxy:8011", &["APIKEY123"], "proxy:8011"),
+            ("http://:onlypass@proxy:8011", &["onlypass"], "proxy:8011"),
+            ("socks5://a%40b:c%3Ad@h:1", &["a%40b", "c%3Ad"], "h:1"),
+            ("no url here", &[], "no url here"),
+            ("socks5://h:1080", &[], "socks5://h:1080"),
+        ];
+        for (raw, secrets, kept) in rows {
+            let out = shown(raw);
+            assert!(out.contains(kept), "{raw}: {out}");
+            for secret in secrets {
+                assert!(!out.contains(secret), "{raw}: {secret} in {out}");
+            }
+            if let Ok(p) = ProxyUrl::parse(raw) {
+                for secret in secrets {
+                    assert!(!format!("{p:?} {p}").contains(secret), "{raw}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! the small cache that honours its TTL.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use tokio::time::Instant;
 
 use crate::error::Error;
 use crate::pb;
-use crate::proxy::ProxyUrl;
+use crate::proxy::{ProxyUrl, shown};
 
 /// What the feed should do when the proxy it was given does not work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,14 +82,19 @@ impl Source {
     }
 }
 
-/// Which proxy to use for one exchange and connection type, and for how long.
-#[derive(Debug, Clone)]
+/// Longest TTL taken from an answer: a broker may say up to `u32::MAX` seconds (136 years), which
+/// would overflow deadlines computed from it.
+pub const MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Which proxy to use for one exchange and connection type, and for how long. Its `Debug` masks
+/// the proxy's credentials.
+#[derive(Clone)]
 pub struct Resolved {
     /// The proxy; `None` means connect directly.
     pub proxy: Option<ProxyUrl>,
     /// How it was chosen (`direct`, `static`, a pool strategy, or the upstream's word).
     pub strategy: String,
-    /// How long it may be reused before asking again.
+    /// How long it may be reused before asking again (at most [`MAX_TTL`]).
     pub ttl: Duration,
     /// What to do if the proxy fails.
     pub fallback_policy: FallbackPolicy,
@@ -100,6 +106,36 @@ pub struct Resolved {
     pub connect_timeout: Option<Duration>,
     /// Everything else the answer carried.
     pub metadata: prost_types::Struct,
+}
+
+/// The wire answer, with the proxy URL's and endpoint's credentials masked.
+impl fmt::Debug for pb::ProxyResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProxyResponse")
+            .field("proxy_url", &shown(&self.proxy_url))
+            .field("strategy", &self.strategy)
+            .field("ttl_seconds", &self.ttl_seconds)
+            .field("fallback_policy", &self.fallback_policy)
+            .field("metadata", &self.metadata)
+            .field("source", &self.source)
+            .field("upstream_endpoint", &shown(&self.upstream_endpoint))
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for Resolved {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Resolved")
+            .field("proxy", &self.proxy)
+            .field("strategy", &self.strategy)
+            .field("ttl", &self.ttl)
+            .field("fallback_policy", &self.fallback_policy)
+            .field("source", &self.source)
+            .field("upstream_endpoint", &self.upstream_endpoint.as_deref().map(shown))
+            .field("connect_timeout", &self.connect_timeout)
+            .field("metadata", &self.metadata)
+            .finish()
+    }
 }
 
 impl Resolved {
@@ -119,7 +155,7 @@ impl Resolved {
         Ok(Self {
             proxy,
             strategy: response.strategy,
-            ttl: Duration::from_secs(response.ttl_seconds.into()),
+            ttl: Duration::from_secs(response.ttl_seconds.into()).min(MAX_TTL),
             fallback_policy: FallbackPolicy::from_pb(response.fallback_policy),
             source: Source::from_pb(response.source),
             upstream_endpoint: (!response.upstream_endpoint.is_empty()).then_some(response.upstream_endpoint),
@@ -130,6 +166,7 @@ impl Resolved {
 
     /// The answer of the local embedded configuration.
     pub(crate) fn local(resolution: proxy_broker_core::Resolution, ttl: Duration) -> Result<Self, Error> {
+        let ttl = ttl.min(MAX_TTL);
         let proxy = resolution.proxy_url.as_deref().map(ProxyUrl::parse).transpose()?;
         let fallback_policy = if proxy.is_some() {
             FallbackPolicy::EmbeddedFallback
@@ -170,11 +207,20 @@ impl Resolved {
 pub(crate) type Key = (String, ConnectionType, Option<String>);
 
 /// Broker answers, each kept for its TTL (never longer than `max_ttl`).
-#[derive(Debug)]
 pub(crate) struct ResolveCache {
     entries: Mutex<HashMap<Key, (Resolved, Instant)>>,
     max_ttl: Duration,
     max_entries: usize,
+}
+
+impl fmt::Debug for ResolveCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResolveCache")
+            .field("entries", &self.lock().len())
+            .field("max_ttl", &self.max_ttl)
+            .field("max_entries", &self.max_entries)
+            .finish()
+    }
 }
 
 impl ResolveCache {
@@ -205,13 +251,14 @@ impl ResolveCache {
         }
     }
 
-    /// Keeps `resolved` for its TTL (capped at `max_ttl`; zero means not at all).
+    /// Keeps `resolved` for its TTL (capped at `max_ttl` and [`MAX_TTL`]; zero means not at all).
     pub(crate) fn insert(&self, key: Key, resolved: &Resolved) {
-        let ttl = resolved.ttl.min(self.max_ttl);
-        if ttl.is_zero() {
-            return;
-        }
+        let ttl = resolved.ttl.min(self.max_ttl).min(MAX_TTL);
         let now = Instant::now();
+        // No deadline this clock can represent: do not cache rather than panic.
+        let Some(until) = now.checked_add(ttl).filter(|_| !ttl.is_zero()) else {
+            return;
+        };
         let mut entries = self.lock();
         if entries.len() >= self.max_entries && !entries.contains_key(&key) {
             entries.retain(|_, (_, until)| now < *until);
@@ -219,7 +266,7 @@ impl ResolveCache {
                 return;
             }
         }
-        entries.insert(key, (resolved.clone(), now + ttl));
+        entries.insert(key, (resolved.clone(), until));
     }
 
     /// Forgets the answer for `key` if it still names `proxy` (it just failed).
@@ -281,6 +328,18 @@ mod tests {
         cache.forget(&key(), ProxyUrl::parse("socks5://b:1080").ok().as_ref());
         assert!(cache.get(&key()).is_some());
         cache.forget(&key(), a.proxy.as_ref());
+        assert!(cache.get(&key()).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_ttl_of_u32_max_seconds_is_cut_to_max_ttl() {
+        let huge = answer("socks5://p:1080", u32::MAX);
+        assert_eq!(huge.ttl, MAX_TTL);
+        let cache = ResolveCache::new(Duration::MAX, 16);
+        cache.insert(key(), &huge);
+        tokio::time::advance(MAX_TTL - Duration::from_secs(1)).await;
+        assert!(cache.get(&key()).is_some());
+        tokio::time::advance(Duration::from_secs(2)).await;
         assert!(cache.get(&key()).is_none());
     }
 

@@ -836,3 +836,115 @@ pub fn local_env(proxy_url: &str) -> proxy_broker_client::LocalConfig {
         ("CRYPTOFEED_PROXY_DEFAULT__HTTP__URL".into(), proxy_url.into()),
     ])
 }
+
+// ---------------------------------------------------------------------------------------------
+// A scripted broker: a real tonic server implementing the contract, answering what the test says
+// ---------------------------------------------------------------------------------------------
+
+/// What the scripted broker answers to `RequestProxy`.
+#[derive(Debug, Clone)]
+pub enum Script {
+    /// This answer.
+    Answer(proxy_broker::pb::ProxyResponse),
+    /// This status.
+    Status(tonic::Code, String),
+}
+
+#[derive(Clone)]
+struct ScriptedService {
+    script: Arc<Mutex<Script>>,
+    calls: Arc<AtomicUsize>,
+}
+
+#[tonic::async_trait]
+impl proxy_broker::pb::proxy_broker_server::ProxyBroker for ScriptedService {
+    async fn request_proxy(
+        &self,
+        _request: tonic::Request<proxy_broker::pb::ProxyRequest>,
+    ) -> Result<tonic::Response<proxy_broker::pb::ProxyResponse>, tonic::Status> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        match self.script.lock().unwrap().clone() {
+            Script::Answer(answer) => Ok(tonic::Response::new(answer)),
+            Script::Status(code, message) => Err(tonic::Status::new(code, message)),
+        }
+    }
+
+    async fn report_feedback(
+        &self,
+        _request: tonic::Request<proxy_broker::pb::ProxyFeedback>,
+    ) -> Result<tonic::Response<proxy_broker::pb::ReportFeedbackResponse>, tonic::Status> {
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+/// A tonic server on 127.0.0.1 implementing `ProxyBroker` that answers every `RequestProxy` with
+/// its script: a broker whose answers (statuses, TTLs, URLs) the test chooses.
+pub struct ScriptedBroker {
+    pub addr: SocketAddr,
+    script: Arc<Mutex<Script>>,
+    calls: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ScriptedBroker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl ScriptedBroker {
+    pub async fn start(script: Script) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let service = ScriptedService {
+            script: Arc::new(Mutex::new(script)),
+            calls: Arc::new(AtomicUsize::new(0)),
+        };
+        let (script, calls) = (service.script.clone(), service.calls.clone());
+        let task = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(proxy_broker::pb::proxy_broker_server::ProxyBrokerServer::new(
+                    service,
+                ))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await;
+        });
+        Self {
+            addr,
+            script,
+            calls,
+            task,
+        }
+    }
+
+    /// Answers `status` with `message` from now on.
+    pub async fn status(code: tonic::Code, message: &str) -> Self {
+        Self::start(Script::Status(code, message.to_owned())).await
+    }
+
+    pub fn set(&self, script: Script) {
+        *self.script.lock().unwrap() = script;
+    }
+
+    /// `RequestProxy` calls received.
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// A broker answer handing out `proxy_url` for `ttl_seconds`.
+pub fn answer(proxy_url: &str, ttl_seconds: u32) -> proxy_broker::pb::ProxyResponse {
+    proxy_broker::pb::ProxyResponse {
+        proxy_url: proxy_url.to_owned(),
+        strategy: "scripted".to_owned(),
+        ttl_seconds,
+        fallback_policy: proxy_broker::pb::FallbackPolicy::Fail.into(),
+        metadata: None,
+        source: proxy_broker::pb::ProxySource::Upstream.into(),
+        upstream_endpoint: String::new(),
+    }
+}
