@@ -62,6 +62,9 @@ impl Kind {
     }
 }
 
+/// A summary row: its name, the per-round figure, how the median is shown.
+type SummaryRow = (&'static str, fn(&Round) -> f64, fn(f64) -> String);
+
 #[derive(Debug)]
 struct Round {
     kind: Kind,
@@ -208,7 +211,7 @@ async fn measure(ctx: &Ctx, a: &HitVsHealthArgs, pin: bool) -> anyhow::Result<Ve
         "hit-vs-health: summary (median of rounds)",
         &["", Kind::Hit.name(), Kind::Health.name(), "hit / health"],
     );
-    let rows: [(&str, fn(&Round) -> f64, fn(f64) -> String); 4] = [
+    let rows: [SummaryRow; 4] = [
         (
             "throughput",
             |r| r.per_second,
