@@ -95,6 +95,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         build_broker()?;
     }
     let path = cli.broker.unwrap_or_else(default_broker_path);
+    let path = std::fs::canonicalize(&path).unwrap_or(path);
     anyhow::ensure!(
         path.is_file(),
         "no broker binary at {} — run `cargo build --release --locked -p proxy-broker` first \

@@ -12,7 +12,7 @@ use tokio::sync::Semaphore;
 use tokio::time::MissedTickBehavior;
 
 use super::{Ctx, progress};
-use crate::broker::{Broker, metric_sum};
+use crate::broker::{Broker, cpu_ticks_of, metric_sum};
 use crate::config::ConfigSpec;
 use crate::load::{Recorder, Rpc, Stub, closed_loop, connect};
 use crate::stats::{count, mib, ms, summarize};
@@ -51,7 +51,12 @@ pub struct FirehoseArgs {
 struct Fire {
     sent: u64,
     not_sent: u64,
+    /// Sending window (calls were started during it).
+    window: Duration,
+    /// Until the last call in flight ended.
     wall: Duration,
+    /// CPU seconds of the firehose thread.
+    cpu_seconds: f64,
     recorder: Recorder,
 }
 
@@ -89,13 +94,15 @@ pub async fn run(ctx: &Ctx, a: &FirehoseArgs) -> anyhow::Result<Vec<Table>> {
         a.rate,
         duration.as_secs_f64()
     ));
+    let broker_ticks = broker.cpu_ticks()?;
+    let fire_started = Instant::now();
     let fire = {
-        let (addr, a, proxy_url) = (broker.addr, a.clone(), proxy_url.clone());
+        let (addr, a, proxy_url, ticks) = (broker.addr, a.clone(), proxy_url.clone(), ctx.clock_ticks);
         std::thread::spawn(move || -> anyhow::Result<Fire> {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
-                .block_on(firehose(addr, &a, duration, proxy_url))
+                .block_on(firehose(addr, &a, duration, proxy_url, ticks))
         })
     };
     let stop = Arc::new(AtomicBool::new(false));
@@ -126,6 +133,9 @@ pub async fn run(ctx: &Ctx, a: &FirehoseArgs) -> anyhow::Result<Vec<Table>> {
     let fire = tokio::task::spawn_blocking(move || fire.join())
         .await?
         .map_err(|_| anyhow::anyhow!("the firehose thread panicked"))??;
+    let broker_busy = (broker.cpu_ticks()? - broker_ticks) as f64
+        / ctx.clock_ticks as f64
+        / fire_started.elapsed().as_secs_f64();
     let metrics = broker.metrics().await.unwrap_or_default();
     let stats = broker.feedback_stats().await.unwrap_or_default();
     let memory = broker.memory()?;
@@ -178,9 +188,11 @@ pub async fn run(ctx: &Ctx, a: &FirehoseArgs) -> anyhow::Result<Vec<Table>> {
         "firehose: the feedback path",
         &[
             "target rate",
-            "sent",
-            "achieved rate",
+            "started",
+            "started/s",
+            "completed/s",
             "codes",
+            "call p50 / p99",
             "due but not sent",
             "queue peak (sampled)",
             "queue bound",
@@ -191,14 +203,21 @@ pub async fn run(ctx: &Ctx, a: &FirehoseArgs) -> anyhow::Result<Vec<Table>> {
         ],
     );
     let dropped = metric_sum(&metrics, "proxy_broker_feedback_dropped_total");
+    let mut fire = fire;
+    let f = summarize(&mut fire.recorder.micros);
     feed.row([
         format!("{}/s", count(a.rate)),
         count(fire.sent),
         format!(
             "{}/s",
+            count((fire.sent as f64 / fire.window.as_secs_f64()).round() as u64)
+        ),
+        format!(
+            "{}/s",
             count((fire.recorder.calls() as f64 / fire.wall.as_secs_f64()).round() as u64)
         ),
         fire.recorder.codes_text(),
+        format!("{} / {}", ms(f.p50), ms(f.p99)),
         count(fire.not_sent),
         count(peak_queued),
         format!("{} (feedback_queue_size default)", count(DEFAULT_QUEUE_SIZE)),
@@ -215,6 +234,15 @@ pub async fn run(ctx: &Ctx, a: &FirehoseArgs) -> anyhow::Result<Vec<Table>> {
         .filter(|l| l.starts_with("proxy_broker_feedback"))
         .collect();
     feed.note(format!(
+        "CPU: firehose thread {:.0} % of a core over its run, broker {:.0} % of one core (of {} cores) from the \
+         firehose's start to its end; \"due but not sent\": calls due at the target rate while {} were already in \
+         flight; completed/s counts until the last call in flight ended",
+        fire.cpu_seconds / fire.wall.as_secs_f64() * 100.0,
+        broker_busy * 100.0,
+        crate::machine::nproc(),
+        count(a.max_in_flight as u64)
+    ));
+    feed.note(format!(
         "dropped is proxy_broker_feedback_dropped_total from /metrics; queue peak samples ListUpstreams.feedback.queued \
          every 250 ms; /metrics feedback series at the end: {}",
         if feedback_metrics.is_empty() { "none".into() } else { format!("`{}`", feedback_metrics.join("`, `")) }
@@ -228,7 +256,9 @@ async fn firehose(
     a: &FirehoseArgs,
     duration: Duration,
     proxy_url: String,
+    clock_ticks: u64,
 ) -> anyhow::Result<Fire> {
+    let thread_ticks = cpu_ticks_of("/proc/thread-self/stat")?;
     let channels = connect(addr, a.connections).await?;
     let rpc = Rpc::feedback(proxy_url, "binance", true);
     let permits = Arc::new(Semaphore::new(a.max_in_flight.clamp(1, Semaphore::MAX_PERMITS)));
@@ -258,15 +288,19 @@ async fn firehose(
             sent += 1;
         }
     }
+    let window = started.elapsed();
     // Wait (bounded by the calls' own 5 s deadline) for every call in flight.
     let all = u32::try_from(a.max_in_flight.clamp(1, Semaphore::MAX_PERMITS)).unwrap_or(u32::MAX);
     let _ = tokio::time::timeout(Duration::from_secs(10), permits.acquire_many(all)).await;
     let wall = started.elapsed();
+    let cpu_seconds = (cpu_ticks_of("/proc/thread-self/stat")? - thread_ticks) as f64 / clock_ticks as f64;
     let recorder = recorder.lock().map(|r| r.clone()).unwrap_or_default();
     Ok(Fire {
         sent,
         not_sent,
+        window,
         wall,
+        cpu_seconds,
         recorder,
     })
 }
