@@ -67,7 +67,7 @@ pub fn reload_now(broker: &Broker, config_path: &Path) -> bool {
         Ok(summary) => {
             if summary.restart_needed {
                 tracing::warn!(
-                    "configuration reloaded, but changed server.* settings (listen addresses, TLS, limits, reflection) take effect only after a restart"
+                    "configuration reloaded, but changed server.* settings (listen addresses, TLS file paths and client CA, limits, reflection) take effect only after a restart (certificate and key files are re-read on their own)"
                 );
             }
             tracing::info!(
