@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use moka::ops::compute::{CompResult, Op};
+use prost::Message;
 use proxy_broker_core::ConnectionType;
 use rand::Rng;
 use tokio::time::Instant;
@@ -26,6 +27,9 @@ use crate::clock::Clock;
 use crate::json::{json_to_struct, json_to_value};
 use crate::pb;
 use crate::upstream::Answer;
+
+/// Distinct metadata objects shared between entries (more are stored per entry).
+const METADATA_SHARED: u64 = 10_000;
 
 /// TTL handed out with a stale answer (at most; less when the stale window ends sooner).
 pub const STALE_ANSWER_TTL: u64 = 60;
@@ -76,8 +80,11 @@ impl CacheKey {
 /// One cached answer, kept ready to send.
 #[derive(Debug)]
 pub struct Cached {
-    /// The answer as a CACHE response (`metadata.stale` false), built once when it was cached.
+    /// The answer as a CACHE response, built once when it was cached, without its metadata.
     pub response: pb::ProxyResponse,
+    /// Its metadata (`stale` false), shared by every entry with the same metadata: most
+    /// upstreams attach the same few fields to every answer, and a `Struct` costs ~600 bytes.
+    metadata: Arc<prost_types::Struct>,
     /// The endpoint that gave it.
     pub endpoint: Arc<str>,
     /// Served as fresh until then.
@@ -108,13 +115,20 @@ impl Cached {
         &self.response.proxy_url
     }
 
+    fn response(&self) -> pb::ProxyResponse {
+        pb::ProxyResponse {
+            metadata: Some(prost_types::Struct::clone(&self.metadata)),
+            ..self.response.clone()
+        }
+    }
+
     fn ejected(&self) -> bool {
         self.mark.ejected.load(Ordering::Relaxed)
     }
 
     /// The CACHE answer at `now`: the TTL left (never more than the upstream allowed).
     pub fn fresh_response(&self, now: Instant) -> pb::ProxyResponse {
-        let mut response = self.response.clone();
+        let mut response = self.response();
         // The entry may live up to 10 % past the answer's TTL (jitter); the feed is never told
         // more than the upstream (or the 3600 s cap) allowed.
         response.ttl_seconds = self.remaining_ttl(now).min(response.ttl_seconds);
@@ -123,7 +137,7 @@ impl Cached {
 
     /// The UPSTREAM answer of the flight that fetched this entry.
     pub fn upstream_response(&self) -> pb::ProxyResponse {
-        let mut response = self.response.clone();
+        let mut response = self.response();
         response.source = pb::ProxySource::Upstream.into();
         if let Some(m) = response.metadata.as_mut() {
             m.fields.remove("stale");
@@ -134,7 +148,7 @@ impl Cached {
     /// A stale CACHE answer (every upstream failing): `metadata.stale` true and a short TTL, a
     /// stopgap so the feed asks again soon, but does not hammer the broker.
     pub fn stale_response(&self, now: Instant) -> pb::ProxyResponse {
-        let mut response = self.response.clone();
+        let mut response = self.response();
         let left = self.stale_until.saturating_duration_since(now).as_secs();
         response.ttl_seconds = u32::try_from(left.clamp(1, STALE_ANSWER_TTL)).unwrap_or(1);
         if let Some(m) = response.metadata.as_mut() {
@@ -151,6 +165,8 @@ pub struct AnswerCache {
     /// One mark per proxy URL currently cached, so that ejecting a proxy is O(1): its entries
     /// are found through the shared mark on their next read, not by scanning the cache.
     marks: moka::sync::Cache<String, Arc<ProxyMark>>,
+    /// Metadata shared between entries, by its encoding.
+    metadata: moka::sync::Cache<Vec<u8>, Arc<prost_types::Struct>>,
     stale_window: Duration,
     clock: Arc<dyn Clock>,
 }
@@ -172,9 +188,14 @@ impl AnswerCache {
             .max_capacity(max_entries.saturating_mul(2))
             .time_to_live(lifetime)
             .build();
+        let metadata = moka::sync::Cache::builder()
+            .max_capacity(METADATA_SHARED)
+            .time_to_live(lifetime)
+            .build();
         Self {
             entries,
             marks,
+            metadata,
             stale_window,
             clock,
         }
@@ -212,8 +233,16 @@ impl AnswerCache {
         let mark = self
             .marks
             .get_with_by_ref(answer.proxy_url.as_str(), || Arc::new(ProxyMark::default()));
+        let mut metadata = json_to_struct(&answer.metadata);
+        metadata
+            .fields
+            .insert("stale".into(), json_to_value(&false.into()));
+        let metadata = self
+            .metadata
+            .get_with(metadata.encode_to_vec(), || Arc::new(metadata));
         let cached = Arc::new(Cached {
             response: cached_response(answer, &endpoint),
+            metadata,
             endpoint,
             fresh_until: now + jittered,
             stale_until: now + jittered + self.stale_window,
@@ -329,10 +358,6 @@ impl AnswerCache {
 
 /// The CACHE response for `answer` from `endpoint`.
 fn cached_response(answer: &Answer, endpoint: &str) -> pb::ProxyResponse {
-    let mut metadata = json_to_struct(&answer.metadata);
-    metadata
-        .fields
-        .insert("stale".into(), json_to_value(&false.into()));
     pb::ProxyResponse {
         proxy_url: answer.proxy_url.clone(),
         strategy: answer.strategy.clone(),
@@ -340,7 +365,7 @@ fn cached_response(answer: &Answer, endpoint: &str) -> pb::ProxyResponse {
             .ttl_seconds
             .min(u32::try_from(MAX_TTL.as_secs()).unwrap_or(u32::MAX)),
         fallback_policy: answer.fallback_policy.into(),
-        metadata: Some(metadata),
+        metadata: None,
         source: pb::ProxySource::Cache.into(),
         upstream_endpoint: endpoint.to_owned(),
     }

@@ -109,8 +109,10 @@ async fn an_impatient_caller_that_starts_a_lookup_does_not_spoil_it_for_patient_
     }
     let first = impatient.await.unwrap();
     assert!(
-        matches!(&first, Err(s) if matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded)),
-        "the impatient caller falls back on its own: {first:?}"
+        // UNAVAILABLE from the broker (no fallback allowed), or the caller's own deadline firing
+        // first on a loaded machine (CANCELLED / DEADLINE_EXCEEDED on the client side).
+        matches!(&first, Err(s) if matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled)),
+        "the impatient caller gets no answer, on its own: {first:?}"
     );
     assert_eq!(up.request_count(), 1, "the 51 callers shared one lookup");
 }
