@@ -28,6 +28,11 @@ pub enum Error {
 }
 
 impl Error {
+    /// The gRPC status for this error.
+    pub fn into_status(self) -> Status {
+        Status::from(self)
+    }
+
     /// A request-validation error.
     pub fn invalid(field: &'static str, rule: impl Into<String>) -> Self {
         Error::InvalidArgument {

@@ -120,6 +120,8 @@ pub async fn serve(
         .layer(crate::limits::BodyTimeoutLayer::new(body_timeout))
         .into_inner();
     let other_stack = ServiceBuilder::new()
+        // A shed call gets RESOURCE_EXHAUSTED with a retry hint (`google.rpc.RetryInfo`).
+        .map_err(map_overloaded)
         // Refuse at once rather than queue when the broker is saturated: an operator can retry,
         // and queued work would only add latency for everyone.
         .load_shed()
@@ -190,6 +192,18 @@ pub async fn serve(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+fn map_overloaded(error: tower::BoxError) -> tower::BoxError {
+    if error.is::<tower::load_shed::error::Overloaded>() {
+        Box::new(crate::error::Error::ResourceExhausted {
+            message: "the broker is at server.max_concurrent_requests admin and reflection calls: retry shortly".into(),
+            retry_after: Duration::from_secs(1),
+        }
+        .into_status())
+    } else {
+        error
+    }
 }
 
 fn map_timeout(error: tower::BoxError) -> tower::BoxError {

@@ -292,3 +292,47 @@ async fn an_ejected_proxy_leaves_every_cached_answer_that_held_it() {
     assert_eq!(r.source(), ProxySource::Upstream, "asked afresh");
     assert_eq!(up.request_count(), 6);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_max_concurrent_requests_admin_calls_are_shed_with_a_retry_hint_and_feed_calls_are_not() {
+    let up = Upstream::start().await;
+    up.default_request(Reply::proxy("socks5://admin.test:1080"));
+    let b = TestBroker::start_yaml(
+        &(upstream::config_yaml(&[up.url.as_str()], "", "")
+            + "server:\n  max_concurrent_requests: 1\n  request_body_timeout_seconds: 30\n"),
+        &[],
+    )
+    .await;
+    // An admin call that sends its headers and not its body holds the only admin slot.
+    let tcp = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut h2 = h2.ready().await.unwrap();
+    let req = http::Request::post(format!(
+        "http://{}/proxybroker.v1.ProxyBrokerAdmin/ListUpstreams",
+        b.addr
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .unwrap();
+    let _held = h2.send_request(req, false).unwrap();
+    let shed = upstream::eventually_async("an admin call to be shed", || {
+        let mut admin = b.admin();
+        async move {
+            admin
+                .list_upstreams(proxy_broker::pb::ListUpstreamsRequest::default())
+                .await
+                .err()
+        }
+    })
+    .await;
+    assert_eq!(shed.code(), Code::ResourceExhausted, "{shed:?}");
+    assert!(shed.message().contains("max_concurrent_requests"), "{shed:?}");
+    let retry = tonic_types::StatusExt::get_details_retry_info(&shed).expect("a RetryInfo detail");
+    assert!(retry.retry_delay.is_some_and(|d| !d.is_zero()), "{retry:?}");
+    // Feed calls are not counted against the admin limit.
+    for exchange in ["binance", "okx"] {
+        assert_eq!(b.ask(exchange, HTTP).await.proxy_url, "socks5://admin.test:1080");
+    }
+}
