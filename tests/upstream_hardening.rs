@@ -652,3 +652,48 @@ fn bad_hedge_and_in_flight_values_are_rejected_naming_the_key_value_and_rule() {
         "{err}"
     );
 }
+
+// --- Metric series after a reload ------------------------------------------------------------
+
+#[tokio::test]
+async fn a_reload_that_removes_an_endpoint_removes_its_metric_series() {
+    let kept = Upstream::start().await;
+    let removed = Upstream::start().await;
+    kept.default_request(Reply::proxy("socks5://kept.test:1080"));
+    removed.default_request(Reply::Status(500));
+    let b = start(&[&removed.url, &kept.url], "hedge_delay_ms: 0").await;
+    ask(&b, "binance").await;
+    let before = metrics(&b);
+    for (name, labels) in [
+        (
+            "proxy_broker_upstream_requests_total",
+            vec![("endpoint", removed.url.as_str()), ("outcome", "error")],
+        ),
+        (
+            "proxy_broker_circuit_state",
+            vec![("endpoint", removed.url.as_str())],
+        ),
+    ] {
+        assert!(
+            before.get(name, &labels).is_some(),
+            "{name} {labels:?} before the reload"
+        );
+    }
+    b.broker
+        .reload(config(&[&kept.url], "hedge_delay_ms: 0", ""))
+        .unwrap();
+    let after = b.broker.render_metrics();
+    assert!(
+        !after.contains(removed.url.as_str()),
+        "no series of the removed endpoint:\n{after}"
+    );
+    assert!(
+        Exposition::parse(&after)
+            .get(
+                "proxy_broker_upstream_requests_total",
+                &[("endpoint", kept.url.as_str()), ("outcome", "success")]
+            )
+            .is_some(),
+        "the kept endpoint keeps its series:\n{after}"
+    );
+}
