@@ -233,20 +233,114 @@ struct Running {
     done: bool,
 }
 
-/// The attempts of one lookup. Dropping it (the lookup returned or was itself cancelled)
-/// cancels every attempt still running except the slow ones.
-#[derive(Debug, Default)]
-struct Race {
+/// One lookup's attempts and where it stands. Dropping it (the lookup returned or was itself
+/// cancelled) cancels every attempt still running except the slow ones.
+#[derive(Debug)]
+struct Race<'a> {
+    upstreams: &'a Upstreams,
+    job: Arc<Job>,
+    tx: mpsc::UnboundedSender<(usize, Report)>,
     attempts: Vec<Running>,
+    failures: Vec<Failure>,
+    /// The next endpoint to consider.
+    next: usize,
+    /// No more attempts (the caller's deadline ran out).
+    stopped: bool,
+    /// When to hedge, and the attempt that then counts as slow.
+    hedge_at: Option<(Instant, usize)>,
 }
 
-impl Race {
+impl Race<'_> {
     fn outstanding(&self) -> usize {
         self.attempts.iter().filter(|a| !a.done).count()
     }
+
+    /// Starts an attempt on the next endpoint whose breaker admits (skipped ones are recorded as
+    /// failures) and arms the hedge timer for it. `false` when none is left, the budget is spent
+    /// or the race is stopped.
+    fn launch(&mut self) -> bool {
+        let endpoints = &self.upstreams.endpoints;
+        while let Some(endpoint) = endpoints.get(self.next).filter(|_| !self.stopped) {
+            let index = self.next;
+            self.next += 1;
+            if self
+                .job
+                .budget
+                .is_some_and(|b| b.until.saturating_duration_since(Instant::now()).is_zero())
+            {
+                self.failures
+                    .push(endpoint.failure("deadline reached (not tried)".into()));
+                self.stopped = true;
+                return false;
+            }
+            let Some(permit) = endpoint.breaker.try_acquire() else {
+                endpoint.series.count(Outcome::CircuitOpen, None);
+                self.failures
+                    .push(endpoint.failure("circuit breaker open (skipped)".into()));
+                continue;
+            };
+            let id = self.attempts.len();
+            let task = tokio::spawn(
+                attempt(endpoint.clone(), permit, self.job.clone(), self.tx.clone(), id).in_current_span(),
+            );
+            self.attempts.push(Running {
+                endpoint: index,
+                abort: task.abort_handle(),
+                slow: false,
+                done: false,
+            });
+            // Dropping the join handle detaches the task; the race aborts it when needed.
+            drop(task);
+            self.hedge_at = match self.upstreams.hedge_delay(endpoint) {
+                Some(delay) if self.next < endpoints.len() => Some((Instant::now() + delay, id)),
+                _ => None,
+            };
+            return true;
+        }
+        false
+    }
+
+    /// Attempt `id` reported: an answer ends the race; a failure is recorded and the next
+    /// endpoint asked at once (fast failover).
+    fn finished(&mut self, id: usize, report: Report) -> Option<(Answer, usize)> {
+        let attempt = self.attempts.get_mut(id)?;
+        attempt.done = true;
+        let endpoint = attempt.endpoint;
+        if self.hedge_at.is_some_and(|(_, owner)| owner == id) {
+            self.hedge_at = None;
+        }
+        match report {
+            Report::Answer(answer) => Some((answer, endpoint)),
+            Report::Failed { failure, stop } => {
+                self.failures.push(failure);
+                self.stopped |= stop;
+                self.launch();
+                None
+            }
+        }
+    }
+
+    /// The hedge delay of the newest attempt passed without an answer: ask the next endpoint as
+    /// well, and let the slow attempt finish on its own should another win.
+    fn hedge(&mut self) {
+        let Some((_, owner)) = self.hedge_at.take() else {
+            return;
+        };
+        if self.launch()
+            && let Some(slow) = self.attempts.get_mut(owner)
+        {
+            slow.slow = true;
+            if let Some(e) = self.upstreams.endpoints.get(slow.endpoint) {
+                tracing::debug!(
+                    endpoint = %e.name,
+                    "no answer within the hedge delay: asked the next endpoint too"
+                );
+            }
+        }
+    }
 }
 
-impl Drop for Race {
+impl Drop for Race<'_> {
     fn drop(&mut self) {
         for a in self.attempts.iter().filter(|a| !a.done && !a.slow) {
             a.abort.abort();
@@ -501,104 +595,36 @@ impl Upstreams {
         });
 
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut race = Race::default();
-        let mut failures = Vec::new();
-        let mut next = 0;
-        let mut stopped = false;
-        // When to hedge, and the attempt that will then count as slow.
-        let mut hedge_at: Option<(Instant, usize)> = None;
+        let mut race = Race {
+            upstreams: self,
+            job,
+            tx,
+            attempts: Vec::new(),
+            failures: Vec::new(),
+            next: 0,
+            stopped: false,
+            hedge_at: None,
+        };
         loop {
-            if race.outstanding() == 0
-                && (stopped || !self.launch(&mut next, &job, &tx, &mut race, &mut failures, &mut hedge_at))
-            {
-                return Err(failures);
+            if race.outstanding() == 0 && !race.launch() {
+                return Err(std::mem::take(&mut race.failures));
             }
-            let timer = hedge_at.map(|(at, _)| at);
+            let timer = race.hedge_at.map(|(at, _)| at);
             tokio::select! {
                 report = rx.recv() => {
-                    let Some((id, report)) = report else { return Err(failures) };
-                    let Some(attempt) = race.attempts.get_mut(id) else { continue };
-                    attempt.done = true;
-                    let endpoint = attempt.endpoint;
-                    if hedge_at.is_some_and(|(_, owner)| owner == id) {
-                        hedge_at = None;
-                    }
-                    match report {
-                        Report::Answer(answer) => return Ok((answer, endpoint)),
-                        Report::Failed { failure, stop } => {
-                            failures.push(failure);
-                            stopped |= stop;
-                            if !stopped {
-                                // Fast failover: the next endpoint is asked at once.
-                                self.launch(&mut next, &job, &tx, &mut race, &mut failures, &mut hedge_at);
-                            }
-                        }
+                    // The race holds a sender, so the channel cannot close; if it did, give up.
+                    let Some((id, report)) = report else {
+                        return Err(std::mem::take(&mut race.failures));
+                    };
+                    if let Some(won) = race.finished(id, report) {
+                        return Ok(won);
                     }
                 }
                 () = tokio::time::sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => {
-                    let Some((_, owner)) = hedge_at.take() else { continue };
-                    if !stopped
-                        && self.launch(&mut next, &job, &tx, &mut race, &mut failures, &mut hedge_at)
-                        && let Some(slow) = race.attempts.get_mut(owner)
-                    {
-                        slow.slow = true;
-                        tracing::debug!(
-                            endpoint = %self.endpoints[slow.endpoint].name,
-                            "no answer within the hedge delay: asked the next endpoint too"
-                        );
-                    }
+                    race.hedge();
                 }
             }
         }
-    }
-
-    /// Starts an attempt on the next endpoint whose breaker admits (skipped ones are recorded as
-    /// failures) and arms the hedge timer for it. `false` when no endpoint is left or the budget
-    /// is spent.
-    fn launch(
-        &self,
-        next: &mut usize,
-        job: &Arc<Job>,
-        tx: &mpsc::UnboundedSender<(usize, Report)>,
-        race: &mut Race,
-        failures: &mut Vec<Failure>,
-        hedge_at: &mut Option<(Instant, usize)>,
-    ) -> bool {
-        while let Some(endpoint) = self.endpoints.get(*next) {
-            let index = *next;
-            *next += 1;
-            if job
-                .budget
-                .is_some_and(|b| b.until.saturating_duration_since(Instant::now()).is_zero())
-            {
-                failures.push(endpoint.failure("deadline reached (not tried)".into()));
-                *next = self.endpoints.len();
-                return false;
-            }
-            let Some(permit) = endpoint.breaker.try_acquire() else {
-                endpoint.series.count(Outcome::CircuitOpen, None);
-                failures.push(endpoint.failure("circuit breaker open (skipped)".into()));
-                continue;
-            };
-            let id = race.attempts.len();
-            let task = tokio::spawn(
-                attempt(endpoint.clone(), permit, job.clone(), tx.clone(), id).in_current_span(),
-            );
-            race.attempts.push(Running {
-                endpoint: index,
-                abort: task.abort_handle(),
-                slow: false,
-                done: false,
-            });
-            // Dropping the join handle detaches the task; the race aborts it when needed.
-            drop(task);
-            *hedge_at = match self.hedge_delay(endpoint) {
-                Some(delay) if *next < self.endpoints.len() => Some((Instant::now() + delay, id)),
-                _ => None,
-            };
-            return true;
-        }
-        false
     }
 
     /// The endpoint feedback for `proxy_url` should go to: `served_by` if given, else the first
