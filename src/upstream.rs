@@ -15,9 +15,14 @@
 //! - an attempt that was hedged because it was slow is left to finish in the background, within
 //!   its own timeout, so a black-holed endpoint still times out, counts failures and trips its
 //!   breaker (and a merely slow one records its real latency, which raises its hedge delay).
+//!
+//! Submodules: `answer` (reading and validating answers within limits), [`hedge`] (hedge
+//! delays), `race` (one lookup's attempts), `series` (per-endpoint metric handles), `wire`
+//! (the JSON sent upstream).
 
 mod answer;
 pub mod hedge;
+mod race;
 mod series;
 mod wire;
 
@@ -32,7 +37,6 @@ use proxy_broker_core::{ConfigError, Problem};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
-use tracing::Instrument;
 
 pub use answer::{
     Answer, MAX_ANSWER_BYTES, MAX_ANSWER_METADATA_BYTES, MAX_ANSWER_METADATA_DEPTH, MAX_STRATEGY_LEN,
@@ -41,9 +45,10 @@ pub use answer::{
 pub use series::Outcome;
 pub use wire::WireFeedback;
 
-use crate::breaker::{Breaker, Permit, Policy};
+use crate::breaker::{Breaker, Policy};
 use crate::clock::Clock;
 use crate::request::{Feedback, Lookup};
+use race::{Job, Race};
 use series::Series;
 use wire::WireRequest;
 
@@ -200,168 +205,6 @@ pub fn broker_client_id() -> String {
         std::process::id()
     )
 }
-
-/// What one attempt is given: the request, encoded once and shared by every attempt of a lookup.
-#[derive(Debug)]
-struct Job {
-    body: Bytes,
-    headers: HeaderMap,
-    timeout: Duration,
-    default_ttl: u32,
-    budget: Option<Budget>,
-}
-
-/// What an attempt reports to its lookup.
-#[derive(Debug)]
-enum Report {
-    Answer(Answer),
-    /// `stop`: the caller's deadline ran out, so trying further endpoints is pointless.
-    Failed {
-        failure: Failure,
-        stop: bool,
-    },
-}
-
-/// One attempt of a lookup.
-#[derive(Debug)]
-struct Running {
-    /// Index of the endpoint.
-    endpoint: usize,
-    abort: tokio::task::AbortHandle,
-    /// Hedged because it was slow: left to finish (and get its verdict) when another wins.
-    slow: bool,
-    done: bool,
-}
-
-/// One lookup's attempts and where it stands. Dropping it (the lookup returned or was itself
-/// cancelled) cancels every attempt still running except the slow ones.
-#[derive(Debug)]
-struct Race<'a> {
-    upstreams: &'a Upstreams,
-    job: Arc<Job>,
-    tx: mpsc::UnboundedSender<(usize, Report)>,
-    attempts: Vec<Running>,
-    failures: Vec<Failure>,
-    /// The next endpoint to consider.
-    next: usize,
-    /// No more attempts (the caller's deadline ran out).
-    stopped: bool,
-    /// When to hedge, and the attempt that then counts as slow.
-    hedge_at: Option<(Instant, usize)>,
-}
-
-impl Race<'_> {
-    fn outstanding(&self) -> usize {
-        self.attempts.iter().filter(|a| !a.done).count()
-    }
-
-    /// Starts an attempt on the next endpoint whose breaker admits (skipped ones are recorded as
-    /// failures) and arms the hedge timer for it. `false` when none is left, the budget is spent
-    /// or the race is stopped.
-    fn launch(&mut self) -> bool {
-        let endpoints = &self.upstreams.endpoints;
-        while let Some(endpoint) = endpoints.get(self.next).filter(|_| !self.stopped) {
-            let index = self.next;
-            self.next += 1;
-            if self
-                .job
-                .budget
-                .is_some_and(|b| b.until.saturating_duration_since(Instant::now()).is_zero())
-            {
-                self.failures
-                    .push(endpoint.failure("deadline reached (not tried)".into()));
-                self.stopped = true;
-                return false;
-            }
-            let Some(permit) = endpoint.breaker.try_acquire() else {
-                endpoint.series.count(Outcome::CircuitOpen, None);
-                self.failures
-                    .push(endpoint.failure("circuit breaker open (skipped)".into()));
-                continue;
-            };
-            let id = self.attempts.len();
-            let task = tokio::spawn(
-                attempt(endpoint.clone(), permit, self.job.clone(), self.tx.clone(), id).in_current_span(),
-            );
-            self.attempts.push(Running {
-                endpoint: index,
-                abort: task.abort_handle(),
-                slow: false,
-                done: false,
-            });
-            // Dropping the join handle detaches the task; the race aborts it when needed.
-            drop(task);
-            self.hedge_at = match self.upstreams.hedge_delay(endpoint) {
-                Some(delay) if self.next < endpoints.len() => Some((Instant::now() + delay, id)),
-                _ => None,
-            };
-            return true;
-        }
-        false
-    }
-
-    /// Attempt `id` reported: an answer ends the race; a failure is recorded and the next
-    /// endpoint asked at once (fast failover).
-    fn finished(&mut self, id: usize, report: Report) -> Option<(Answer, usize)> {
-        let attempt = self.attempts.get_mut(id)?;
-        attempt.done = true;
-        let endpoint = attempt.endpoint;
-        if self.hedge_at.is_some_and(|(_, owner)| owner == id) {
-            self.hedge_at = None;
-        }
-        match report {
-            Report::Answer(answer) => Some((answer, endpoint)),
-            Report::Failed { failure, stop } => {
-                self.failures.push(failure);
-                self.stopped |= stop;
-                self.launch();
-                None
-            }
-        }
-    }
-
-    /// The hedge delay of the newest attempt passed without an answer: ask the next endpoint as
-    /// well, and let the slow attempt finish on its own should another win.
-    fn hedge(&mut self) {
-        let Some((_, owner)) = self.hedge_at.take() else {
-            return;
-        };
-        if self.launch()
-            && let Some(slow) = self.attempts.get_mut(owner)
-        {
-            slow.slow = true;
-            if let Some(e) = self.upstreams.endpoints.get(slow.endpoint) {
-                tracing::debug!(
-                    endpoint = %e.name,
-                    "no answer within the hedge delay: asked the next endpoint too"
-                );
-            }
-        }
-    }
-}
-
-impl Drop for Race<'_> {
-    fn drop(&mut self) {
-        for a in self.attempts.iter().filter(|a| !a.done && !a.slow) {
-            a.abort.abort();
-        }
-    }
-}
-
-/// Counts an attempt cancelled before it finished (its task aborted) as `cancelled`.
-struct CancelGuard<'a> {
-    endpoint: &'a Endpoint,
-    finished: bool,
-}
-
-impl Drop for CancelGuard<'_> {
-    fn drop(&mut self) {
-        if !self.finished {
-            self.endpoint.series.count(Outcome::Cancelled, None);
-        }
-    }
-}
-
 impl Upstreams {
     /// Builds clients for every endpoint, reading credential files now so that a missing or
     /// unreadable one stops start-up with the key named.
@@ -595,26 +438,17 @@ impl Upstreams {
         });
 
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut race = Race {
-            upstreams: self,
-            job,
-            tx,
-            attempts: Vec::new(),
-            failures: Vec::new(),
-            next: 0,
-            stopped: false,
-            hedge_at: None,
-        };
+        let mut race = Race::new(self, job, tx);
         loop {
             if race.outstanding() == 0 && !race.launch() {
-                return Err(std::mem::take(&mut race.failures));
+                return Err(race.take_failures());
             }
-            let timer = race.hedge_at.map(|(at, _)| at);
+            let timer = race.hedge_at();
             tokio::select! {
                 report = rx.recv() => {
                     // The race holds a sender, so the channel cannot close; if it did, give up.
                     let Some((id, report)) = report else {
-                        return Err(std::mem::take(&mut race.failures));
+                        return Err(race.take_failures());
                     };
                     if let Some(won) = race.finished(id, report) {
                         return Ok(won);
@@ -688,144 +522,6 @@ impl Upstreams {
             Err(DeliveryError::Permanent(format!("HTTP {status}")))
         }
     }
-}
-
-/// One attempt, on its own task: waits for an in-flight slot, sends, reads and validates the
-/// answer, gives the breaker its verdict, counts, and reports to the lookup (which may be gone).
-async fn attempt(
-    endpoint: Arc<Endpoint>,
-    permit: Permit,
-    job: Arc<Job>,
-    tx: mpsc::UnboundedSender<(usize, Report)>,
-    id: usize,
-) {
-    let mut guard = CancelGuard {
-        endpoint: &endpoint,
-        finished: false,
-    };
-    let report = run_attempt(&endpoint, permit, &job).await;
-    guard.finished = true;
-    drop(guard);
-    let _ = tx.send((id, report));
-}
-
-async fn run_attempt(endpoint: &Endpoint, permit: Permit, job: &Job) -> Report {
-    let budget_until = job.budget.map(|b| b.until);
-    let caller_set = job.budget.is_some_and(|b| b.set_by_caller);
-    // The earlier of `start + timeout` and the budget; whether the budget is what cut it short.
-    let bound = |start: Instant| {
-        let own = start + job.timeout;
-        match budget_until {
-            Some(until) if until < own => (until, caller_set),
-            _ => (own, false),
-        }
-    };
-
-    // 1. An in-flight slot, waited for within the same bounds. Running out of time here says
-    //    nothing about the endpoint's health: no verdict.
-    let (wait_until, _) = bound(Instant::now());
-    let waited = Instant::now();
-    let slot = match tokio::time::timeout_at(wait_until, endpoint.in_flight.acquire()).await {
-        Ok(Ok(slot)) => slot,
-        _ => {
-            drop(permit);
-            endpoint.series.count(Outcome::Saturated, None);
-            return Report::Failed {
-                failure: endpoint.failure(format!(
-                    "saturated: {} requests in flight (upstream_max_in_flight) for {} ms",
-                    endpoint.max_in_flight,
-                    waited.elapsed().as_millis()
-                )),
-                stop: false,
-            };
-        }
-    };
-
-    // 2. The request itself.
-    let started = Instant::now();
-    let (until, caller_bound) = bound(started);
-    let outcome = tokio::time::timeout_at(until, send(endpoint, job)).await;
-    let latency = started.elapsed();
-    drop(slot);
-    match outcome {
-        Ok(Ok(answer)) => {
-            endpoint.series.count(Outcome::Success, Some(latency));
-            endpoint.record(Some(latency), None);
-            endpoint
-                .latencies
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .record(latency);
-            permit.success();
-            Report::Answer(answer)
-        }
-        Ok(Err((outcome, reason))) => {
-            endpoint.series.count(outcome, Some(latency));
-            endpoint.record(Some(latency), Some(&reason));
-            permit.failure();
-            tracing::warn!(endpoint = %endpoint.name, %reason, "upstream failed");
-            Report::Failed {
-                failure: endpoint.failure(reason),
-                stop: false,
-            }
-        }
-        Err(_) if caller_bound => {
-            // The caller's deadline, not the endpoint, ran out: no verdict on the endpoint.
-            endpoint.series.count(Outcome::Deadline, Some(latency));
-            drop(permit);
-            Report::Failed {
-                failure: endpoint.failure(format!(
-                    "caller's deadline reached after {} ms",
-                    latency.as_millis()
-                )),
-                stop: true,
-            }
-        }
-        Err(_) => {
-            endpoint.series.count(Outcome::Timeout, Some(latency));
-            let reason = format!("timed out after {} s", (until - started).as_secs_f32());
-            endpoint.record(Some(latency), Some(&reason));
-            permit.failure();
-            tracing::warn!(endpoint = %endpoint.name, %reason, "upstream failed");
-            Report::Failed {
-                failure: endpoint.failure(reason),
-                stop: false,
-            }
-        }
-    }
-}
-
-/// Sends the request and reads the answer, at most [`MAX_ANSWER_BYTES`] of it.
-async fn send(endpoint: &Endpoint, job: &Job) -> Result<Answer, (Outcome, String)> {
-    let mut response = endpoint
-        .client
-        .post(endpoint.request_url.clone())
-        .headers(job.headers.clone())
-        .body(job.body.clone())
-        .send()
-        .await
-        .map_err(|e| (Outcome::Error, describe_reqwest_error(&e)))?;
-    let status = response.status();
-    if status.is_redirection() {
-        // The Location is not shown: it may carry credentials.
-        return Err((
-            Outcome::Redirect,
-            format!("HTTP {status}: redirect (not followed)"),
-        ));
-    }
-    if !status.is_success() {
-        return Err((Outcome::Error, format!("HTTP {status}")));
-    }
-    let invalid = |e: String| (Outcome::InvalidAnswer, format!("invalid answer: {e}"));
-    let mut body = answer::LimitedBody::new(response.content_length()).map_err(invalid)?;
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|e| (Outcome::Error, describe_reqwest_error(&e)))?
-    {
-        body.push(&chunk).map_err(invalid)?;
-    }
-    parse_answer(&body.into_bytes(), job.default_ttl).map_err(invalid)
 }
 
 /// A reqwest error without the URL (which could carry credentials) and with its cause chain.
