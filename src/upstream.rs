@@ -15,9 +15,14 @@
 //! - an attempt that was hedged because it was slow is left to finish in the background, within
 //!   its own timeout, so a black-holed endpoint still times out, counts failures and trips its
 //!   breaker (and a merely slow one records its real latency, which raises its hedge delay).
+//!
+//! Submodules: `answer` (reading and validating answers within limits), [`hedge`] (hedge
+//! delays), `race` (one lookup's attempts), `series` (per-endpoint metric handles), `wire`
+//! (the JSON sent upstream).
 
 mod answer;
 pub mod hedge;
+mod race;
 mod series;
 mod wire;
 
@@ -32,7 +37,6 @@ use proxy_broker_core::{ConfigError, Problem};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
-use tracing::Instrument;
 
 pub use answer::{
     Answer, MAX_ANSWER_BYTES, MAX_ANSWER_METADATA_BYTES, MAX_ANSWER_METADATA_DEPTH, MAX_STRATEGY_LEN,
@@ -41,9 +45,10 @@ pub use answer::{
 pub use series::Outcome;
 pub use wire::WireFeedback;
 
-use crate::breaker::{Breaker, Permit, Policy};
+use crate::breaker::{Breaker, Policy};
 use crate::clock::Clock;
 use crate::request::{Feedback, Lookup};
+use race::{Job, Race};
 use series::Series;
 use wire::WireRequest;
 
@@ -200,74 +205,6 @@ pub fn broker_client_id() -> String {
         std::process::id()
     )
 }
-
-/// What one attempt is given: the request, encoded once and shared by every attempt of a lookup.
-#[derive(Debug)]
-struct Job {
-    body: Bytes,
-    headers: HeaderMap,
-    timeout: Duration,
-    default_ttl: u32,
-    budget: Option<Budget>,
-}
-
-/// What an attempt reports to its lookup.
-#[derive(Debug)]
-enum Report {
-    Answer(Answer),
-    /// `stop`: the caller's deadline ran out, so trying further endpoints is pointless.
-    Failed {
-        failure: Failure,
-        stop: bool,
-    },
-}
-
-/// One attempt of a lookup.
-#[derive(Debug)]
-struct Running {
-    /// Index of the endpoint.
-    endpoint: usize,
-    abort: tokio::task::AbortHandle,
-    /// Hedged because it was slow: left to finish (and get its verdict) when another wins.
-    slow: bool,
-    done: bool,
-}
-
-/// The attempts of one lookup. Dropping it (the lookup returned or was itself cancelled)
-/// cancels every attempt still running except the slow ones.
-#[derive(Debug, Default)]
-struct Race {
-    attempts: Vec<Running>,
-}
-
-impl Race {
-    fn outstanding(&self) -> usize {
-        self.attempts.iter().filter(|a| !a.done).count()
-    }
-}
-
-impl Drop for Race {
-    fn drop(&mut self) {
-        for a in self.attempts.iter().filter(|a| !a.done && !a.slow) {
-            a.abort.abort();
-        }
-    }
-}
-
-/// Counts an attempt cancelled before it finished (its task aborted) as `cancelled`.
-struct CancelGuard<'a> {
-    endpoint: &'a Endpoint,
-    finished: bool,
-}
-
-impl Drop for CancelGuard<'_> {
-    fn drop(&mut self) {
-        if !self.finished {
-            self.endpoint.series.count(Outcome::Cancelled, None);
-        }
-    }
-}
-
 impl Upstreams {
     /// Builds clients for every endpoint, reading credential files now so that a missing or
     /// unreadable one stops start-up with the key named.
@@ -501,104 +438,27 @@ impl Upstreams {
         });
 
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut race = Race::default();
-        let mut failures = Vec::new();
-        let mut next = 0;
-        let mut stopped = false;
-        // When to hedge, and the attempt that will then count as slow.
-        let mut hedge_at: Option<(Instant, usize)> = None;
+        let mut race = Race::new(self, job, tx);
         loop {
-            if race.outstanding() == 0
-                && (stopped || !self.launch(&mut next, &job, &tx, &mut race, &mut failures, &mut hedge_at))
-            {
-                return Err(failures);
+            if race.outstanding() == 0 && !race.launch() {
+                return Err(race.take_failures());
             }
-            let timer = hedge_at.map(|(at, _)| at);
+            let timer = race.hedge_at();
             tokio::select! {
                 report = rx.recv() => {
-                    let Some((id, report)) = report else { return Err(failures) };
-                    let Some(attempt) = race.attempts.get_mut(id) else { continue };
-                    attempt.done = true;
-                    let endpoint = attempt.endpoint;
-                    if hedge_at.is_some_and(|(_, owner)| owner == id) {
-                        hedge_at = None;
-                    }
-                    match report {
-                        Report::Answer(answer) => return Ok((answer, endpoint)),
-                        Report::Failed { failure, stop } => {
-                            failures.push(failure);
-                            stopped |= stop;
-                            if !stopped {
-                                // Fast failover: the next endpoint is asked at once.
-                                self.launch(&mut next, &job, &tx, &mut race, &mut failures, &mut hedge_at);
-                            }
-                        }
+                    // The race holds a sender, so the channel cannot close; if it did, give up.
+                    let Some((id, report)) = report else {
+                        return Err(race.take_failures());
+                    };
+                    if let Some(won) = race.finished(id, report) {
+                        return Ok(won);
                     }
                 }
                 () = tokio::time::sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => {
-                    let Some((_, owner)) = hedge_at.take() else { continue };
-                    if !stopped
-                        && self.launch(&mut next, &job, &tx, &mut race, &mut failures, &mut hedge_at)
-                        && let Some(slow) = race.attempts.get_mut(owner)
-                    {
-                        slow.slow = true;
-                        tracing::debug!(
-                            endpoint = %self.endpoints[slow.endpoint].name,
-                            "no answer within the hedge delay: asked the next endpoint too"
-                        );
-                    }
+                    race.hedge();
                 }
             }
         }
-    }
-
-    /// Starts an attempt on the next endpoint whose breaker admits (skipped ones are recorded as
-    /// failures) and arms the hedge timer for it. `false` when no endpoint is left or the budget
-    /// is spent.
-    fn launch(
-        &self,
-        next: &mut usize,
-        job: &Arc<Job>,
-        tx: &mpsc::UnboundedSender<(usize, Report)>,
-        race: &mut Race,
-        failures: &mut Vec<Failure>,
-        hedge_at: &mut Option<(Instant, usize)>,
-    ) -> bool {
-        while let Some(endpoint) = self.endpoints.get(*next) {
-            let index = *next;
-            *next += 1;
-            if job
-                .budget
-                .is_some_and(|b| b.until.saturating_duration_since(Instant::now()).is_zero())
-            {
-                failures.push(endpoint.failure("deadline reached (not tried)".into()));
-                *next = self.endpoints.len();
-                return false;
-            }
-            let Some(permit) = endpoint.breaker.try_acquire() else {
-                endpoint.series.count(Outcome::CircuitOpen, None);
-                failures.push(endpoint.failure("circuit breaker open (skipped)".into()));
-                continue;
-            };
-            let id = race.attempts.len();
-            let task = tokio::spawn(
-                attempt(endpoint.clone(), permit, job.clone(), tx.clone(), id).in_current_span(),
-            );
-            race.attempts.push(Running {
-                endpoint: index,
-                abort: task.abort_handle(),
-                slow: false,
-                done: false,
-            });
-            // Dropping the join handle detaches the task; the race aborts it when needed.
-            drop(task);
-            *hedge_at = match self.hedge_delay(endpoint) {
-                Some(delay) if *next < self.endpoints.len() => Some((Instant::now() + delay, id)),
-                _ => None,
-            };
-            return true;
-        }
-        false
     }
 
     /// The endpoint feedback for `proxy_url` should go to: `served_by` if given, else the first
@@ -662,144 +522,6 @@ impl Upstreams {
             Err(DeliveryError::Permanent(format!("HTTP {status}")))
         }
     }
-}
-
-/// One attempt, on its own task: waits for an in-flight slot, sends, reads and validates the
-/// answer, gives the breaker its verdict, counts, and reports to the lookup (which may be gone).
-async fn attempt(
-    endpoint: Arc<Endpoint>,
-    permit: Permit,
-    job: Arc<Job>,
-    tx: mpsc::UnboundedSender<(usize, Report)>,
-    id: usize,
-) {
-    let mut guard = CancelGuard {
-        endpoint: &endpoint,
-        finished: false,
-    };
-    let report = run_attempt(&endpoint, permit, &job).await;
-    guard.finished = true;
-    drop(guard);
-    let _ = tx.send((id, report));
-}
-
-async fn run_attempt(endpoint: &Endpoint, permit: Permit, job: &Job) -> Report {
-    let budget_until = job.budget.map(|b| b.until);
-    let caller_set = job.budget.is_some_and(|b| b.set_by_caller);
-    // The earlier of `start + timeout` and the budget; whether the budget is what cut it short.
-    let bound = |start: Instant| {
-        let own = start + job.timeout;
-        match budget_until {
-            Some(until) if until < own => (until, caller_set),
-            _ => (own, false),
-        }
-    };
-
-    // 1. An in-flight slot, waited for within the same bounds. Running out of time here says
-    //    nothing about the endpoint's health: no verdict.
-    let (wait_until, _) = bound(Instant::now());
-    let waited = Instant::now();
-    let slot = match tokio::time::timeout_at(wait_until, endpoint.in_flight.acquire()).await {
-        Ok(Ok(slot)) => slot,
-        _ => {
-            drop(permit);
-            endpoint.series.count(Outcome::Saturated, None);
-            return Report::Failed {
-                failure: endpoint.failure(format!(
-                    "saturated: {} requests in flight (upstream_max_in_flight) for {} ms",
-                    endpoint.max_in_flight,
-                    waited.elapsed().as_millis()
-                )),
-                stop: false,
-            };
-        }
-    };
-
-    // 2. The request itself.
-    let started = Instant::now();
-    let (until, caller_bound) = bound(started);
-    let outcome = tokio::time::timeout_at(until, send(endpoint, job)).await;
-    let latency = started.elapsed();
-    drop(slot);
-    match outcome {
-        Ok(Ok(answer)) => {
-            endpoint.series.count(Outcome::Success, Some(latency));
-            endpoint.record(Some(latency), None);
-            endpoint
-                .latencies
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .record(latency);
-            permit.success();
-            Report::Answer(answer)
-        }
-        Ok(Err((outcome, reason))) => {
-            endpoint.series.count(outcome, Some(latency));
-            endpoint.record(Some(latency), Some(&reason));
-            permit.failure();
-            tracing::warn!(endpoint = %endpoint.name, %reason, "upstream failed");
-            Report::Failed {
-                failure: endpoint.failure(reason),
-                stop: false,
-            }
-        }
-        Err(_) if caller_bound => {
-            // The caller's deadline, not the endpoint, ran out: no verdict on the endpoint.
-            endpoint.series.count(Outcome::Deadline, Some(latency));
-            drop(permit);
-            Report::Failed {
-                failure: endpoint.failure(format!(
-                    "caller's deadline reached after {} ms",
-                    latency.as_millis()
-                )),
-                stop: true,
-            }
-        }
-        Err(_) => {
-            endpoint.series.count(Outcome::Timeout, Some(latency));
-            let reason = format!("timed out after {} s", (until - started).as_secs_f32());
-            endpoint.record(Some(latency), Some(&reason));
-            permit.failure();
-            tracing::warn!(endpoint = %endpoint.name, %reason, "upstream failed");
-            Report::Failed {
-                failure: endpoint.failure(reason),
-                stop: false,
-            }
-        }
-    }
-}
-
-/// Sends the request and reads the answer, at most [`MAX_ANSWER_BYTES`] of it.
-async fn send(endpoint: &Endpoint, job: &Job) -> Result<Answer, (Outcome, String)> {
-    let mut response = endpoint
-        .client
-        .post(endpoint.request_url.clone())
-        .headers(job.headers.clone())
-        .body(job.body.clone())
-        .send()
-        .await
-        .map_err(|e| (Outcome::Error, describe_reqwest_error(&e)))?;
-    let status = response.status();
-    if status.is_redirection() {
-        // The Location is not shown: it may carry credentials.
-        return Err((
-            Outcome::Redirect,
-            format!("HTTP {status}: redirect (not followed)"),
-        ));
-    }
-    if !status.is_success() {
-        return Err((Outcome::Error, format!("HTTP {status}")));
-    }
-    let invalid = |e: String| (Outcome::InvalidAnswer, format!("invalid answer: {e}"));
-    let mut body = answer::LimitedBody::new(response.content_length()).map_err(invalid)?;
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|e| (Outcome::Error, describe_reqwest_error(&e)))?
-    {
-        body.push(&chunk).map_err(invalid)?;
-    }
-    parse_answer(&body.into_bytes(), job.default_ttl).map_err(invalid)
 }
 
 /// A reqwest error without the URL (which could carry credentials) and with its cause chain.

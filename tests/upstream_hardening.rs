@@ -356,7 +356,7 @@ async fn requests_beyond_upstream_max_in_flight_wait_then_fail_over_as_saturated
     // timeout_seconds), or holds it until it times out, then fails over.
     let b = start(
         &[&hole.url, &healthy.url],
-        "timeout_seconds: 1\nupstream_max_in_flight: 1\nhedge_delay_ms: 0",
+        "timeout_seconds: 2\nupstream_max_in_flight: 1\nhedge_delay_ms: 0",
     )
     .await;
     let lookup = |exchange: &'static str| {
@@ -369,7 +369,7 @@ async fn requests_beyond_upstream_max_in_flight_wait_then_fail_over_as_saturated
     })
     .await;
     // Two more queue for the slot: when the holder times out one of them takes it (and holds it
-    // for a whole timeout), so the other's wait runs out.
+    // for a whole timeout), so the other's wait (also one timeout) runs out first.
     let waiters = [lookup("waiter-a"), lookup("waiter-b")];
     for call in std::iter::once(holder).chain(waiters) {
         let r = call.await.unwrap().unwrap().into_inner();
