@@ -38,7 +38,7 @@ pub fn token_matches(accepted: &[String], presented: &[u8]) -> bool {
 
 impl Interceptor for BearerAuth {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let state = self.broker.state();
+        let state = self.broker.state_guard();
         if state.tokens.is_empty() {
             return Ok(request);
         }

@@ -131,6 +131,11 @@ impl Broker {
         self.state.load_full()
     }
 
+    /// The state in force, borrowed for a short while (no reference count touched).
+    pub fn state_guard(&self) -> arc_swap::Guard<Arc<State>> {
+        self.state.load()
+    }
+
     /// The configuration in force.
     pub fn config(&self) -> Arc<BrokerConfig> {
         self.state.load().config.clone()
@@ -229,9 +234,10 @@ impl Broker {
             lookup.connection_type,
             lookup.region.as_deref(),
         );
-        if let Some(hit) = d.cache.fresh(&key) {
+        let now = d.cache.now();
+        if let Some(hit) = d.cache.fresh_at(&key, now) {
             self.metrics.cache_hits.inc();
-            return Ok(hit.fresh_response(d.cache.now()));
+            return Ok(hit.fresh_response(now));
         }
         let ticket = d.flights.join(&key, || {
             let permit = d.flight_permits.clone().try_acquire_owned().ok()?;

@@ -213,7 +213,11 @@ impl AnswerCache {
 
     /// The fresh entry for `key`, if any.
     pub fn fresh(&self, key: &CacheKey) -> Option<Arc<Cached>> {
-        let now = self.clock.now();
+        self.fresh_at(key, self.clock.now())
+    }
+
+    /// The entry for `key` if it is fresh at `now` (read from [`AnswerCache::now`]).
+    pub fn fresh_at(&self, key: &CacheKey, now: Instant) -> Option<Arc<Cached>> {
         self.get(key).filter(|c| now < c.fresh_until)
     }
 

@@ -13,7 +13,11 @@
 //! - **Everything else** (admin, reflection) goes through load shedding and the global
 //!   `max_concurrent_requests` limit: an admin listing can be expensive, and operators can retry.
 //!
-//! The same per-call timeout (`request_timeout_seconds`) applies to feed and other calls.
+//! Admin and reflection calls have the per-call timeout (`request_timeout_seconds`). Feed calls
+//! do not need it: `RequestProxy` stops waiting for upstreams at 90 % of it by itself (the
+//! lookup it shares is bounded the same way, on its own task), `ReportFeedback` never waits, and a
+//! stalled request body is ended by [`BodyTimeoutLayer`]; leaving the layer out saves a timer per
+//! call on the hot path.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -159,24 +163,28 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let deadline = tokio::time::Instant::now() + self.timeout;
+        let timeout = self.timeout;
         self.inner
-            .call(request.map(|body| Body::new(TimedBody::new(body, deadline))))
+            .call(request.map(|body| Body::new(TimedBody::new(body, timeout))))
     }
 }
 
-/// A request body that fails once its deadline passes before its end.
+/// A request body that fails when it has not ended `timeout` after it first kept the call
+/// waiting. The timer starts only then: a request whose message came with its headers (the usual
+/// case) costs no timer and no clock read.
 struct TimedBody {
     inner: Body,
-    sleep: Pin<Box<tokio::time::Sleep>>,
+    timeout: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     ended: bool,
 }
 
 impl TimedBody {
-    fn new(inner: Body, deadline: tokio::time::Instant) -> Self {
+    fn new(inner: Body, timeout: Duration) -> Self {
         Self {
             inner,
-            sleep: Box::pin(tokio::time::sleep_until(deadline)),
+            timeout,
+            sleep: None,
             ended: false,
         }
     }
@@ -198,7 +206,12 @@ impl HttpBody for TimedBody {
             }
             Poll::Ready(Some(frame)) => Poll::Ready(Some(frame)),
             Poll::Pending if this.ended => Poll::Pending,
-            Poll::Pending => match this.sleep.as_mut().poll(cx) {
+            Poll::Pending => match this
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(this.timeout)))
+                .as_mut()
+                .poll(cx)
+            {
                 Poll::Ready(()) => {
                     this.ended = true;
                     Poll::Ready(Some(Err(tonic::Status::cancelled(

@@ -113,10 +113,8 @@ pub async fn serve(
     let call_timeout = Duration::from_secs(server_cfg.request_timeout_seconds.unsigned_abs());
     let body_timeout = Duration::from_secs(server_cfg.request_body_timeout_seconds.unsigned_abs());
     let feed_stack = ServiceBuilder::new()
-        // No call runs longer than `request_timeout_seconds` (streams: only until headers).
-        .map_err(map_timeout)
-        .timeout(call_timeout)
         // A stream that sends headers and never its message ends after `request_body_timeout_seconds`.
+        // (No call timeout layer: feed calls bound their own waits, see `limits`.)
         .layer(crate::limits::BodyTimeoutLayer::new(body_timeout))
         .into_inner();
     let other_stack = ServiceBuilder::new()

@@ -34,12 +34,12 @@ impl ProxyBroker for BrokerService {
         &self,
         request: Request<pb::ProxyRequest>,
     ) -> Result<Response<pb::ProxyResponse>, Status> {
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         // How long this caller waits for upstreams: the earlier of its deadline and the server's
         // own per-call limit, less a margin to answer with the fallback instead of
         // DEADLINE_EXCEEDED. The upstream lookup itself runs under the server's budget.
-        let server_deadline = deadline_after(self.call_timeout);
-        let wait_until = match grpc_deadline(request.metadata()) {
+        let server_deadline = deadline_after(started, self.call_timeout);
+        let wait_until = match grpc_deadline(started, request.metadata()) {
             Some(caller) if caller < server_deadline => caller,
             _ => server_deadline,
         };
@@ -159,14 +159,19 @@ fn connection_type_index(raw: i32) -> usize {
 }
 
 /// The caller's deadline from the `grpc-timeout` header, less 10 % kept to answer with a fallback.
-fn grpc_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<tokio::time::Instant> {
+fn grpc_deadline(
+    now: tokio::time::Instant,
+    metadata: &tonic::metadata::MetadataMap,
+) -> Option<tokio::time::Instant> {
     let timeout = parse_grpc_timeout(metadata.get("grpc-timeout")?.to_str().ok()?)?;
-    Some(deadline_after(timeout))
+    Some(deadline_after(now, timeout))
 }
 
-/// `timeout` from now, less 10 % kept to answer with a fallback.
-fn deadline_after(timeout: std::time::Duration) -> tokio::time::Instant {
-    tokio::time::Instant::now() + timeout - timeout / 10
+/// `timeout` after `now`, less 10 % kept to answer with a fallback (saturating: never panics).
+fn deadline_after(now: tokio::time::Instant, timeout: std::time::Duration) -> tokio::time::Instant {
+    let usable = timeout - timeout / 10;
+    now.checked_add(usable)
+        .unwrap_or_else(|| now + std::time::Duration::from_secs(86_400 * 365))
 }
 
 /// Parses a `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
