@@ -233,7 +233,11 @@ impl EmbeddedResolver {
                 continue;
             };
             let mut state = pool.lock();
-            if state.ejections.get(i).is_none_or(|e| e.until.is_some_and(|until| until > now)) {
+            if state
+                .ejections
+                .get(i)
+                .is_none_or(|e| e.until.is_some_and(|until| until > now))
+            {
                 continue;
             }
             let current = state
@@ -384,7 +388,11 @@ impl Pool {
                 index
             }
         };
-        self.urls.get(index).or(self.urls.first()).cloned().unwrap_or_default()
+        self.urls
+            .get(index)
+            .or(self.urls.first())
+            .cloned()
+            .unwrap_or_default()
     }
 }
 

@@ -161,7 +161,9 @@ pub struct DebugUrls<'a>(pub &'a [String]);
 
 impl fmt::Debug for DebugUrls<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list().entries(self.0.iter().map(|u| redact_url(u))).finish()
+        f.debug_list()
+            .entries(self.0.iter().map(|u| redact_url(u)))
+            .finish()
     }
 }
 
@@ -172,20 +174,56 @@ mod tests {
     #[test]
     fn the_whole_userinfo_of_a_url_is_masked_and_the_rest_kept() {
         let cases = [
-            ("user and password", "socks5://alice:s3cret@p1:1080", "socks5://***@p1:1080"),
-            ("user only (token)", "socks5://TOKEN@host:1080", "socks5://***@host:1080"),
-            ("api key, empty password", "http://APIKEY:@proxy:8011", "http://***@proxy:8011"),
-            ("short user and password", "http://user:pass@h:1", "http://***@h:1"),
-            ("path, query and fragment kept", "http://u:p@h:1/x?y#z", "http://***@h:1/x?y#z"),
+            (
+                "user and password",
+                "socks5://alice:s3cret@p1:1080",
+                "socks5://***@p1:1080",
+            ),
+            (
+                "user only (token)",
+                "socks5://TOKEN@host:1080",
+                "socks5://***@host:1080",
+            ),
+            (
+                "api key, empty password",
+                "http://APIKEY:@proxy:8011",
+                "http://***@proxy:8011",
+            ),
+            (
+                "short user and password",
+                "http://user:pass@h:1",
+                "http://***@h:1",
+            ),
+            (
+                "path, query and fragment kept",
+                "http://u:p@h:1/x?y#z",
+                "http://***@h:1/x?y#z",
+            ),
             ("no userinfo", "http://h:1", "http://h:1"),
             ("empty userinfo", "http://@h:1", "http://@h:1"),
             ("not a url", "not a url", "not a url"),
             ("@ in the password", "socks5://a:b@c@h:1", "socks5://***@h:1"),
-            ("unencoded # in the password", "socks5://u:p#ss@h:1", "socks5://***@h:1"),
-            ("unencoded / in the password", "http://user:12/ss@h:1", "http://***@h:1"),
-            ("whitespace in the password", "http://alice:hun ter2@h:1", "http://***@h:1"),
+            (
+                "unencoded # in the password",
+                "socks5://u:p#ss@h:1",
+                "socks5://***@h:1",
+            ),
+            (
+                "unencoded / in the password",
+                "http://user:12/ss@h:1",
+                "http://***@h:1",
+            ),
+            (
+                "whitespace in the password",
+                "http://alice:hun ter2@h:1",
+                "http://***@h:1",
+            ),
             ("no scheme", "alice:s3cret@h:1", "***@h:1"),
-            ("percent-encoded user", "socks5h://us%40er:p%3Ass@px:1080", "socks5h://***@px:1080"),
+            (
+                "percent-encoded user",
+                "socks5h://us%40er:p%3Ass@px:1080",
+                "socks5h://***@px:1080",
+            ),
             ("multi-byte text", "socks5://ü:ñ@h:1", "socks5://***@h:1"),
         ];
         for (name, raw, want) in cases {
@@ -202,12 +240,36 @@ mod tests {
                 "bad 'socks5://***@h' and \"http://***@c:1/x\" end",
             ),
             ("no urls", "no urls", "no urls"),
-            ("user-only token", "via socks5://TOKEN@host:1080 failed", "via socks5://***@host:1080 failed"),
-            ("api key as user", "proxy http://APIKEY:@proxy:8011: refused", "proxy http://***@proxy:8011: refused"),
-            ("# in the password", "url=socks5://u:p#ss@h:1, retrying", "url=socks5://***@h:1, retrying"),
-            ("bracket in the password", "(socks5://u:p)ss@h:1)", "(socks5://***@h:1)"),
-            ("two urls in one token", "a=http://u:p@h:1,http://v:q@g:2", "a=http://***@g:2"),
-            ("unicode whitespace before", "x\u{3000}http://u:pw@h:1", "x\u{3000}http://***@h:1"),
+            (
+                "user-only token",
+                "via socks5://TOKEN@host:1080 failed",
+                "via socks5://***@host:1080 failed",
+            ),
+            (
+                "api key as user",
+                "proxy http://APIKEY:@proxy:8011: refused",
+                "proxy http://***@proxy:8011: refused",
+            ),
+            (
+                "# in the password",
+                "url=socks5://u:p#ss@h:1, retrying",
+                "url=socks5://***@h:1, retrying",
+            ),
+            (
+                "bracket in the password",
+                "(socks5://u:p)ss@h:1)",
+                "(socks5://***@h:1)",
+            ),
+            (
+                "two urls in one token",
+                "a=http://u:p@h:1,http://v:q@g:2",
+                "a=http://***@g:2",
+            ),
+            (
+                "unicode whitespace before",
+                "x\u{3000}http://u:pw@h:1",
+                "x\u{3000}http://***@h:1",
+            ),
             ("url at the very end", "to http://u:pw@h:1", "to http://***@h:1"),
             ("scheme only", "://", "://"),
         ];

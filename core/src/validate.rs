@@ -384,8 +384,16 @@ mod tests {
             ("no scheme", "h:1080", Some("has no scheme")),
             ("no host", "socks5://:1080", Some("")),
             ("surrounding whitespace", "  http://p:3128  ", Some("whitespace")),
-            ("whitespace in password", "http://alice:hun ter2@h:1", Some("whitespace")),
-            ("one byte too long", &format!("{long_host}0"), Some("is 2049 bytes long (at most 2048")),
+            (
+                "whitespace in password",
+                "http://alice:hun ter2@h:1",
+                Some("whitespace"),
+            ),
+            (
+                "one byte too long",
+                &format!("{long_host}0"),
+                Some("is 2049 bytes long (at most 2048"),
+            ),
             ("much too long", &too_long, Some("bytes long (at most 2048")),
         ];
         for (name, url, want) in cases {
@@ -404,9 +412,17 @@ mod tests {
             ("bad scheme", "gopher://u:topsecret@h:1".to_owned(), "topsecret"),
             ("user-only token", "ftp://TOKEN1234@h:1".to_owned(), "TOKEN1234"),
             ("api key as user", "http://APIKEY99:@h".to_owned(), "APIKEY99"),
-            ("unparsable password", "socks5://u:p#ssword@h:1".to_owned(), "ssword"),
+            (
+                "unparsable password",
+                "socks5://u:p#ssword@h:1".to_owned(),
+                "ssword",
+            ),
             ("no scheme", "alice:s3cret@h:1".to_owned(), "s3cret"),
-            ("no scheme, user shown as scheme", "alice:s3cret@h:1".to_owned(), "alice"),
+            (
+                "no scheme, user shown as scheme",
+                "alice:s3cret@h:1".to_owned(),
+                "alice",
+            ),
             ("too long", too_long, "pppp"),
         ];
         for (name, url, secret) in cases {
