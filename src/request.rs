@@ -145,7 +145,8 @@ impl TryFrom<pb::ProxyFeedback> for Feedback {
                     return Err(Error::invalid(
                         "timestamp",
                         format!(
-                            "{}s {}ns is outside 1970-01-01T00:00:00Z..=9999-12-31T23:59:59.999999999Z \
+                            "{}s {}ns is not a valid feedback time: outside \
+                             1970-01-01T00:00:00Z..=9999-12-31T23:59:59.999999999Z \
                              (seconds {MIN_TIMESTAMP_SECONDS}..={MAX_TIMESTAMP_SECONDS}, nanos 0..=999999999)",
                             ts.seconds, ts.nanos
                         ),

@@ -62,7 +62,7 @@ pub fn check_proxy_url(raw: &str) -> Result<Url, String> {
     if !raw.contains("://") {
         // `user:pass@host:1` parses as scheme `user`: say so without echoing the user name.
         return Err(format!(
-            "'{shown}' has no scheme (scheme://[user:pass@]host:port, scheme one of {})",
+            "'{shown}' is not a valid URL (no scheme; allowed: {}; scheme://[user:pass@]host:port)",
             PROXY_SCHEMES.join(", ")
         ));
     }
@@ -108,7 +108,7 @@ pub fn check_endpoint_url(raw: &str) -> Result<Url, String> {
         return Err(format!("'{shown}' contains whitespace or control characters"));
     }
     if !raw.contains("://") {
-        return Err(format!("'{shown}' has no scheme (allowed: http, https)"));
+        return Err(format!("'{shown}' is not a valid URL (no scheme; allowed: http, https)"));
     }
     let url = Url::parse(raw).map_err(|e| format!("'{shown}' is not a valid URL ({e})"))?;
     if !matches!(url.scheme(), "http" | "https") {
@@ -381,7 +381,7 @@ mod tests {
             ("exactly the longest", &long_host, None),
             ("no port", "http://h", Some("no port")),
             ("bad scheme", "ftp://h:21", Some("scheme 'ftp'")),
-            ("no scheme", "h:1080", Some("has no scheme")),
+            ("no scheme", "h:1080", Some("no scheme")),
             ("no host", "socks5://:1080", Some("")),
             ("surrounding whitespace", "  http://p:3128  ", Some("whitespace")),
             (
