@@ -108,7 +108,9 @@ pub fn check_endpoint_url(raw: &str) -> Result<Url, String> {
         return Err(format!("'{shown}' contains whitespace or control characters"));
     }
     if !raw.contains("://") {
-        return Err(format!("'{shown}' is not a valid URL (no scheme; allowed: http, https)"));
+        return Err(format!(
+            "'{shown}' is not a valid URL (no scheme; allowed: http, https)"
+        ));
     }
     let url = Url::parse(raw).map_err(|e| format!("'{shown}' is not a valid URL ({e})"))?;
     if !matches!(url.scheme(), "http" | "https") {
