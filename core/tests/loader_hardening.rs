@@ -20,6 +20,9 @@ impl Validate for File {
     }
 }
 
+/// Environment variables of a test case.
+type Env<'a> = &'a [(&'a str, &'a str)];
+
 fn loader(yaml: Option<&str>, env: &[(&str, &str)]) -> Loader {
     let loader = Loader::new()
         .env_mapping(EnvMapping::new("CRYPTOFEED_PROXY_", "proxy"))
@@ -101,7 +104,7 @@ fn bad_environment_list_indexes_are_errors_naming_the_key_and_variable() {
 
 #[test]
 fn environment_indexes_within_the_limit_refine_and_extend_yaml_lists() {
-    let cases: &[(&str, &[(&str, &str)], &[&str])] = &[
+    let cases: &[(&str, Env, &[&str])] = &[
         (
             "refine element 1",
             &[(
@@ -181,7 +184,7 @@ fn a_few_aliases_are_still_fine() {
 
 #[test]
 fn values_that_do_not_parse_are_never_echoed_with_their_userinfo() {
-    let cases: &[(&str, Option<&str>, &[(&str, &str)], &[&str])] = &[
+    let cases: &[(&str, Option<&str>, Env, &[&str])] = &[
         (
             "unencoded # in a YAML proxy password",
             Some("proxy:\n  enabled: true\n  default: \"socks5://alice:p#ssw0rd@h:1\"\n"),
