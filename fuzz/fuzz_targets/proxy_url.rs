@@ -4,8 +4,8 @@
 //! A URL with userinfo, built from arbitrary parts: the redacted forms (`redact_url`,
 //! `redact_text` on a sentence holding it, `redact_json` on a config holding it) and the
 //! validation error never contain the user name or the password, when that part is at least four
-//! characters long and does not appear in what may legitimately be shown (scheme, host, port, the
-//! rule texts).
+//! characters long and does not appear in what may legitimately be shown: what the same URL with an
+//! innocent userinfo shows (its scheme, host and port), and the rule texts.
 #![no_main]
 
 use arbitrary::Arbitrary;
@@ -58,7 +58,15 @@ fuzz_target!(|input: Input| {
                 None => p.user.clone(),
             };
             let raw = format!("{scheme}://{userinfo}@{}:{}", p.host, p.port);
-            let visible = format!("{scheme}://***@{}:{} {RULES}", p.host, p.port);
+            // What may be shown is what the same URL with an innocent userinfo shows (scheme, host
+            // and port; redacted, quoted, in the sentence, in its error) and the rule texts.
+            let innocent = format!("{scheme}://x@{}:{}", p.host, p.port);
+            let visible = format!(
+                "'{}' {} {} {RULES}",
+                redact_url(&innocent),
+                redact_text(&format!("connect via {innocent} failed")),
+                check_proxy_url(&innocent).err().unwrap_or_default(),
+            );
             let secrets: Vec<&str> = std::iter::once(p.user.as_str())
                 .chain(p.password.as_deref())
                 .collect();
