@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use config::{FileFormat, Map, Source, Value, ValueKind};
 use serde::de::DeserializeOwned;
 
-use crate::redact::{is_secret_path, redact_text};
+use crate::redact::{is_secret_path, redact_text, redact_url};
 
 /// One configuration problem: where, and what is wrong (value and rule).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -591,10 +591,18 @@ impl Shape {
                     }
                 }
                 ValueKind::Nil => {}
-                _ if required => problems.push(
-                    dotted(path),
-                    format!("'{value}': invalid type, expected a mapping (key: value pairs)"),
-                ),
+                _ if required => {
+                    let at = dotted(path);
+                    let shown = if is_secret_path(&at) {
+                        "<secret>".to_owned()
+                    } else {
+                        redact_url(&value.to_string())
+                    };
+                    problems.push(
+                        at,
+                        format!("'{shown}': invalid type, expected a mapping (key: value pairs)"),
+                    )
+                }
                 _ => {}
             }
         }

@@ -229,3 +229,25 @@ fn values_that_do_not_parse_are_never_echoed_with_their_userinfo() {
         assert!(err.contains("***@"), "{name}: shows the masked URL: {err}");
     }
 }
+
+#[test]
+fn a_proxy_url_where_a_mapping_belongs_is_shown_masked() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "pool member as a bare string",
+            "proxy:\n  enabled: true\n  default:\n    http:\n      pool:\n        proxies:\n          - \"socks5://memberuser:memberpw@h:1\"\n",
+        ),
+        (
+            "pool as a bare string",
+            "proxy:\n  enabled: true\n  default:\n    http:\n      pool: \"socks5://memberuser:memberpw@h:1\"\n",
+        ),
+    ];
+    for (name, yaml) in cases {
+        let err = load(Some(yaml), &[]).expect_err(name).to_string();
+        assert!(
+            !err.contains("memberuser") && !err.contains("memberpw"),
+            "{name}: {err}"
+        );
+        assert!(err.contains("socks5://***@h:1"), "{name}: {err}");
+    }
+}
