@@ -144,20 +144,26 @@ pub const MAX_ENV_LIST_INDEX: usize = 9_999;
 /// would otherwise expand to gigabytes.
 pub const MAX_YAML_NODES: u64 = 1_000_000;
 
-/// Where the YAML layer comes from.
-#[derive(Debug, Clone)]
+/// Where the YAML layer comes from. `Debug` leaves the text out (it may hold secrets).
+#[derive(derive_more::Debug, Clone)]
 enum YamlOrigin {
     /// A file, read when loading (it must exist).
     File(PathBuf),
     /// Text already in memory, with a name for messages.
-    Text { name: String, text: String },
+    Text {
+        name: String,
+        #[debug("<{} bytes>", text.len())]
+        text: String,
+    },
 }
 
 /// Builds a configuration of type `T` from defaults, an optional YAML file and the environment.
-#[derive(Debug, Clone, Default)]
+/// `Debug` shows the names of the given environment variables, not their values.
+#[derive(derive_more::Debug, Clone, Default)]
 pub struct Loader {
     file: Option<YamlOrigin>,
     mappings: Vec<EnvMapping>,
+    #[debug("{:?}", env.as_ref().map(|vars| vars.iter().map(|(k, _)| k).collect::<Vec<_>>()))]
     env: Option<Vec<(String, String)>>,
     proxy_root: Option<String>,
     tables: Vec<String>,
@@ -632,10 +638,12 @@ fn table<const N: usize>(entries: [(&str, Value); N]) -> Value {
     )
 }
 
-/// Environment variables as configuration, cryptofeed-style (see the module docs).
-#[derive(Debug, Clone, Default)]
+/// Environment variables as configuration, cryptofeed-style (see the module docs). `Debug` shows
+/// the keys, not the values (they may be secrets).
+#[derive(derive_more::Debug, Clone, Default)]
 struct EnvSource {
     /// Dotted key path (with `[i]` indexes) → value.
+    #[debug("{:?}", values.iter().map(|(k, _)| k).collect::<Vec<_>>())]
     values: Vec<(String, Value)>,
     /// Dotted key path → variable name, for error messages.
     origins: BTreeMap<String, String>,
@@ -813,9 +821,10 @@ impl Source for EnvSource {
     }
 }
 
-/// A single `key = value`, applied with the `config` crate's path semantics (`a.b[0].c`).
-#[derive(Debug, Clone)]
-struct OneValue(String, Value);
+/// A single `key = value`, applied with the `config` crate's path semantics (`a.b[0].c`). `Debug`
+/// shows the key only.
+#[derive(derive_more::Debug, Clone)]
+struct OneValue(String, #[debug(skip)] Value);
 
 impl Source for OneValue {
     fn clone_into_box(&self) -> Box<dyn Source + Send + Sync> {

@@ -251,3 +251,22 @@ fn a_proxy_url_where_a_mapping_belongs_is_shown_masked() {
         assert!(err.contains("socks5://***@h:1"), "{name}: {err}");
     }
 }
+
+#[test]
+fn debug_of_a_loader_shows_no_yaml_text_or_environment_value() {
+    let l = loader(
+        Some("proxy:\n  default: \"socks5://yamluser:yamlpw@h:1\"\n"),
+        &[(
+            "CRYPTOFEED_PROXY_EXTERNAL_SERVICE__AUTH_CREDENTIALS__TOKEN",
+            "envtoken-123",
+        )],
+    );
+    let shown = format!("{l:?}");
+    for secret in ["yamluser", "yamlpw", "envtoken-123"] {
+        assert!(!shown.contains(secret), "{secret} in {shown}");
+    }
+    assert!(
+        shown.contains("CRYPTOFEED_PROXY_EXTERNAL_SERVICE__AUTH_CREDENTIALS__TOKEN"),
+        "{shown}"
+    );
+}
