@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
@@ -26,12 +27,19 @@ impl BearerAuth {
     }
 }
 
-/// Whether `presented` equals one of `accepted`, comparing every candidate in constant time.
-pub fn token_matches(accepted: &[String], presented: &[u8]) -> bool {
+/// Whether `presented` equals one of `accepted`, without leaking which one, how many bytes of it
+/// matched, or how long the accepted tokens are.
+///
+/// Both sides are hashed to fixed-size SHA-256 digests first and the digests compared in constant
+/// time (`subtle`), so a shorter or longer presented token takes exactly the same path as one of
+/// the right length (a plain `ct_eq` on the raw bytes returns early on a length mismatch). Every
+/// accepted token is compared, whether or not an earlier one matched.
+pub fn token_matches<T: AsRef<[u8]>>(accepted: &[T], presented: &[u8]) -> bool {
+    let presented = Sha256::digest(presented);
     accepted
         .iter()
         .fold(subtle::Choice::from(0), |found, token| {
-            found | token.as_bytes().ct_eq(presented)
+            found | Sha256::digest(token.as_ref()).ct_eq(&presented)
         })
         .into()
 }
@@ -70,9 +78,21 @@ mod tests {
             "first-token-0123456".to_owned(),
             "second-token-0123456".to_owned(),
         ];
-        assert!(token_matches(&accepted, b"second-token-0123456"));
-        assert!(!token_matches(&accepted, b"second-token-012345"));
-        assert!(!token_matches(&accepted, b""));
-        assert!(!token_matches(&[], b"anything"));
+        // (name, presented, matches)
+        let cases: &[(&str, &[u8], bool)] = &[
+            ("second token", b"second-token-0123456", true),
+            ("first token", b"first-token-0123456", true),
+            ("one byte short", b"second-token-012345", false),
+            ("one byte long", b"second-token-01234567", false),
+            ("last byte differs", b"second-token-0123457", false),
+            ("prefix of a token", b"first", false),
+            ("empty", b"", false),
+            ("much longer", &[b'x'; 4096], false),
+            ("token with a trailing NUL", b"first-token-0123456\0", false),
+        ];
+        for (name, presented, want) in cases {
+            assert_eq!(token_matches(&accepted, presented), *want, "{name}");
+        }
+        assert!(!token_matches::<String>(&[], b"anything"));
     }
 }

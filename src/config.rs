@@ -6,7 +6,7 @@ use std::path::Path;
 
 use proxy_broker_core::load::{Problems, Validate};
 use proxy_broker_core::validate::check_range;
-use proxy_broker_core::{ConfigError, EnvMapping, Loader, ProxySettings};
+use proxy_broker_core::{ConfigError, EnvMapping, Loader, ProxySettings, Secret};
 use serde::{Deserialize, Serialize};
 
 /// Environment prefix of cryptofeed's proxy settings, mapped onto `proxy.*`.
@@ -40,8 +40,9 @@ pub struct ServerConfig {
     pub metrics_listen: SocketAddr,
     /// How long in-flight calls may take to finish after SIGTERM/SIGINT, 0..=300 seconds.
     pub shutdown_grace_seconds: i64,
-    /// Bearer tokens accepted from feeds and operators (secret). Empty (and no file): no auth.
-    pub auth_tokens: Vec<String>,
+    /// Bearer tokens accepted from feeds and operators (secret: `Debug` prints `***`). Empty (and
+    /// no file): no auth.
+    pub auth_tokens: Vec<Secret>,
     /// File with more accepted tokens, one per line (blank lines and `#` comments ignored).
     pub auth_tokens_file: Option<String>,
     /// Who may use server reflection when auth is on.
@@ -182,7 +183,7 @@ impl Validate for ServerConfig {
         for (i, token) in self.auth_tokens.iter().enumerate() {
             // An empty token would admit `authorization: Bearer `. The value is secret: only its
             // length is shown.
-            let len = token.trim().chars().count();
+            let len = token.expose().trim().chars().count();
             if len < MIN_AUTH_TOKEN_LEN {
                 problems.push(
                     format!("{path}.auth_tokens[{i}]"),
@@ -229,7 +230,12 @@ impl BrokerConfig {
 
     /// Every token feeds may present: `auth_tokens` plus the lines of `auth_tokens_file`.
     pub fn accepted_tokens(&self) -> Result<Vec<String>, proxy_broker_core::ConfigError> {
-        let mut tokens = self.server.auth_tokens.clone();
+        let mut tokens: Vec<String> = self
+            .server
+            .auth_tokens
+            .iter()
+            .map(|t| t.expose().to_owned())
+            .collect();
         if let Some(file) = &self.server.auth_tokens_file {
             let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
                 problems: vec![proxy_broker_core::Problem {
@@ -277,5 +283,88 @@ impl BrokerConfig {
         let value = serde_json::to_value(self).unwrap_or_default();
         let redacted = proxy_broker_core::redact::redact_json(&value);
         serde_json::to_string_pretty(&redacted).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A configuration holding every kind of secret the broker knows, each one unique.
+    const SECRETS_YAML: &str = r#"
+server:
+  auth_tokens: ["srvtoken-AAAA-0123456789"]
+proxy:
+  enabled: true
+  default:
+    http: "socks5://defuser:defpass@p1:1080"
+    websocket:
+      pool:
+        proxies:
+          - url: "http://POOLKEY1:@p2:8011"
+          - url: "socks5://POOLTOKEN2@p3:1080"
+  exchanges:
+    kraken:
+      http:
+        url: "http://kruser:krpass@p4:3128"
+  external_service:
+    enabled: true
+    endpoints: ["https://epuser:eppass@up:8443"]
+    auth_method: api_key
+    auth_credentials:
+      api_key: "apikey-BBBB-0123456789"
+      ca_file: "/etc/broker/ca.pem"
+"#;
+
+    const SECRETS: &[&str] = &[
+        "srvtoken-AAAA",
+        "defuser",
+        "defpass",
+        "POOLKEY1",
+        "POOLTOKEN2",
+        "kruser",
+        "krpass",
+        "epuser",
+        "eppass",
+        "apikey-BBBB",
+    ];
+
+    fn secrets_config() -> BrokerConfig {
+        BrokerConfig::loader(None)
+            .yaml_text("secrets.yaml", SECRETS_YAML)
+            .env_vars(Vec::<(String, String)>::new())
+            .load()
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn debug_of_the_configuration_prints_no_secret() {
+        let config = secrets_config();
+        for shown in [format!("{config:?}"), format!("{config:#?}")] {
+            for secret in SECRETS {
+                assert!(!shown.contains(secret), "{secret} in {shown}");
+            }
+            // What is not secret is still there to debug with.
+            assert!(shown.contains("/etc/broker/ca.pem"), "{shown}");
+            assert!(shown.contains("socks5://***@p1:1080"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn the_redacted_json_masks_every_secret_and_the_config_round_trips() {
+        let config = secrets_config();
+        let json = config.redacted_json();
+        for secret in SECRETS {
+            assert!(!json.contains(secret), "{secret} in {json}");
+        }
+        assert!(json.contains("\"***\""), "{json}");
+        // Secrets serialize as themselves, so the configuration survives a serde round trip.
+        let plain = serde_json::to_string(&config).unwrap_or_default();
+        let back: BrokerConfig = serde_json::from_str(&plain).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back, config);
+        assert_eq!(
+            config.accepted_tokens().unwrap_or_default(),
+            vec!["srvtoken-AAAA-0123456789".to_owned()]
+        );
     }
 }

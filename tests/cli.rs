@@ -316,10 +316,10 @@ proxy:
     assert_eq!(credentials["api_key"], "***");
     assert_eq!(
         json["proxy"]["default"]["http"]["url"],
-        "socks5://alice:***@proxy.example.com:1080"
+        "socks5://***@proxy.example.com:1080"
     );
     assert_eq!(
         json["proxy"]["default"]["websocket"]["pool"]["proxies"][0]["url"],
-        "socks5h://bob:***@pool-1:1080"
+        "socks5h://***@pool-1:1080"
     );
 }

@@ -371,17 +371,14 @@ async fn token_api_key_and_proxy_passwords_never_appear_in_logs_admin_output_or_
     assert_no_secret("admin output (bearer broker)", &admin_bearer);
     assert_no_secret("admin output (api-key broker)", &admin_api_key);
     assert_no_secret("admin output (cached proxy)", &admin_with_entry);
-    assert!(
-        admin_with_entry.contains("carol:***@px.test"),
-        "{admin_with_entry}"
-    );
+    assert!(admin_with_entry.contains("***@px.test"), "{admin_with_entry}");
     assert!(admin_bearer.contains("\"***\""), "{admin_bearer}");
 
     let text = logs.text();
     assert!(text.contains("upstream failed"), "logs were captured:\n{text}");
     assert!(text.contains("stale"), "{text}");
     assert!(
-        text.contains("carol:***@px.test"),
+        text.contains("***@px.test"),
         "ejection is logged, redacted:\n{text}"
     );
     // No assertion that DEBUG lines were captured: tracing's callsite interest is global, and a

@@ -1002,7 +1002,7 @@ async fn list_cache_shows_key_redacted_proxy_url_endpoint_and_expiry() {
     assert_eq!(e.exchange_id, "kraken");
     assert_eq!(e.connection_type(), WS);
     assert_eq!(e.region, "us-east");
-    assert_eq!(e.proxy_url, "http://alice:***@px.test:8080");
+    assert_eq!(e.proxy_url, "http://***@px.test:8080");
     assert_eq!(e.upstream_endpoint, up.url);
     assert!((539..=660).contains(&e.seconds_to_expiry), "{e:?}");
     assert!(!e.stale);

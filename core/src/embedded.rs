@@ -9,8 +9,11 @@
 //!
 //! A **lease** is granted to the member each time it is handed out by a `least_connections` pool.
 //! It lives until the answer's TTL passes (the TTL a feed is told to cache the answer for), or until
-//! failure feedback for that proxy URL arrives ([`EmbeddedResolver::release`]), whichever is first.
-//! Weights do not affect `least_connections`.
+//! failure feedback for that proxy URL arrives ([`EmbeddedResolver::release`], oldest lease first),
+//! whichever is first. Weights do not affect `least_connections`. A member holds at most
+//! [`MAX_LEASES_PER_MEMBER`] live leases; past that its oldest lease is dropped. A pick costs
+//! O(members), whatever the number of live leases: each member keeps its lease expiries in a queue
+//! ordered by expiry, and expired leases are dropped from its front.
 //!
 //! **Ejection** (outlier detection driven by feedback, see [`EmbeddedResolver::eject`]): an ejected
 //! member is skipped for 30 s × the number of times it has been ejected (at most 300 s). At most
@@ -27,6 +30,7 @@ use rand::distr::weighted::WeightedIndex;
 use tokio::time::Instant;
 
 use crate::model::{ConnectionProxies, ProxyConfig, ProxySettings, Strategy};
+use crate::redact::{DebugUrls, redact_url};
 
 /// The two kinds of connection a feed makes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -53,10 +57,11 @@ impl fmt::Display for ConnectionType {
     }
 }
 
-/// What the embedded configuration says for one request.
-#[derive(Debug, Clone, PartialEq)]
+/// What the embedded configuration says for one request. `Debug` masks the proxy's userinfo.
+#[derive(derive_more::Debug, Clone, PartialEq)]
 pub struct Resolution {
     /// The proxy to use; `None` means connect directly.
+    #[debug("{:?}", proxy_url.as_deref().map(redact_url))]
     pub proxy_url: Option<String>,
     /// `direct`, `static` (a plain url entry) or the pool's strategy.
     pub strategy: &'static str,
@@ -90,29 +95,44 @@ struct Scope {
     websocket: Option<Entry>,
 }
 
-#[derive(Debug)]
+#[derive(derive_more::Debug)]
 enum Entry {
-    Url { url: String, timeout_seconds: i64 },
+    Url {
+        #[debug("{:?}", redact_url(url))]
+        url: String,
+        timeout_seconds: i64,
+    },
     Pool(std::sync::Arc<Pool>),
 }
 
-#[derive(Debug)]
+#[derive(derive_more::Debug)]
 struct Pool {
     strategy: Strategy,
     timeout_seconds: i64,
     /// Enabled members only, in configured order.
+    #[debug("{:?}", DebugUrls(urls))]
     urls: Vec<String>,
     weights: Vec<f64>,
     next: AtomicUsize,
     state: Mutex<PoolState>,
 }
 
-#[derive(Debug)]
+#[derive(derive_more::Debug)]
 struct PoolState {
-    /// Per member: expiry instants of its live leases, oldest first.
+    /// Per member: expiry instants of its leases, oldest (soonest to expire) first. Every lease of a
+    /// resolver lives the same `lease_ttl` and time does not go back, so appending `now + ttl`
+    /// keeps each queue sorted; expired leases are popped from the front (amortised O(1) each).
+    #[debug("{:?}", leases.iter().map(VecDeque::len).collect::<Vec<_>>())]
     leases: Vec<VecDeque<Instant>>,
     /// Per member: ejected until (if ever) and how many times.
     ejections: Vec<Ejection>,
+}
+
+/// Drops the expired leases at the front of one member's queue.
+fn expire(leases: &mut VecDeque<Instant>, now: Instant) {
+    while leases.front().is_some_and(|&until| until <= now) {
+        leases.pop_front();
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -125,6 +145,11 @@ struct Ejection {
 pub const EJECTION_BASE: Duration = Duration::from_secs(30);
 /// Longest ejection period.
 pub const EJECTION_MAX: Duration = Duration::from_secs(300);
+/// Most live leases one pool member holds; granting one more drops its oldest. Bounds the memory
+/// a flood of requests can pin (16 bytes a lease) without changing who is least loaded in practice.
+pub const MAX_LEASES_PER_MEMBER: usize = 100_000;
+/// Longest lease lifetime; a longer `lease_ttl` is cut to this so that `now + ttl` cannot overflow.
+pub const MAX_LEASE_TTL: Duration = Duration::from_secs(30 * 86_400);
 
 impl EmbeddedResolver {
     /// Builds the resolver; `lease_ttl` is how long a `least_connections` lease lives without
@@ -146,7 +171,7 @@ impl EmbeddedResolver {
             default,
             exchanges,
             pools,
-            lease_ttl,
+            lease_ttl: lease_ttl.min(MAX_LEASE_TTL),
         }
     }
 
@@ -178,12 +203,17 @@ impl EmbeddedResolver {
     /// Ends the oldest live lease on `proxy_url` in every pool that has it (failure feedback).
     /// Returns how many leases ended.
     pub fn release(&self, proxy_url: &str) -> usize {
+        let now = Instant::now();
         let mut released = 0;
         for pool in &self.pools {
             for (i, url) in pool.urls.iter().enumerate() {
                 if url == proxy_url {
                     let mut state = pool.lock();
-                    if state.leases[i].pop_front().is_some() {
+                    let Some(leases) = state.leases.get_mut(i) else {
+                        continue;
+                    };
+                    expire(leases, now);
+                    if leases.pop_front().is_some() {
                         released += 1;
                     }
                 }
@@ -203,7 +233,11 @@ impl EmbeddedResolver {
                 continue;
             };
             let mut state = pool.lock();
-            if state.ejections[i].until.is_some_and(|until| until > now) {
+            if state
+                .ejections
+                .get(i)
+                .is_none_or(|e| e.until.is_some_and(|until| until > now))
+            {
                 continue;
             }
             let current = state
@@ -215,9 +249,11 @@ impl EmbeddedResolver {
             if current + 1 > allowed {
                 continue;
             }
-            let e = &mut state.ejections[i];
-            e.times += 1;
-            e.until = Some(now + (EJECTION_BASE * e.times).min(EJECTION_MAX));
+            let Some(e) = state.ejections.get_mut(i) else {
+                continue;
+            };
+            e.times = e.times.saturating_add(1);
+            e.until = Some(now + EJECTION_BASE.saturating_mul(e.times).min(EJECTION_MAX));
             ejected += 1;
         }
         ejected
@@ -246,7 +282,7 @@ impl EmbeddedResolver {
                     .iter()
                     .zip(state.leases.iter())
                     .filter(|(url, _)| *url == proxy_url)
-                    .map(|(_, l)| l.iter().filter(|&&until| until > now).count())
+                    .map(|(_, l)| l.len() - l.partition_point(|&until| until <= now))
                     .sum::<usize>()
             })
             .sum()
@@ -305,6 +341,7 @@ impl Pool {
     fn pick(&self, lease_ttl: Duration) -> String {
         let now = Instant::now();
         let mut state = self.lock();
+        let n = self.urls.len();
         let eligible: Vec<bool> = state
             .ejections
             .iter()
@@ -314,16 +351,16 @@ impl Pool {
         let eligible = if eligible.iter().any(|&e| e) {
             eligible
         } else {
-            vec![true; self.urls.len()]
+            vec![true; n]
         };
-        let n = self.urls.len();
         let index = match self.strategy {
             Strategy::RoundRobin => {
-                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                // Reduced first so that `base + k` cannot overflow when the counter wraps.
+                let base = self.next.fetch_add(1, Ordering::Relaxed) % n.max(1);
                 (0..n)
-                    .map(|k| (start + k) % n)
+                    .map(|k| (base + k) % n)
                     .find(|&i| eligible[i])
-                    .unwrap_or(start % n)
+                    .unwrap_or(base)
             }
             Strategy::Random => {
                 let weights = self
@@ -334,21 +371,28 @@ impl Pool {
                 WeightedIndex::new(weights).map_or(0, |dist| dist.sample(&mut rand::rng()))
             }
             Strategy::LeastConnections => {
-                for member in state.leases.iter_mut() {
-                    member.retain(|&until| until > now);
+                let mut best: Option<(usize, usize)> = None;
+                for (i, leases) in state.leases.iter_mut().enumerate() {
+                    expire(leases, now);
+                    if eligible[i] && best.is_none_or(|(_, fewest)| leases.len() < fewest) {
+                        best = Some((i, leases.len()));
+                    }
                 }
-                let index = state
-                    .leases
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| eligible[*i])
-                    .min_by_key(|(i, l)| (l.len(), *i))
-                    .map_or(0, |(i, _)| i);
-                state.leases[index].push_back(now + lease_ttl);
+                let index = best.map_or(0, |(i, _)| i);
+                if let Some(leases) = state.leases.get_mut(index) {
+                    if leases.len() >= MAX_LEASES_PER_MEMBER {
+                        leases.pop_front();
+                    }
+                    leases.push_back(now + lease_ttl);
+                }
                 index
             }
         };
-        self.urls[index].clone()
+        self.urls
+            .get(index)
+            .or(self.urls.first())
+            .cloned()
+            .unwrap_or_default()
     }
 }
 
@@ -466,6 +510,81 @@ mod tests {
             r.resolve("x", ConnectionType::Websocket).proxy_url.as_deref(),
             Some("socks5://only:1")
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_member_holds_at_most_the_lease_cap_and_the_oldest_goes_first() {
+        let settings = pool_settings(
+            Strategy::LeastConnections,
+            vec![member("socks5://only:1", 1.0, true)],
+        );
+        let r = EmbeddedResolver::new(&settings, Duration::from_secs(60));
+        let pick = |r: &EmbeddedResolver| r.resolve("x", ConnectionType::Websocket);
+        pick(&r);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        for _ in 0..MAX_LEASES_PER_MEMBER {
+            pick(&r);
+        }
+        // One past the cap: the very first lease (granted 10 s earlier) was dropped.
+        assert_eq!(r.live_leases("socks5://only:1"), MAX_LEASES_PER_MEMBER);
+        tokio::time::advance(Duration::from_secs(55)).await;
+        assert_eq!(r.live_leases("socks5://only:1"), MAX_LEASES_PER_MEMBER);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failure_release_ends_the_oldest_live_lease_not_an_expired_one() {
+        let settings = pool_settings(
+            Strategy::LeastConnections,
+            vec![member("socks5://a:1", 1.0, true)],
+        );
+        let r = EmbeddedResolver::new(&settings, Duration::from_secs(60));
+        let pick = |r: &EmbeddedResolver| r.resolve("x", ConnectionType::Websocket);
+        pick(&r); // expires at 60 s
+        tokio::time::advance(Duration::from_secs(30)).await;
+        pick(&r); // expires at 90 s
+        assert_eq!(r.release("socks5://a:1"), 1);
+        // The 60 s lease was the one released: at 61 s the 90 s lease is still live.
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(r.live_leases("socks5://a:1"), 1);
+        // Once it has expired there is nothing left to release.
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(r.release("socks5://a:1"), 0);
+    }
+
+    #[test]
+    fn a_huge_lease_ttl_is_capped_instead_of_overflowing() {
+        let settings = pool_settings(
+            Strategy::LeastConnections,
+            vec![member("socks5://a:1", 1.0, true)],
+        );
+        let r = EmbeddedResolver::new(&settings, Duration::MAX);
+        assert!(r.resolve("x", ConnectionType::Websocket).proxy_url.is_some());
+        assert_eq!(r.live_leases("socks5://a:1"), 1);
+    }
+
+    #[test]
+    fn debug_of_the_resolver_and_its_answers_masks_proxy_userinfo() {
+        let mut settings = pool_settings(
+            Strategy::LeastConnections,
+            vec![member("socks5://pooluser:poolpass@a:1", 1.0, true)],
+        );
+        settings.exchanges.insert(
+            "kraken".into(),
+            ConnectionProxies {
+                http: Some(ProxyConfig::from_url("http://APIKEY123:@static:8011")),
+                websocket: None,
+            },
+        );
+        let r = EmbeddedResolver::new(&settings, Duration::from_secs(60));
+        let answers = [
+            r.resolve("x", ConnectionType::Websocket),
+            r.resolve("kraken", ConnectionType::Http),
+        ];
+        let shown = format!("{r:?} {answers:?} {settings:?}");
+        for secret in ["pooluser", "poolpass", "APIKEY123"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("socks5://***@a:1"), "{shown}");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! - [`load`]: layered loading (defaults → YAML → environment) on top of the `config` crate.
 //! - [`validate`]: the rules, reported with key path, value and rule.
 //! - [`embedded`]: the embedded resolver with proxy pools and leases.
-//! - [`redact`]: keeping secrets out of logs, errors and admin output.
+//! - [`redact`]: keeping secrets out of logs, errors, `Debug` and admin output ([`Secret`]).
 
 pub mod embedded;
 pub mod load;
@@ -19,3 +19,4 @@ pub use model::{
     AuthMethod, ConnectionProxies, ExternalServiceConfig, PoolConfig, PoolMember, ProxyConfig, ProxySettings,
     Strategy,
 };
+pub use redact::Secret;

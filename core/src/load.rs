@@ -11,14 +11,14 @@
 //! format rules are checked afterwards by [`Validate`] implementations. Values of secret keys are
 //! never echoed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use config::{FileFormat, Map, Source, Value, ValueKind};
 use serde::de::DeserializeOwned;
 
-use crate::redact::{is_secret_path, redact_text};
+use crate::redact::{is_secret_path, redact_text, redact_url};
 
 /// One configuration problem: where, and what is wrong (value and rule).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,11 +134,36 @@ impl EnvMapping {
     }
 }
 
+/// Highest list index an environment variable may name (`...__PROXIES__9999__URL`). The `config`
+/// crate grows a list to the index it is given, so an unchecked `__99999999999__` would try to
+/// allocate terabytes.
+pub const MAX_ENV_LIST_INDEX: usize = 9_999;
+
+/// Most YAML nodes a configuration file may hold once its aliases are expanded. The YAML loader
+/// copies a node for every alias to it, so a few hundred bytes of nested aliases ("billion laughs")
+/// would otherwise expand to gigabytes.
+pub const MAX_YAML_NODES: u64 = 1_000_000;
+
+/// Where the YAML layer comes from. `Debug` leaves the text out (it may hold secrets).
+#[derive(derive_more::Debug, Clone)]
+enum YamlOrigin {
+    /// A file, read when loading (it must exist).
+    File(PathBuf),
+    /// Text already in memory, with a name for messages.
+    Text {
+        name: String,
+        #[debug("<{} bytes>", text.len())]
+        text: String,
+    },
+}
+
 /// Builds a configuration of type `T` from defaults, an optional YAML file and the environment.
-#[derive(Debug, Clone, Default)]
+/// `Debug` shows the names of the given environment variables, not their values.
+#[derive(derive_more::Debug, Clone, Default)]
 pub struct Loader {
-    file: Option<PathBuf>,
+    file: Option<YamlOrigin>,
     mappings: Vec<EnvMapping>,
+    #[debug("{:?}", env.as_ref().map(|vars| vars.iter().map(|(k, _)| k).collect::<Vec<_>>()))]
     env: Option<Vec<(String, String)>>,
     proxy_root: Option<String>,
     tables: Vec<String>,
@@ -152,7 +177,17 @@ impl Loader {
 
     /// Reads this YAML file (it must exist).
     pub fn file(mut self, path: impl AsRef<Path>) -> Self {
-        self.file = Some(path.as_ref().to_owned());
+        self.file = Some(YamlOrigin::File(path.as_ref().to_owned()));
+        self
+    }
+
+    /// Reads this YAML text instead of a file (`name` stands for the file in messages); the same
+    /// rules apply. For embedding and fuzzing.
+    pub fn yaml_text(mut self, name: &str, text: &str) -> Self {
+        self.file = Some(YamlOrigin::Text {
+            name: name.to_owned(),
+            text: text.to_owned(),
+        });
         self
     }
 
@@ -200,9 +235,9 @@ impl Loader {
         };
         let env = EnvSource::new(&self.mappings, &vars, &shape)?;
         let mut builder = config::Config::builder();
-        if let Some(path) = &self.file {
+        if let Some(origin) = &self.file {
             builder = builder.add_source(YamlFile {
-                path: path.clone(),
+                origin: origin.clone(),
                 shape: shape.clone(),
             });
         }
@@ -216,6 +251,7 @@ impl Loader {
             .map_err(|e| ConfigError::single("", e.to_string()))?;
         let mut problems = Problems::default();
         shape.check_tables(&tree, &self.tables, &mut problems);
+        env.check_lists(&tree, &mut problems);
         problems.into_result()?;
         let snapshot = built.clone();
         let value: T = serde_path_to_error::deserialize(built).map_err(|e| {
@@ -269,7 +305,7 @@ fn scalar_at(config: &config::Config, path: &str) -> Option<String> {
 /// The `config` crate's YAML file source, normalized by [`Shape`].
 #[derive(Debug, Clone)]
 struct YamlFile {
-    path: PathBuf,
+    origin: YamlOrigin,
     shape: Shape,
 }
 
@@ -279,24 +315,101 @@ impl Source for YamlFile {
     }
 
     fn collect(&self) -> Result<Map<String, Value>, config::ConfigError> {
-        if !self.path.is_file() {
-            return Err(config::ConfigError::Message(format!(
-                "configuration file {} does not exist or is not a file",
-                self.path.display()
+        let (name, text) = match &self.origin {
+            YamlOrigin::File(path) => {
+                if !path.is_file() {
+                    return Err(config::ConfigError::Message(format!(
+                        "configuration file {} does not exist or is not a file",
+                        path.display()
+                    )));
+                }
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    config::ConfigError::Message(format!("cannot read {}: {e}", path.display()))
+                })?;
+                (path.display().to_string(), text)
+            }
+            YamlOrigin::Text { name, text } => (name.clone(), text.clone()),
+        };
+        let message = |e: String| config::ConfigError::Message(format!("{e} (in {name})"));
+        check_yaml_size(&text).map_err(message)?;
+        let map = config::File::from_str(&text, FileFormat::Yaml)
+            .collect()
+            .map_err(|e| match e {
+                config::ConfigError::FileParse { cause, .. } => config::ConfigError::FileParse {
+                    uri: Some(name.clone()),
+                    cause,
+                },
+                other => other,
+            })?;
+        // The `config` crate reads top-level keys as paths: `a[99999999999]` would be a list index.
+        if let Some(key) = map.keys().find(|k| k.contains(['[', ']'])) {
+            return Err(message(format!(
+                "top-level key '{key}' contains '[' or ']' (keys are names, not list indexes)"
             )));
         }
-        let map = config::File::from(self.path.as_path())
-            .format(FileFormat::Yaml)
-            .collect()?;
         let mut root = Value::new(None, ValueKind::Table(map));
-        self.shape
-            .normalize(&[], &mut root)
-            .map_err(|e| config::ConfigError::Message(format!("{e} (in {})", self.path.display())))?;
+        self.shape.normalize(&[], &mut root).map_err(message)?;
         match root.kind {
             ValueKind::Table(map) => Ok(map),
             _ => Ok(Map::new()),
         }
     }
+}
+
+/// Refuses YAML whose aliases expand to more than [`MAX_YAML_NODES`] nodes. Parse errors are left to
+/// the real parse, which reports them with their position.
+fn check_yaml_size(text: &str) -> Result<(), String> {
+    use yaml_rust2::parser::{Event, EventReceiver, Parser};
+
+    /// Counts nodes as the loader would build them: an alias costs the size of its anchor's node.
+    #[derive(Default)]
+    struct Count {
+        total: u64,
+        /// Open collections: (anchor id, total when it started).
+        open: Vec<(usize, u64)>,
+        /// Expanded size of each anchored node.
+        anchors: HashMap<usize, u64>,
+    }
+
+    impl EventReceiver for Count {
+        fn on_event(&mut self, event: Event) {
+            match event {
+                Event::Scalar(_, _, anchor, _) => {
+                    self.total = self.total.saturating_add(1);
+                    if anchor > 0 {
+                        self.anchors.insert(anchor, 1);
+                    }
+                }
+                Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
+                    self.total = self.total.saturating_add(1);
+                    self.open.push((anchor, self.total));
+                }
+                Event::SequenceEnd | Event::MappingEnd => {
+                    if let Some((anchor, start)) = self.open.pop()
+                        && anchor > 0
+                    {
+                        self.anchors.insert(anchor, self.total - start + 1);
+                    }
+                }
+                Event::Alias(anchor) => {
+                    let size = self.anchors.get(&anchor).copied().unwrap_or(1);
+                    self.total = self.total.saturating_add(size);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    let mut count = Count::default();
+    if Parser::new_from_str(text).load(&mut count, true).is_err() {
+        return Ok(());
+    }
+    if count.total > MAX_YAML_NODES {
+        return Err(format!(
+            "expands to more than {MAX_YAML_NODES} values once its aliases (*name) are resolved"
+        ));
+    }
+    Ok(())
 }
 
 /// Where a value sits inside cryptofeed's `proxy:` block.
@@ -484,10 +597,18 @@ impl Shape {
                     }
                 }
                 ValueKind::Nil => {}
-                _ if required => problems.push(
-                    dotted(path),
-                    format!("'{value}': invalid type, expected a mapping (key: value pairs)"),
-                ),
+                _ if required => {
+                    let at = dotted(path);
+                    let shown = if is_secret_path(&at) {
+                        "<secret>".to_owned()
+                    } else {
+                        redact_url(&value.to_string())
+                    };
+                    problems.push(
+                        at,
+                        format!("'{shown}': invalid type, expected a mapping (key: value pairs)"),
+                    )
+                }
                 _ => {}
             }
         }
@@ -517,13 +638,17 @@ fn table<const N: usize>(entries: [(&str, Value); N]) -> Value {
     )
 }
 
-/// Environment variables as configuration, cryptofeed-style (see the module docs).
-#[derive(Debug, Clone, Default)]
+/// Environment variables as configuration, cryptofeed-style (see the module docs). `Debug` shows
+/// the keys, not the values (they may be secrets).
+#[derive(derive_more::Debug, Clone, Default)]
 struct EnvSource {
     /// Dotted key path (with `[i]` indexes) → value.
+    #[debug("{:?}", values.iter().map(|(k, _)| k).collect::<Vec<_>>())]
     values: Vec<(String, Value)>,
     /// Dotted key path → variable name, for error messages.
     origins: BTreeMap<String, String>,
+    /// Lists that variables index into: dotted path → (its segments, highest index set, variable).
+    lists: BTreeMap<String, (Vec<String>, usize, String)>,
 }
 
 impl EnvSource {
@@ -555,6 +680,7 @@ impl EnvSource {
                 .map(str::to_owned)
                 .collect();
             let mut ok = true;
+            let mut indexes = Vec::new();
             for segment in rest.to_lowercase().split("__") {
                 let valid = !segment.is_empty()
                     && segment
@@ -565,21 +691,55 @@ impl EnvSource {
                     break;
                 }
                 if segment.chars().all(|c| c.is_ascii_digit()) {
-                    segments.push(format!("[{segment}]"));
+                    match segment.parse::<usize>() {
+                        Ok(index) if index <= MAX_ENV_LIST_INDEX => {
+                            indexes.push((segments.len(), index));
+                            segments.push(format!("[{index}]"));
+                        }
+                        _ => {
+                            let at = dotted(&shape.canonical_path(&segments));
+                            problems.push(
+                                format!("{at}[{segment}]"),
+                                format!(
+                                    "list index {segment} from environment variable {name} is out of range \
+                                     (0..={MAX_ENV_LIST_INDEX})"
+                                ),
+                            );
+                            ok = false;
+                            break;
+                        }
+                    }
                 } else {
                     segments.push(segment.to_owned());
                 }
             }
             if !ok {
-                problems.push(
-                    name.clone(),
-                    "environment variable name cannot be mapped to a configuration key \
-                     (segments between `__` must be non-empty letters, digits, `_` or `-`)",
-                );
+                if problems
+                    .0
+                    .last()
+                    .is_none_or(|p| !p.message.contains(name.as_str()))
+                {
+                    problems.push(
+                        name.clone(),
+                        "environment variable name cannot be mapped to a configuration key \
+                         (segments between `__` must be non-empty letters, digits, `_` or `-`)",
+                    );
+                }
                 continue;
             }
             let segments = shape.canonical_path(&segments);
             let path = dotted(&segments);
+            for (at, index) in indexes {
+                let list = segments[..at].to_vec();
+                let entry = source
+                    .lists
+                    .entry(dotted(&list))
+                    .or_insert_with(|| (list, index, name.clone()));
+                if index > entry.1 {
+                    entry.1 = index;
+                    entry.2 = name.clone();
+                }
+            }
             let trimmed = raw.trim();
             let mut value = if trimmed.starts_with('[') || trimmed.starts_with('{') {
                 match serde_json::from_str::<serde_json::Value>(trimmed) {
@@ -609,6 +769,25 @@ impl EnvSource {
         }
         problems.into_result()?;
         Ok(source)
+    }
+
+    /// Lists indexed by variables must not have holes: `...__PROXIES__5__URL` on a list of two
+    /// leaves elements 2..=4 empty, which would otherwise surface as a puzzling type error.
+    fn check_lists(&self, tree: &Value, problems: &mut Problems) {
+        for (list, (segments, highest, var)) in &self.lists {
+            let Some(ValueKind::Array(items)) = lookup(tree, segments).map(|v| &v.kind) else {
+                continue;
+            };
+            if let Some(hole) = items.iter().position(|v| matches!(v.kind, ValueKind::Nil)) {
+                problems.push(
+                    format!("{list}[{hole}]"),
+                    format!(
+                        "has no value, but environment variable {var} sets element {highest} \
+                         (list elements are numbered from 0 without gaps)"
+                    ),
+                );
+            }
+        }
     }
 
     /// The variable that set `path` or one of its parents.
@@ -642,9 +821,10 @@ impl Source for EnvSource {
     }
 }
 
-/// A single `key = value`, applied with the `config` crate's path semantics (`a.b[0].c`).
-#[derive(Debug, Clone)]
-struct OneValue(String, Value);
+/// A single `key = value`, applied with the `config` crate's path semantics (`a.b[0].c`). `Debug`
+/// shows the key only.
+#[derive(derive_more::Debug, Clone)]
+struct OneValue(String, #[debug(skip)] Value);
 
 impl Source for OneValue {
     fn clone_into_box(&self) -> Box<dyn Source + Send + Sync> {
@@ -654,6 +834,18 @@ impl Source for OneValue {
     fn collect(&self) -> Result<Map<String, Value>, config::ConfigError> {
         Ok([(self.0.clone(), self.1.clone())].into_iter().collect())
     }
+}
+
+/// The value at a key path (segments; list indexes as `[i]`).
+fn lookup<'a>(tree: &'a Value, segments: &[String]) -> Option<&'a Value> {
+    segments.iter().try_fold(tree, |value, seg| match &value.kind {
+        ValueKind::Array(items) => {
+            let index: usize = seg.strip_prefix('[')?.strip_suffix(']')?.parse().ok()?;
+            items.get(index)
+        }
+        ValueKind::Table(map) => map.get(seg),
+        _ => None,
+    })
 }
 
 fn json_to_config(json: serde_json::Value) -> Value {

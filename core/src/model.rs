@@ -12,6 +12,8 @@ use std::fmt;
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::redact::{DebugCredentials, DebugUrls, redact_url};
+
 /// The `proxy:` block: embedded proxy settings plus upstream delegation.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -40,10 +42,11 @@ pub struct ConnectionProxies {
 }
 
 /// One proxy entry: a single URL or a pool.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(derive_more::Debug, Clone, PartialEq, Serialize)]
 pub struct ProxyConfig {
     /// `scheme://[user:pass@]host:port`.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[debug("{:?}", url.as_deref().map(redact_url))]
     pub url: Option<String>,
     /// Connect timeout the feed should use, 1..=300 seconds.
     pub timeout_seconds: i64,
@@ -78,10 +81,11 @@ pub struct PoolConfig {
 }
 
 /// One member of a pool.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(derive_more::Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolMember {
     /// The member's proxy URL.
+    #[debug("{:?}", redact_url(url))]
     pub url: String,
     /// Relative weight for the `random` strategy, 0.1..=10.0.
     #[serde(default = "default_weight")]
@@ -158,19 +162,22 @@ macro_rules! string_enum {
 string_enum!(Strategy { "round_robin" => RoundRobin, "random" => Random, "least_connections" => LeastConnections });
 string_enum!(AuthMethod { "bearer_token" => BearerToken, "api_key" => ApiKey, "mutual_tls" => MutualTls });
 
-/// The design's `ExternalProxyServiceConfig`.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+/// The design's `ExternalProxyServiceConfig`. `Debug` masks credential values and the userinfo of
+/// endpoint URLs.
+#[derive(derive_more::Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ExternalServiceConfig {
     /// Delegate to upstream proxy services.
     pub enabled: bool,
     /// Upstream base URLs (http or https), tried in order.
+    #[debug("{:?}", DebugUrls(endpoints))]
     pub endpoints: Vec<String>,
     /// How to authenticate to the upstreams.
     pub auth_method: AuthMethod,
     /// Credentials for `auth_method` (secret: never printed): `token` or `token_file`
     /// (bearer_token), `api_key` or `api_key_file` (api_key), `cert_file` + `key_file` + `ca_file`
     /// (mutual_tls); `ca_file` may be given with any method to trust a private CA.
+    #[debug("{:?}", DebugCredentials(auth_credentials))]
     pub auth_credentials: BTreeMap<String, String>,
     /// Per-attempt upstream timeout, 1..=60 seconds.
     pub timeout_seconds: i64,

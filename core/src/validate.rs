@@ -19,6 +19,9 @@ pub const MAX_CLIENT_ID_LEN: usize = 256;
 pub const MAX_METADATA_BYTES: usize = 8 * 1024;
 /// Longest feedback `error_details`, in bytes.
 pub const MAX_ERROR_DETAILS_LEN: usize = 4 * 1024;
+/// Longest proxy URL, in bytes, wherever one comes from (configuration, feedback, upstream answers):
+/// everything keyed by a proxy URL stays bounded.
+pub const MAX_PROXY_URL_LEN: usize = 2048;
 
 /// Checks an exchange id: 1..=64 characters of `[A-Za-z0-9._-]`. The error is the rule broken.
 pub fn check_exchange_id(id: &str) -> Result<(), String> {
@@ -40,13 +43,27 @@ pub fn check_exchange_id(id: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Checks a proxy URL: an allowed scheme, a host and a port. The error names the rule broken and
-/// never contains the password.
+/// Checks a proxy URL: at most [`MAX_PROXY_URL_LEN`] bytes, an allowed scheme, a host and a port.
+/// The error names the rule broken and never contains the userinfo (a too-long URL is not shown at
+/// all).
 pub fn check_proxy_url(raw: &str) -> Result<Url, String> {
+    if raw.len() > MAX_PROXY_URL_LEN {
+        return Err(format!(
+            "is {} bytes long (at most {MAX_PROXY_URL_LEN}; value not shown)",
+            raw.len()
+        ));
+    }
     let shown = redact_url(raw);
     if raw.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(format!(
             "'{shown}' contains whitespace or control characters (percent-encode them)"
+        ));
+    }
+    if !raw.contains("://") {
+        // `user:pass@host:1` parses as scheme `user`: say so without echoing the user name.
+        return Err(format!(
+            "'{shown}' is not a valid URL (no scheme; allowed: {}; scheme://[user:pass@]host:port)",
+            PROXY_SCHEMES.join(", ")
         ));
     }
     let url = Url::parse(raw).map_err(|e| format!("'{shown}' is not a valid URL ({e})"))?;
@@ -89,6 +106,11 @@ pub fn check_endpoint_url(raw: &str) -> Result<Url, String> {
     let shown = redact_url(raw);
     if raw.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(format!("'{shown}' contains whitespace or control characters"));
+    }
+    if !raw.contains("://") {
+        return Err(format!(
+            "'{shown}' is not a valid URL (no scheme; allowed: http, https)"
+        ));
     }
     let url = Url::parse(raw).map_err(|e| format!("'{shown}' is not a valid URL ({e})"))?;
     if !matches!(url.scheme(), "http" | "https") {
@@ -367,29 +389,66 @@ mod tests {
 
     #[test]
     fn proxy_urls_need_scheme_host_and_port() {
-        assert!(check_proxy_url("socks5://h:1080").is_ok());
-        assert!(check_proxy_url("http://user:pw@h:80").is_ok());
-        assert!(check_proxy_url("socks5h://[::1]:1080").is_ok());
-        assert!(check_proxy_url("http://h").unwrap_err().contains("no port"));
-        assert!(
-            check_proxy_url("ftp://h:21")
-                .unwrap_err()
-                .contains("scheme 'ftp'")
-        );
-        assert!(check_proxy_url("h:1080").is_err());
-        assert!(check_proxy_url("socks5://:1080").is_err());
-        assert!(
-            check_proxy_url("  http://p:3128  ")
-                .unwrap_err()
-                .contains("whitespace")
-        );
-        assert!(
-            check_proxy_url("http://alice:hun ter2@h:1")
-                .unwrap_err()
-                .contains("whitespace")
-        );
-        let err = check_proxy_url("gopher://u:topsecret@h:1").unwrap_err();
-        assert!(!err.contains("topsecret"), "{err}");
+        let long_host = format!("socks5://{}:1080", "h".repeat(MAX_PROXY_URL_LEN - 14));
+        assert_eq!(long_host.len(), MAX_PROXY_URL_LEN);
+        let too_long = format!("socks5://user:{}@h:1080", "p".repeat(MAX_PROXY_URL_LEN));
+        // (name, url, None = valid | Some(part of the error))
+        let cases: &[(&str, &str, Option<&str>)] = &[
+            ("plain", "socks5://h:1080", None),
+            ("with credentials", "http://user:pw@h:80", None),
+            ("ipv6", "socks5h://[::1]:1080", None),
+            ("exactly the longest", &long_host, None),
+            ("no port", "http://h", Some("no port")),
+            ("bad scheme", "ftp://h:21", Some("scheme 'ftp'")),
+            ("no scheme", "h:1080", Some("no scheme")),
+            ("no host", "socks5://:1080", Some("")),
+            ("surrounding whitespace", "  http://p:3128  ", Some("whitespace")),
+            (
+                "whitespace in password",
+                "http://alice:hun ter2@h:1",
+                Some("whitespace"),
+            ),
+            (
+                "one byte too long",
+                &format!("{long_host}0"),
+                Some("is 2049 bytes long (at most 2048"),
+            ),
+            ("much too long", &too_long, Some("bytes long (at most 2048")),
+        ];
+        for (name, url, want) in cases {
+            match (check_proxy_url(url), want) {
+                (Ok(_), None) => {}
+                (Err(e), Some(part)) => assert!(e.contains(part), "{name}: {e}"),
+                (got, _) => panic!("{name}: {url:?} gave {got:?}, expected {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn proxy_url_errors_never_echo_userinfo_or_overlong_urls() {
+        let too_long = format!("socks5://user:{}@h:1080", "p".repeat(MAX_PROXY_URL_LEN));
+        let cases = [
+            ("bad scheme", "gopher://u:topsecret@h:1".to_owned(), "topsecret"),
+            ("user-only token", "ftp://TOKEN1234@h:1".to_owned(), "TOKEN1234"),
+            ("api key as user", "http://APIKEY99:@h".to_owned(), "APIKEY99"),
+            (
+                "unparsable password",
+                "socks5://u:p#ssword@h:1".to_owned(),
+                "ssword",
+            ),
+            ("no scheme", "alice:s3cret@h:1".to_owned(), "s3cret"),
+            (
+                "no scheme, user shown as scheme",
+                "alice:s3cret@h:1".to_owned(),
+                "alice",
+            ),
+            ("too long", too_long, "pppp"),
+        ];
+        for (name, url, secret) in cases {
+            let err = check_proxy_url(&url).expect_err(name);
+            assert!(!err.contains(secret), "{name}: {err}");
+            assert!(err.len() < 200, "{name}: {err}");
+        }
     }
 
     #[test]

@@ -21,7 +21,7 @@ pub const MAX_ANSWER_METADATA_BYTES: usize = MAX_METADATA_BYTES;
 /// becomes up to three `google.protobuf.Struct` levels.
 pub const MAX_ANSWER_METADATA_DEPTH: usize = 16;
 /// Longest proxy URL, in bytes; the same rule as for configured and reported URLs.
-pub const MAX_PROXY_URL_LEN: usize = 2048;
+pub use proxy_broker_core::validate::MAX_PROXY_URL_LEN;
 /// Shortest TTL an upstream may give.
 pub const MIN_ANSWER_TTL: i64 = 60;
 
