@@ -588,6 +588,36 @@ mod tests {
     }
 
     #[test]
+    fn round_robin_keeps_going_when_its_counter_wraps() {
+        let settings = pool_settings(
+            Strategy::RoundRobin,
+            vec![
+                member("socks5://a:1", 1.0, true),
+                member("socks5://b:1", 1.0, true),
+                member("socks5://c:1", 1.0, true),
+            ],
+        );
+        let r = EmbeddedResolver::new(&settings, Duration::from_secs(60));
+        r.pools[0].next.store(usize::MAX - 1, Ordering::Relaxed);
+        // usize::MAX - 1 ≡ 2 and usize::MAX ≡ 0 (mod 3); then the counter wraps to 0 (one member
+        // is repeated once every 2^64 picks) without overflowing.
+        let picks: Vec<_> = (0..4)
+            .map(|_| r.resolve("x", ConnectionType::Websocket).proxy_url.unwrap())
+            .collect();
+        assert_eq!(
+            picks,
+            ["socks5://c:1", "socks5://a:1", "socks5://a:1", "socks5://b:1"]
+        );
+        // Skipping ejected members from the counter's last value must not overflow either.
+        assert_eq!(r.eject("socks5://a:1", 100) + r.eject("socks5://b:1", 100), 2);
+        r.pools[0].next.store(usize::MAX, Ordering::Relaxed);
+        assert_eq!(
+            r.resolve("x", ConnectionType::Websocket).proxy_url.as_deref(),
+            Some("socks5://c:1")
+        );
+    }
+
+    #[test]
     fn disabled_members_are_never_picked() {
         for strategy in [Strategy::RoundRobin, Strategy::Random, Strategy::LeastConnections] {
             let settings = pool_settings(
