@@ -45,8 +45,8 @@ const FAILURE_COUNT_TTL: Duration = Duration::from_secs(3600);
 /// Retry hint sent when too many upstream lookups are in flight.
 const FLIGHTS_FULL_RETRY: Duration = Duration::from_secs(1);
 
-/// Upstream delegation state (present when `external_service` is on).
-#[derive(Debug)]
+/// Upstream delegation state (present when `external_service` is on). `Debug` shows sizes,
+/// never the proxy URLs it holds.
 pub struct Delegation {
     /// The endpoints.
     pub upstreams: Arc<Upstreams>,
@@ -67,8 +67,8 @@ pub struct Delegation {
 }
 
 /// Shared state behind both gRPC services. Configuration-derived parts live in a [`State`] that
-/// [`Broker::reload`] swaps atomically; counters and metrics outlive reloads.
-#[derive(Debug)]
+/// [`Broker::reload`] swaps atomically; counters and metrics outlive reloads. `Debug` prints no
+/// secret: no token, and no proxy URL (they may carry credentials).
 pub struct Broker {
     state: ArcSwap<State>,
     clock: Arc<dyn Clock>,
@@ -79,7 +79,6 @@ pub struct Broker {
 }
 
 /// Everything built from one configuration.
-#[derive(Debug)]
 pub struct State {
     /// The configuration in force.
     pub config: Arc<BrokerConfig>,
@@ -87,6 +86,38 @@ pub struct State {
     delegation: Option<Arc<Delegation>>,
     /// Bearer tokens accepted from callers (empty: no auth).
     pub tokens: Arc<Vec<String>>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("state", &**self.state.load())
+            .field("failure_counts", &self.failures.entry_count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("config", &self.config)
+            .field("embedded", &self.embedded)
+            .field("delegation", &self.delegation)
+            .field("tokens", &format_args!("{} (not shown)", self.tokens.len()))
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Delegation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delegation")
+            .field("upstreams", &self.upstreams.endpoint_names())
+            .field("cache_entries", &self.cache.len())
+            .field("flights", &self.flights.len())
+            .field("flight_permits_total", &self.flight_permits_total)
+            .field("served_by_entries", &self.served_by.entry_count())
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a reload changed.

@@ -77,8 +77,7 @@ impl CacheKey {
     }
 }
 
-/// One cached answer, kept ready to send.
-#[derive(Debug)]
+/// One cached answer, kept ready to send. `Debug` masks the proxy's userinfo.
 pub struct Cached {
     /// The answer as a CACHE response, built once when it was cached, without its metadata.
     pub response: pb::ProxyResponse,
@@ -93,6 +92,20 @@ pub struct Cached {
     pub stale_until: Instant,
     /// Shared by every entry holding the same proxy URL; set when that proxy is ejected.
     mark: Arc<ProxyMark>,
+}
+
+impl std::fmt::Debug for Cached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cached")
+            .field(
+                "proxy_url",
+                &proxy_broker_core::redact::redact_url(self.proxy_url()),
+            )
+            .field("endpoint", &self.endpoint)
+            .field("fresh_until", &self.fresh_until)
+            .field("stale_until", &self.stale_until)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Whether the proxy of the entries that share it has been ejected, and which keys hold it (so
@@ -158,8 +171,7 @@ impl Cached {
     }
 }
 
-/// The answer cache (see the module docs).
-#[derive(Debug)]
+/// The answer cache (see the module docs). `Debug` shows its size, never its proxy URLs.
 pub struct AnswerCache {
     entries: moka::sync::Cache<CacheKey, Arc<Cached>>,
     /// One mark per proxy URL currently cached, so that ejecting a proxy is O(1): its entries
@@ -169,6 +181,15 @@ pub struct AnswerCache {
     metadata: moka::sync::Cache<Vec<u8>, Arc<prost_types::Struct>>,
     stale_window: Duration,
     clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for AnswerCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AnswerCache")
+            .field("entries", &self.entries.entry_count())
+            .field("stale_window", &self.stale_window)
+            .finish_non_exhaustive()
+    }
 }
 
 impl AnswerCache {

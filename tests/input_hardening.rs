@@ -200,3 +200,29 @@ async fn absurd_environment_list_indexes_are_config_errors_naming_the_key() {
         assert!(problem.message.contains(var), "{var}: names the variable: {err}");
     }
 }
+
+#[tokio::test]
+async fn debug_of_a_running_broker_prints_no_token_and_no_proxy_credentials() {
+    let up = Upstream::start().await;
+    up.default_request(Reply::proxy("socks5://feeduser:pw-S3CRET-9@cached.test:1080"));
+    let token = "server-token-S3CRET-0123456789";
+    let yaml = upstream::config_yaml(&[up.url.as_str()], "", "")
+        + &format!("server:\n  auth_tokens: [\"{token}\"]\n");
+    let broker = std::sync::Arc::new(
+        proxy_broker::broker::Broker::new(common::load(Some(&yaml), &[]).unwrap()).unwrap(),
+    );
+    let b = TestBroker::start_broker(broker.clone()).await;
+    let mut client = b.client();
+    let mut req = tonic::Request::new(request("binance", ConnectionType::Http, None));
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    client.request_proxy(req).await.unwrap();
+    let mut fb = tonic::Request::new(feedback("socks5://feeduser:pw-S3CRET-9@cached.test:1080", None));
+    fb.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    client.report_feedback(fb).await.unwrap();
+    let shown = format!("{broker:?} {:?}", broker.state());
+    for secret in [token, "pw-S3CRET-9", "feeduser", upstream::TOKEN] {
+        assert!(!shown.contains(secret), "{secret} in {shown}");
+    }
+}

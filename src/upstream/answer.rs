@@ -25,10 +25,11 @@ pub use proxy_broker_core::validate::MAX_PROXY_URL_LEN;
 /// Shortest TTL an upstream may give.
 pub const MIN_ANSWER_TTL: i64 = 60;
 
-/// A validated upstream answer.
-#[derive(Debug, Clone, PartialEq)]
+/// A validated upstream answer (`Debug` masks the proxy's userinfo).
+#[derive(derive_more::Debug, Clone, PartialEq)]
 pub struct Answer {
     /// The proxy (allowed scheme, host and port checked).
+    #[debug("{:?}", proxy_broker_core::redact::redact_url(proxy_url))]
     pub proxy_url: String,
     /// How the upstream chose it.
     pub strategy: String,
