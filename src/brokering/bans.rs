@@ -177,7 +177,8 @@ mod tests {
             cap: MAX_BAN,
         };
         // (row, success, status, retry_after, verdict)
-        let rows: &[(&str, bool, Option<u32>, Option<u64>, Verdict)] = &[
+        type Row = (&'static str, bool, Option<u32>, Option<u64>, Verdict);
+        let rows: &[Row] = &[
             ("success", true, None, None, Verdict::Success),
             (
                 "success wins over a status",

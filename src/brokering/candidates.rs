@@ -1039,7 +1039,13 @@ mod tests {
             })
         };
         // (row, exchange, type, expected kind and members)
-        let rows: &[(&str, &str, ConnectionType, Option<(EmbeddedKind, Vec<&str>)>)] = &[
+        type Row = (
+            &'static str,
+            &'static str,
+            ConnectionType,
+            Option<(EmbeddedKind, Vec<&'static str>)>,
+        );
+        let rows: &[Row] = &[
             (
                 "exchange pool, enabled members only",
                 "binance",

@@ -529,18 +529,38 @@ impl<P: Clone + Send + Sync + 'static> Brokering<P> {
         let in_outage = self.outage.in_outage(&exchange, now, &settings.outage);
         let threshold = self.eject_after_failures.load(Ordering::Relaxed);
         reported.applied = bans::apply(&*self.store, key, verdict, own, threshold, in_outage).await?;
-        if reported.applied.ejected_until.is_some() {
+        let proxy = redact_url(report.proxy_url);
+        if let (Verdict::Ban { status, .. }, Some(until)) = (verdict, reported.applied.until) {
+            let seconds = until.saturating_duration_since(now).as_secs();
+            tracing::info!(%proxy, %exchange, status, seconds, "proxy banned for the exchange");
+        }
+        if let Some(until) = reported.applied.ejected_until {
+            let seconds = until.saturating_duration_since(now).as_secs();
+            tracing::warn!(%proxy, %exchange, seconds, "proxy ejected for the exchange after repeated failure reports");
             self.outage
                 .note_ejection(&exchange, report.proxy_url, now, &settings.outage);
-        }
-        if let Transition::Started { lift } = &reported.outage {
-            for proxy in lift {
-                let key = StateKey {
-                    proxy,
-                    exchange: &exchange,
-                };
-                reported.lifted += usize::from(self.store.lift_ejection(key).await?);
+            if self.outage.in_outage(&exchange, now, &settings.outage) {
+                // An outage started between the check above and this ejection.
+                self.store.lift_ejection(key).await?;
             }
+        }
+        match &reported.outage {
+            Transition::Started { lift } => {
+                for proxy in lift {
+                    let key = StateKey {
+                        proxy,
+                        exchange: &exchange,
+                    };
+                    reported.lifted += usize::from(self.store.lift_ejection(key).await?);
+                }
+                tracing::warn!(
+                    %exchange,
+                    lifted = reported.lifted,
+                    "exchange outage: most proxies reporting for it fail; failures stop ejecting for it"
+                );
+            }
+            Transition::Ended => tracing::info!(%exchange, "exchange outage over"),
+            Transition::None => {}
         }
         if matches!(verdict, Verdict::Ban { .. }) {
             self.upstream.remove_from_exchange(&exchange, report.proxy_url);

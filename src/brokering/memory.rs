@@ -184,7 +184,7 @@ impl MemoryStore {
     fn now(&self) -> Now {
         let since = self.clock.now().saturating_duration_since(self.epoch);
         let floor = ms(since);
-        let ceil = if since.subsec_nanos() % 1_000_000 == 0 {
+        let ceil = if since.subsec_nanos().is_multiple_of(1_000_000) {
             floor
         } else {
             floor.saturating_add(1)

@@ -308,7 +308,8 @@ mod tests {
     fn an_outage_needs_more_than_the_fraction_of_at_least_min_proxies() {
         let s = settings();
         // (row, reports as (proxy, failing), in outage after them)
-        let rows: &[(&str, &[(usize, bool)], bool)] = &[
+        type Row = (&'static str, &'static [(usize, bool)], bool);
+        let rows: &[Row] = &[
             ("one failing proxy is not enough", &[(0, true)], false),
             ("two of two", &[(0, true), (1, true)], true),
             ("half is not more than half", &[(0, true), (1, false)], false),

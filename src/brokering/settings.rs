@@ -338,13 +338,14 @@ mod tests {
             ..configured()
         };
         // (row, settings, exchange, type, expected)
-        let cases: &[(
-            &str,
-            &BrokeringSettings,
-            &str,
+        type Row<'a> = (
+            &'a str,
+            &'a BrokeringSettings,
+            &'a str,
             ConnectionType,
             Option<(Budget, BudgetSource)>,
-        )] = &[
+        );
+        let cases: &[Row] = &[
             (
                 "configured ws wins over built-in",
                 &on,

@@ -268,6 +268,11 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Snapshots of `proxies` for `exchange`, in order (`None`: no entry, i.e. a clean slate).
     async fn states(&self, exchange: &str, proxies: &[&str]) -> Result<Vec<Option<ProxyState>>, StoreError>;
 
+    /// The snapshot of one (proxy, exchange), `None` when there is no entry.
+    async fn state(&self, key: StateKey<'_>) -> Result<Option<ProxyState>, StoreError> {
+        Ok(self.states(key.exchange, &[key.proxy]).await?.pop().flatten())
+    }
+
     /// Bans the proxy for the exchange: until the later of the current ban's end and now +
     /// `length` (a doubling length counts one more strike; strikes are forgotten a day after the
     /// last ban ended). Publishes [`ChangeKind::Banned`]. Returns the ban's end, `None` when there

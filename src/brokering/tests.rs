@@ -20,6 +20,9 @@ use crate::clock::SystemClock;
 
 const WS: ConnectionType = ConnectionType::Websocket;
 
+/// What the test upstreams answer.
+type Refilled<P> = std::future::Ready<Result<Option<Offer<P>>, String>>;
+
 fn settings_with(exchange: &str, ws: Budget) -> BrokeringSettings {
     let mut s = BrokeringSettings::default();
     s.exchanges.insert(
@@ -77,10 +80,7 @@ fn ask(exchange: &str) -> Ask<'_> {
 }
 
 /// An upstream that hands out the next of `proxies` on every call, ignoring `exclude`.
-fn rotating(
-    calls: &Arc<AtomicUsize>,
-    proxies: usize,
-) -> impl FnMut(Vec<Arc<str>>) -> std::future::Ready<Result<Option<Offer<usize>>, String>> {
+fn rotating(calls: &Arc<AtomicUsize>, proxies: usize) -> impl FnMut(Vec<Arc<str>>) -> Refilled<usize> {
     let calls = calls.clone();
     move |_exclude| {
         let n = calls.fetch_add(1, Ordering::SeqCst);
@@ -479,6 +479,26 @@ async fn admit_counts_a_single_url_under_the_same_budget() {
         panic!("over budget");
     };
     assert_eq!(e.retry_after, Duration::from_secs(10));
+}
+
+fn assert_send<T: Send>(_: &T) {}
+
+#[test]
+fn engine_futures_can_run_on_a_multi_threaded_server() {
+    let b = engine::<Arc<str>>(BrokeringSettings::default(), &ProxySettings::default());
+    let ask = ask("binance");
+    assert_send(&b.choose_delegated(&ask, |_| std::future::ready(Ok::<_, String>(None))));
+    assert_send(&b.choose_embedded(&ask));
+    assert_send(&b.admit(&ask, "http://p:1"));
+    let report = Report {
+        exchange: "binance",
+        proxy_url: "http://p:1",
+        success: true,
+        http_status: None,
+        retry_after: None,
+    };
+    assert_send(&b.report(&report));
+    assert_send(&b.list_proxies(None, None, 10));
 }
 
 #[test]
