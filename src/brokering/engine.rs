@@ -15,9 +15,10 @@ use tokio::sync::broadcast;
 
 use super::bans::{self, Applied, BanPolicy, Verdict};
 use super::candidates::{
-    Candidate, CandidateKey, Choice, Choose, EmbeddedCandidates, EmbeddedKind, MAX_CANDIDATE_TTL, Order,
-    Picked, RefillOutcome, Shortfall, UpstreamCandidates, choose,
+    Candidate, CandidateKey, EmbeddedCandidates, EmbeddedKind, MAX_CANDIDATE_TTL, RefillOutcome,
+    UpstreamCandidates,
 };
+use super::choice::{Choice, Choose, Order, Picked, Shortfall, choose};
 use super::outage::{OutageGuard, OutageStatus, Transition};
 use super::settings::{BrokeringSettings, Budget, Resolved, normalise_exchange};
 use super::store::{Change, Page, StateKey, Store, StoreError};

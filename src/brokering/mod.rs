@@ -9,7 +9,8 @@
 //! - [`window`]: the exact sliding-window budget counter (and why not GCRA or a fixed window);
 //! - [`bans`]: feedback → verdict (ban / penalty / plain failure) and applying it;
 //! - [`outage`]: the exchange-outage guard;
-//! - [`candidates`]: candidate sets (embedded members, upstream answers) and the choice among them;
+//! - [`candidates`]: candidate sets (embedded members, upstream answers); [`choice`]: the choice
+//!   among them (eligibility, strategy, the atomic hand-out);
 //! - [`sticky`]: weighted rendezvous hashing for sticky keys;
 //! - [`lease`]: jittered lease ends;
 //! - [`engine`]: the [`Brokering`] facade the broker calls.
@@ -60,6 +61,7 @@
 
 pub mod bans;
 pub mod candidates;
+pub mod choice;
 pub mod engine;
 pub mod lease;
 pub mod memory;
@@ -72,7 +74,7 @@ pub mod window;
 #[cfg(test)]
 mod tests;
 
-pub use candidates::Picked;
+pub use choice::Picked;
 pub use engine::{
     Ask, Brokering, EmbeddedPick, ExchangeStatus, Exhausted, NotPicked, Offer, Report, Reported,
 };
