@@ -132,12 +132,23 @@ impl EmbeddedScope {
 }
 
 /// The embedded configuration as candidate lists.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct EmbeddedCandidates {
     enabled: bool,
     default: EmbeddedScope,
     exchanges: std::collections::HashMap<String, EmbeddedScope>,
     urls: std::collections::HashSet<Arc<str>>,
+}
+
+impl fmt::Debug for EmbeddedCandidates {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EmbeddedCandidates")
+            .field("enabled", &self.enabled)
+            .field("default", &self.default)
+            .field("exchanges", &self.exchanges)
+            .field("members", &self.urls.len())
+            .finish()
+    }
 }
 
 impl EmbeddedCandidates {
@@ -515,5 +526,18 @@ mod tests {
             payload: (),
         };
         assert!(!format!("{c:?}").contains("hunter2"));
+        let settings = ProxySettings {
+            enabled: true,
+            default: Some(ConnectionProxies {
+                http: Some(ProxyConfig::from_url("socks5://u:hunter2@p:1")),
+                websocket: None,
+            }),
+            ..Default::default()
+        };
+        let text = format!("{:?}", EmbeddedCandidates::new(&settings));
+        assert!(
+            !text.contains("hunter2") && text.contains("socks5://u:***@p:1"),
+            "{text}"
+        );
     }
 }

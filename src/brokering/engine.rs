@@ -374,7 +374,7 @@ impl<P: Clone + Send + Sync + 'static> Brokering<P> {
         let settings = self.settings.load_full();
         let budget = settings.budget(&exchange, ask.connection_type).map(|r| r.budget);
         let key = CandidateKey {
-            exchange: Arc::from(exchange.as_str()),
+            exchange: Arc::from(&*exchange),
             connection_type: ask.connection_type,
             region: ask.region.map(Arc::from),
         };

@@ -549,7 +549,13 @@ impl Store for MemoryStore {
 
 /// `exchange/digest` → its parts.
 fn parse_token(token: &str) -> Result<(String, u64), StoreError> {
-    let bad = || StoreError::BadPageToken(format!("{token:?} is not a page token this broker issued"));
+    let bad = || {
+        let shown: String = proxy_broker_core::redact::redact_text(token)
+            .chars()
+            .take(64)
+            .collect();
+        StoreError::BadPageToken(format!("{shown:?} is not a page token this broker issued"))
+    };
     let (exchange, digest) = token.rsplit_once('/').ok_or_else(bad)?;
     if digest.len() != 16 || exchange.len() > proxy_broker_core::validate::MAX_EXCHANGE_ID_LEN {
         return Err(bad());
@@ -919,9 +925,19 @@ mod tests {
     #[tokio::test]
     async fn a_bad_page_token_is_an_error_naming_the_field() {
         let s = store(10);
-        for token in ["nonsense", "binance/xyz", "binance/0123456789abcdefg", "/"] {
-            let err = s.list(None, Some(token), 10).await.unwrap_err();
-            assert!(err.to_string().starts_with("page_token: "), "{err}");
+        for token in [
+            "nonsense",
+            "binance/xyz",
+            "binance/0123456789abcdefg",
+            "/",
+            "http://u:pw@h:1",
+        ] {
+            let err = s.list(None, Some(token), 10).await.unwrap_err().to_string();
+            assert!(
+                err.starts_with("page_token: ") && err.contains("not a page token"),
+                "{err}"
+            );
+            assert!(!err.contains("pw"), "{err}");
         }
     }
 

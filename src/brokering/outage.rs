@@ -76,7 +76,8 @@ struct Latest {
     failing: bool,
 }
 
-#[derive(Debug, Default)]
+/// One exchange's reports (no `Debug`: it holds proxy URLs).
+#[derive(Default)]
 struct Window {
     latest: HashMap<Arc<str>, Latest>,
     /// Every report (instant, sequence number, proxy), oldest first.

@@ -8,6 +8,7 @@
 //! Exchange ids are case-insensitive: they are lower-cased here ([`normalise_exchange`]) and the
 //! keys of [`BrokeringSettings::exchanges`] are lower-cased by [`BrokeringSettings::normalised`].
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
@@ -223,9 +224,14 @@ pub fn known_limit(exchange: &str, connection_type: ConnectionType) -> Option<&'
         .find(|k| k.exchange == exchange && k.connection_type == connection_type)
 }
 
-/// An exchange id as the engine keys it: lower-cased (ids are case-insensitive).
-pub fn normalise_exchange(exchange: &str) -> String {
-    exchange.to_ascii_lowercase()
+/// An exchange id as the engine keys it: lower-cased (ids are case-insensitive); borrowed when it
+/// already is (the usual case, on the hot path).
+pub fn normalise_exchange(exchange: &str) -> Cow<'_, str> {
+    if exchange.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(exchange.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(exchange)
+    }
 }
 
 /// Longest ban or penalty the engine applies, whatever it is told (Binance bans for up to 3 days;
@@ -238,7 +244,7 @@ impl BrokeringSettings {
     pub fn normalised(mut self) -> Self {
         self.exchanges = std::mem::take(&mut self.exchanges)
             .into_iter()
-            .map(|(k, v)| (normalise_exchange(&k), v))
+            .map(|(k, v)| (normalise_exchange(&k).into_owned(), v))
             .collect();
         self
     }
@@ -437,6 +443,16 @@ mod tests {
             per: Duration::from_millis(1500),
         };
         assert_eq!(fine.to_string(), "3 per 1500 ms");
+    }
+
+    #[test]
+    fn exchange_ids_are_lower_cased_without_copying_when_they_already_are() {
+        assert!(matches!(
+            normalise_exchange("binance_futures"),
+            Cow::Borrowed("binance_futures")
+        ));
+        assert_eq!(normalise_exchange("Binance"), "binance");
+        assert_eq!(normalise_exchange("OKX"), "okx");
     }
 
     #[test]
