@@ -57,6 +57,10 @@ pub struct Choose<'a, P> {
     pub jitter: f64,
     /// Whether penalised candidates may be picked.
     pub allow_penalised: bool,
+    /// Most of the set (percent) that may count as ejected at once
+    /// (`external_service.max_ejection_percent`); ejections beyond it, soonest-ending first, are
+    /// ignored, so a set never empties by ejection alone (a single proxy is never ejected at 50 %).
+    pub max_ejection_percent: u8,
     /// Now, on the broker's clock.
     pub now: Instant,
 }
@@ -160,11 +164,16 @@ pub async fn choose<P: Clone>(store: &dyn Store, input: Choose<'_, P>) -> Result
         ttl,
         jitter,
         allow_penalised,
+        max_ejection_percent,
         now,
     } = input;
     let urls: Vec<&str> = members.iter().map(|m| &*m.url).collect();
     let states = store.states(exchange, &urls).await?;
     let clean = ProxyState::default();
+    let state = |i: usize| states.get(i).and_then(Option::as_ref).unwrap_or(&clean);
+    let ejected = counted_ejections(members.len(), max_ejection_percent, |i| {
+        state(i).ejected_until.filter(|&t| t > now)
+    });
     let mut short = Shortfall {
         total: members.len(),
         ..Shortfall::default()
@@ -173,7 +182,7 @@ pub async fn choose<P: Clone>(store: &dyn Store, input: Choose<'_, P>) -> Result
     let tiers: Vec<Tier> = (0..members.len())
         .map(|i| {
             // A store answering with fewer states than asked counts the rest as clean slates.
-            let st = states.get(i).and_then(Option::as_ref).unwrap_or(&clean);
+            let st = state(i);
             let window = st.window(connection_type);
             let full = match (budget, window) {
                 (Some(b), Some(w)) => !w.has_headroom(b),
@@ -187,7 +196,7 @@ pub async fn choose<P: Clone>(store: &dyn Store, input: Choose<'_, P>) -> Result
                 }
             };
             let banned = st.banned_until.is_some_and(|t| t > now);
-            let ejected = st.ejected_until.is_some_and(|t| t > now);
+            let ejected = ejected[i];
             if banned {
                 later(st.banned_until);
             }
@@ -274,6 +283,28 @@ pub async fn choose<P: Clone>(store: &dyn Store, input: Choose<'_, P>) -> Result
     short.exclude = members.iter().map(|m| m.url.clone()).collect();
     short.retry_after = usable_at.map(|t| t.saturating_duration_since(now));
     Ok(Choice::Short(short))
+}
+
+/// Which of `n` members count as ejected: those ejected (`ejected_until(i)` is `Some`), less the
+/// soonest-ending ones beyond `max_percent` of `n`.
+fn counted_ejections(
+    n: usize,
+    max_percent: u8,
+    ejected_until: impl Fn(usize) -> Option<Instant>,
+) -> Vec<bool> {
+    let mut ejected: Vec<(Instant, usize)> =
+        (0..n).filter_map(|i| ejected_until(i).map(|t| (t, i))).collect();
+    let allowed = n * usize::from(max_percent.min(100)) / 100;
+    let mut counted = vec![false; n];
+    if ejected.len() > allowed {
+        // Keep the ejections that last longest; forgive the rest.
+        ejected.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        ejected.truncate(allowed);
+    }
+    for (_, i) in ejected {
+        counted[i] = true;
+    }
+    counted
 }
 
 /// Indices of `members` in the order `order` prefers them.
@@ -376,6 +407,7 @@ mod tests {
             ttl: Duration::from_secs(300),
             jitter: 0.2,
             allow_penalised,
+            max_ejection_percent: 100,
             now: Instant::now(),
         }
     }
@@ -559,6 +591,7 @@ mod tests {
                         ttl: Duration::from_secs(300),
                         jitter: 0.2,
                         allow_penalised: true,
+                        max_ejection_percent: 100,
                         now: Instant::now(),
                     };
                     match choose(&*s, input).await.unwrap() {
@@ -601,6 +634,52 @@ mod tests {
                 "{lease:?}"
             );
         }
+    }
+
+    #[test]
+    fn ejections_beyond_the_max_percent_are_forgiven_soonest_ending_first() {
+        let t0 = Instant::now();
+        let at = |s: u64| Some(t0 + Duration::from_secs(s));
+        // (row, ejection ends per member, max percent, counted as ejected)
+        type Row = (&'static str, Vec<Option<Instant>>, u8, Vec<bool>);
+        let rows: Vec<Row> = vec![
+            (
+                "a single proxy at 50 % is never ejected",
+                vec![at(30)],
+                50,
+                vec![false],
+            ),
+            ("a single proxy at 100 %", vec![at(30)], 100, vec![true]),
+            ("half of two", vec![at(30), at(60)], 50, vec![false, true]),
+            ("none ejected", vec![None, None], 50, vec![false, false]),
+            (
+                "within the limit",
+                vec![at(30), None, None, None],
+                50,
+                vec![true, false, false, false],
+            ),
+            ("0 % forgives all", vec![at(30), at(60)], 0, vec![false, false]),
+            ("over 100 % clamps", vec![at(30), at(60)], 255, vec![true, true]),
+            ("no members", vec![], 50, vec![]),
+        ];
+        for (row, ends, pct, expected) in rows {
+            assert_eq!(
+                counted_ejections(ends.len(), pct, |i| ends[i]),
+                expected,
+                "row {row}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_static_proxy_is_not_ejected_at_the_default_max_percent() {
+        let s = store();
+        let m = members(&["http://a:1"]);
+        let cursor = AtomicUsize::new(0);
+        s.eject(key("http://a:1"), true).await.unwrap();
+        let mut input = input(&m, Order::Static, &cursor, None, true);
+        input.max_ejection_percent = 50;
+        assert_eq!(pick(&s, input).await.as_deref(), Some("http://a:1"));
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::any::Any;
 use std::convert::Infallible;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -147,6 +147,25 @@ pub struct Reported {
     pub lifted: usize,
 }
 
+/// The existing outlier-detection settings the engine applies per (proxy, exchange)
+/// (`proxy.external_service.eject_after_failures` and `max_ejection_percent`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ejection {
+    /// Consecutive plain failures that eject a proxy for an exchange.
+    pub after_failures: u32,
+    /// Most of one candidate set (percent) that may count as ejected at once.
+    pub max_percent: u8,
+}
+
+impl Default for Ejection {
+    fn default() -> Self {
+        Self {
+            after_failures: 3,
+            max_percent: 50,
+        }
+    }
+}
+
 /// An exchange as `ListExchanges` shows it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExchangeStatus {
@@ -172,6 +191,7 @@ pub struct Brokering<P> {
     outage: OutageGuard,
     clock: Arc<dyn Clock>,
     eject_after_failures: AtomicU32,
+    max_ejection_percent: AtomicU8,
 }
 
 impl<P> fmt::Debug for Brokering<P> {
@@ -191,11 +211,11 @@ fn order<'a>(sticky_key: Option<&'a str>, default: Order<'a>) -> Order<'a> {
 
 impl<P: Clone + Send + Sync + 'static> Brokering<P> {
     /// An engine for `settings` over `store`; embedded candidates from `proxy` (the validated
-    /// `proxy:` block); `eject_after_failures` is `proxy.external_service.eject_after_failures`.
+    /// `proxy:` block); `ejection` from `proxy.external_service`. `clock` must be the store's.
     pub fn new(
         settings: BrokeringSettings,
         proxy: &ProxySettings,
-        eject_after_failures: u32,
+        ejection: Ejection,
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
     ) -> Self {
@@ -206,17 +226,20 @@ impl<P: Clone + Send + Sync + 'static> Brokering<P> {
             store,
             outage: OutageGuard::new(),
             clock,
-            eject_after_failures: AtomicU32::new(eject_after_failures),
+            eject_after_failures: AtomicU32::new(ejection.after_failures),
+            max_ejection_percent: AtomicU8::new(ejection.max_percent),
         }
     }
 
     /// Applies reloaded settings. State (windows, bans, leases, outage reports, upstream
     /// candidates) is kept; embedded lists are rebuilt (their round-robin cursors restart).
-    pub fn reload(&self, settings: BrokeringSettings, proxy: &ProxySettings, eject_after_failures: u32) {
+    pub fn reload(&self, settings: BrokeringSettings, proxy: &ProxySettings, ejection: Ejection) {
         self.settings.store(Arc::new(settings.normalised()));
         self.embedded.store(Arc::new(EmbeddedCandidates::new(proxy)));
         self.eject_after_failures
-            .store(eject_after_failures, Ordering::Relaxed);
+            .store(ejection.after_failures, Ordering::Relaxed);
+        self.max_ejection_percent
+            .store(ejection.max_percent, Ordering::Relaxed);
     }
 
     /// Drops every upstream candidate (the upstream settings changed).
@@ -295,6 +318,7 @@ impl<P: Clone + Send + Sync + 'static> Brokering<P> {
             ttl: ask.ttl,
             jitter: settings.jitter(),
             allow_penalised: true,
+            max_ejection_percent: self.max_ejection_percent.load(Ordering::Relaxed),
             now: self.clock.now(),
         };
         match choose(&*self.store, input).await? {
@@ -337,6 +361,7 @@ impl<P: Clone + Send + Sync + 'static> Brokering<P> {
             ttl: ask.ttl,
             jitter: settings.jitter(),
             allow_penalised: true,
+            max_ejection_percent: self.max_ejection_percent.load(Ordering::Relaxed),
             now: self.clock.now(),
         };
         match choose(&*self.store, input).await? {
@@ -397,6 +422,7 @@ impl<P: Clone + Send + Sync + 'static> Brokering<P> {
                     ttl: ask.ttl,
                     jitter: settings.jitter(),
                     allow_penalised,
+                    max_ejection_percent: self.max_ejection_percent.load(Ordering::Relaxed),
                     now,
                 };
                 choose(&*self.store, input).await

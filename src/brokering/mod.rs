@@ -76,7 +76,7 @@ mod tests;
 
 pub use choice::Picked;
 pub use engine::{
-    Ask, Brokering, EmbeddedPick, ExchangeStatus, Exhausted, NotPicked, Offer, Report, Reported,
+    Ask, Brokering, Ejection, EmbeddedPick, ExchangeStatus, Exhausted, NotPicked, Offer, Report, Reported,
 };
 pub use memory::MemoryStore;
 pub use settings::{BrokeringSettings, Budget, ExchangeSettings, OutageSettings};

@@ -66,7 +66,11 @@ fn engine<P: Clone + Send + Sync + 'static>(
 ) -> Arc<Brokering<P>> {
     let clock = Arc::new(SystemClock);
     let store = Arc::new(MemoryStore::new(100_000, clock.clone()));
-    Arc::new(Brokering::new(settings, proxy, 3, store, clock))
+    let ejection = Ejection {
+        after_failures: 3,
+        max_percent: 100,
+    };
+    Arc::new(Brokering::new(settings, proxy, ejection, store, clock))
 }
 
 fn ask(exchange: &str) -> Ask<'_> {
