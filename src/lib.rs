@@ -11,6 +11,7 @@ pub mod admin;
 pub mod auth;
 pub mod breaker;
 pub mod broker;
+pub mod brokering;
 pub mod cache;
 pub mod clock;
 pub mod config;

@@ -1,0 +1,543 @@
+//! Candidate sets: which proxies a request may get, per (exchange, connection type, region).
+//!
+//! - Without delegation, the embedded entry's members ([`EmbeddedCandidates`], resolved in the
+//!   same order as [`proxy_broker_core::EmbeddedResolver`]: the exchange's entry, else the
+//!   default's, else direct; region plays no part). A plain `url` entry is a set of one.
+//! - With delegation, every distinct upstream answer still within its TTL
+//!   ([`UpstreamCandidates`]), at most `max_candidates_per_key` per key (expired ones go first,
+//!   then the oldest), in a bounded number of keys.
+//!
+//! [`super::choice`] picks among them.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use proxy_broker_core::redact::redact_url;
+use proxy_broker_core::{ConnectionProxies, ConnectionType, ProxyConfig, ProxySettings, Strategy};
+use tokio::time::Instant;
+
+/// Longest TTL an upstream answer is kept as a candidate.
+pub const MAX_CANDIDATE_TTL: Duration = Duration::from_secs(3600);
+/// Most (exchange, connection type, region) keys with upstream candidates.
+pub const MAX_CANDIDATE_KEYS: u64 = 10_000;
+
+/// One proxy that may be handed out.
+#[derive(Clone)]
+pub struct Candidate<P> {
+    /// Its URL (may hold a password).
+    pub url: Arc<str>,
+    /// Weight for `random` and sticky choice (pool weights; 1 for upstream answers).
+    pub weight: f64,
+    /// When it stops being a candidate (`None`: embedded, until reload).
+    pub expires_at: Option<Instant>,
+    /// What the caller keeps with it (the upstream answer, ready to send).
+    pub payload: P,
+}
+
+impl<P> fmt::Debug for Candidate<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Candidate")
+            .field("url", &redact_url(&self.url))
+            .field("weight", &self.weight)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+// --- Embedded candidates ------------------------------------------------------------------------
+
+/// How an embedded entry picks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmbeddedKind {
+    /// A plain `url` entry.
+    Static,
+    /// A pool with this strategy.
+    Pool(Strategy),
+}
+
+impl EmbeddedKind {
+    /// What feeds are told as `strategy`: `static` or the pool's strategy.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EmbeddedKind::Static => "static",
+            EmbeddedKind::Pool(s) => s.as_str(),
+        }
+    }
+}
+
+/// The candidates of one embedded entry.
+#[derive(Debug)]
+pub struct EmbeddedList {
+    /// Enabled members, in configured order (payload: nothing).
+    pub members: Vec<Candidate<()>>,
+    /// Static or a pool's strategy.
+    pub kind: EmbeddedKind,
+    /// The entry's `timeout_seconds`.
+    pub timeout_seconds: i64,
+    /// Round-robin cursor.
+    pub cursor: AtomicUsize,
+}
+
+impl EmbeddedList {
+    fn new(config: &ProxyConfig) -> Option<Self> {
+        let candidate = |url: &str, weight: f64| Candidate {
+            url: Arc::from(url),
+            weight,
+            expires_at: None,
+            payload: (),
+        };
+        let (members, kind) = match (&config.pool, &config.url) {
+            (Some(pool), _) => (
+                pool.proxies
+                    .iter()
+                    .filter(|m| m.enabled)
+                    .map(|m| candidate(&m.url, m.weight))
+                    .collect::<Vec<_>>(),
+                EmbeddedKind::Pool(pool.strategy),
+            ),
+            (None, Some(url)) => (vec![candidate(url, 1.0)], EmbeddedKind::Static),
+            (None, None) => return None,
+        };
+        (!members.is_empty()).then(|| Self {
+            members,
+            kind,
+            timeout_seconds: config.timeout_seconds,
+            cursor: AtomicUsize::new(0),
+        })
+    }
+}
+
+#[derive(Debug, Default)]
+struct EmbeddedScope {
+    http: Option<Arc<EmbeddedList>>,
+    websocket: Option<Arc<EmbeddedList>>,
+}
+
+impl EmbeddedScope {
+    fn new(c: &ConnectionProxies) -> Self {
+        Self {
+            http: c.http.as_ref().and_then(EmbeddedList::new).map(Arc::new),
+            websocket: c.websocket.as_ref().and_then(EmbeddedList::new).map(Arc::new),
+        }
+    }
+
+    fn get(&self, connection_type: ConnectionType) -> Option<&Arc<EmbeddedList>> {
+        match connection_type {
+            ConnectionType::Http => self.http.as_ref(),
+            ConnectionType::Websocket => self.websocket.as_ref(),
+        }
+    }
+}
+
+/// The embedded configuration as candidate lists.
+#[derive(Default)]
+pub struct EmbeddedCandidates {
+    enabled: bool,
+    default: EmbeddedScope,
+    exchanges: std::collections::HashMap<String, EmbeddedScope>,
+    urls: std::collections::HashSet<Arc<str>>,
+}
+
+impl fmt::Debug for EmbeddedCandidates {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EmbeddedCandidates")
+            .field("enabled", &self.enabled)
+            .field("default", &self.default)
+            .field("exchanges", &self.exchanges)
+            .field("members", &self.urls.len())
+            .finish()
+    }
+}
+
+impl EmbeddedCandidates {
+    /// From a validated `proxy:` block.
+    pub fn new(settings: &ProxySettings) -> Self {
+        let default = settings
+            .default
+            .as_ref()
+            .map(EmbeddedScope::new)
+            .unwrap_or_default();
+        let exchanges: std::collections::HashMap<String, EmbeddedScope> = settings
+            .exchanges
+            .iter()
+            .map(|(id, c)| (id.to_ascii_lowercase(), EmbeddedScope::new(c)))
+            .collect();
+        let urls = std::iter::once(&default)
+            .chain(exchanges.values())
+            .flat_map(|s| [&s.http, &s.websocket])
+            .flatten()
+            .flat_map(|l| l.members.iter().map(|m| m.url.clone()))
+            .collect();
+        Self {
+            enabled: settings.enabled,
+            default,
+            exchanges,
+            urls,
+        }
+    }
+
+    /// The list for (exchange, type): the exchange's entry, else the default's; `None`: direct.
+    pub fn get(&self, exchange: &str, connection_type: ConnectionType) -> Option<&Arc<EmbeddedList>> {
+        if !self.enabled {
+            return None;
+        }
+        self.exchanges
+            .get(exchange)
+            .and_then(|s| s.get(connection_type))
+            .or_else(|| self.default.get(connection_type))
+    }
+
+    /// Whether `url` is an embedded member anywhere (the broker's own proxy).
+    pub fn contains(&self, url: &str) -> bool {
+        self.urls.contains(url)
+    }
+}
+
+// --- Upstream candidates ------------------------------------------------------------------------
+
+/// What upstream candidates are kept under.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CandidateKey {
+    /// Exchange id, lower-case.
+    pub exchange: Arc<str>,
+    /// Connection type.
+    pub connection_type: ConnectionType,
+    /// Region, if any.
+    pub region: Option<Arc<str>>,
+}
+
+/// How the last refill of a set went (shared with the callers that waited for it).
+#[derive(Clone, Default)]
+pub(crate) enum RefillOutcome {
+    /// None ran yet.
+    #[default]
+    None,
+    /// It added a new candidate.
+    Added,
+    /// The upstream answered with a candidate already held.
+    NothingNew,
+    /// The upstream failed (the caller's error, type-erased).
+    Failed(Arc<dyn std::any::Any + Send + Sync>),
+}
+
+/// The upstream candidates of one key.
+pub struct UpstreamSet<P> {
+    members: Mutex<Vec<(u64, Candidate<P>)>>,
+    added: AtomicU64,
+    /// Round-robin cursor.
+    pub cursor: AtomicUsize,
+    /// Bumped when a refill ends.
+    generation: AtomicU64,
+    /// Held while a refill runs: one upstream call per key at a time.
+    pub(crate) refill: tokio::sync::Mutex<()>,
+    last: Mutex<RefillOutcome>,
+}
+
+impl<P> fmt::Debug for UpstreamSet<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamSet")
+            .field("members", &self.lock().len())
+            .field("generation", &self.generation())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P> UpstreamSet<P> {
+    fn lock(&self) -> MutexGuard<'_, Vec<(u64, Candidate<P>)>> {
+        self.members.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Refills ended so far.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+}
+
+impl<P: Clone> UpstreamSet<P> {
+    fn new() -> Self {
+        Self {
+            members: Mutex::new(Vec::new()),
+            added: AtomicU64::new(0),
+            cursor: AtomicUsize::new(0),
+            generation: AtomicU64::new(0),
+            refill: tokio::sync::Mutex::new(()),
+            last: Mutex::new(RefillOutcome::None),
+        }
+    }
+
+    /// The live candidates at `now` (expired ones are dropped).
+    pub fn snapshot(&self, now: Instant) -> Vec<Candidate<P>> {
+        let mut members = self.lock();
+        members.retain(|(_, c)| c.expires_at.is_none_or(|e| e > now));
+        members.iter().map(|(_, c)| c.clone()).collect()
+    }
+
+    /// Adds (or refreshes) a candidate; at most `max` are kept (the oldest goes). Returns whether
+    /// it is new.
+    pub fn add(&self, candidate: Candidate<P>, max: usize, now: Instant) -> bool {
+        let mut members = self.lock();
+        members.retain(|(_, c)| c.expires_at.is_none_or(|e| e > now));
+        if let Some((_, c)) = members.iter_mut().find(|(_, c)| c.url == candidate.url) {
+            *c = candidate;
+            return false;
+        }
+        while !members.is_empty() && members.len() >= max.max(1) {
+            if let Some(oldest) = members
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, (n, _))| *n)
+                .map(|(i, _)| i)
+            {
+                members.remove(oldest);
+            }
+        }
+        members.push((self.added.fetch_add(1, Ordering::Relaxed), candidate));
+        true
+    }
+
+    /// Drops `url`. Returns whether it was held.
+    pub fn remove(&self, url: &str) -> bool {
+        let mut members = self.lock();
+        let before = members.len();
+        members.retain(|(_, c)| &*c.url != url);
+        members.len() != before
+    }
+
+    pub(crate) fn finish_refill(&self, outcome: RefillOutcome) {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = outcome;
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn last_refill(&self) -> RefillOutcome {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Upstream candidate sets by key: bounded in keys (moka, LRU) and dropped after two idle hours
+/// (longer than any candidate lives); candidate expiry itself is decided on the broker's clock.
+pub struct UpstreamCandidates<P> {
+    sets: moka::sync::Cache<CandidateKey, Arc<UpstreamSet<P>>>,
+}
+
+impl<P> fmt::Debug for UpstreamCandidates<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamCandidates")
+            .field("keys", &self.sets.entry_count())
+            .finish()
+    }
+}
+
+impl<P: Clone + Send + Sync + 'static> Default for UpstreamCandidates<P> {
+    fn default() -> Self {
+        Self::new(MAX_CANDIDATE_KEYS)
+    }
+}
+
+impl<P: Clone + Send + Sync + 'static> UpstreamCandidates<P> {
+    /// At most `max_keys` keys.
+    pub fn new(max_keys: u64) -> Self {
+        Self {
+            sets: moka::sync::Cache::builder()
+                .max_capacity(max_keys)
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
+                .time_to_idle(MAX_CANDIDATE_TTL * 2)
+                .build(),
+        }
+    }
+
+    /// The set of `key`, created empty if need be.
+    pub fn set(&self, key: &CandidateKey) -> Arc<UpstreamSet<P>> {
+        self.sets.get_with_by_ref(key, || Arc::new(UpstreamSet::new()))
+    }
+
+    /// The set of `key`, if there is one.
+    pub fn get(&self, key: &CandidateKey) -> Option<Arc<UpstreamSet<P>>> {
+        self.sets.get(key)
+    }
+
+    /// Drops `url` from every set of `exchange` (it is banned there). Returns how many held it.
+    pub fn remove_from_exchange(&self, exchange: &str, url: &str) -> usize {
+        self.sets
+            .iter()
+            .filter(|(k, _)| &*k.exchange == exchange)
+            .filter(|(_, set)| set.remove(url))
+            .count()
+    }
+
+    /// Drops every set (upstream settings changed).
+    pub fn clear(&self) {
+        self.sets.invalidate_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proxy_broker_core::{PoolConfig, PoolMember};
+
+    use super::*;
+
+    const WS: ConnectionType = ConnectionType::Websocket;
+
+    #[test]
+    fn upstream_sets_keep_distinct_live_answers_up_to_the_cap() {
+        let set = UpstreamSet::<u32>::new();
+        let now = Instant::now();
+        let c = |url: &str, ttl: u64, payload: u32| Candidate {
+            url: Arc::from(url),
+            weight: 1.0,
+            expires_at: Some(now + Duration::from_secs(ttl)),
+            payload,
+        };
+        assert!(set.add(c("http://a:1", 100, 1), 3, now));
+        assert!(
+            !set.add(c("http://a:1", 200, 2), 3, now),
+            "the same answer again refreshes it"
+        );
+        assert!(set.add(c("http://b:1", 10, 0), 3, now));
+        assert!(set.add(c("http://c:1", 100, 0), 3, now));
+        assert!(set.add(c("http://d:1", 100, 0), 3, now), "the oldest (a) goes");
+        let urls: Vec<String> = set.snapshot(now).iter().map(|c| c.url.to_string()).collect();
+        assert_eq!(urls, ["http://b:1", "http://c:1", "http://d:1"]);
+        let later = now + Duration::from_secs(10);
+        assert_eq!(set.snapshot(later).len(), 2, "b expired");
+        assert!(set.remove("http://c:1"));
+        assert_eq!(set.snapshot(later).len(), 1);
+    }
+
+    fn pool(strategy: Strategy, urls: &[(&str, bool)]) -> ProxyConfig {
+        ProxyConfig {
+            url: None,
+            timeout_seconds: 15,
+            pool: Some(PoolConfig {
+                proxies: urls
+                    .iter()
+                    .map(|(u, enabled)| PoolMember {
+                        url: (*u).into(),
+                        weight: 2.0,
+                        enabled: *enabled,
+                    })
+                    .collect(),
+                strategy,
+            }),
+        }
+    }
+
+    #[test]
+    fn embedded_lists_resolve_like_the_embedded_resolver() {
+        let mut settings = ProxySettings {
+            enabled: true,
+            default: Some(ConnectionProxies {
+                http: Some(ProxyConfig::from_url("http://default:1")),
+                websocket: Some(pool(
+                    Strategy::LeastConnections,
+                    &[("socks5://d1:1", true), ("socks5://d2:1", true)],
+                )),
+            }),
+            ..Default::default()
+        };
+        settings.exchanges.insert(
+            "Binance".into(),
+            ConnectionProxies {
+                http: None,
+                websocket: Some(pool(
+                    Strategy::Random,
+                    &[("socks5://b1:1", true), ("socks5://off:1", false)],
+                )),
+            },
+        );
+        settings.exchanges.insert(
+            "kraken".into(),
+            ConnectionProxies {
+                http: None,
+                websocket: Some(pool(Strategy::RoundRobin, &[("socks5://k:1", false)])),
+            },
+        );
+        let e = EmbeddedCandidates::new(&settings);
+        let urls = |x: &str, ct| {
+            e.get(x, ct).map(|l| {
+                (
+                    l.kind,
+                    l.members.iter().map(|m| m.url.to_string()).collect::<Vec<_>>(),
+                )
+            })
+        };
+        // (row, exchange, type, expected kind and members)
+        type Row = (
+            &'static str,
+            &'static str,
+            ConnectionType,
+            Option<(EmbeddedKind, Vec<&'static str>)>,
+        );
+        let rows: &[Row] = &[
+            (
+                "exchange pool, enabled members only",
+                "binance",
+                WS,
+                Some((EmbeddedKind::Pool(Strategy::Random), vec!["socks5://b1:1"])),
+            ),
+            (
+                "exchange without http: default",
+                "binance",
+                ConnectionType::Http,
+                Some((EmbeddedKind::Static, vec!["http://default:1"])),
+            ),
+            (
+                "all disabled: default",
+                "kraken",
+                WS,
+                Some((
+                    EmbeddedKind::Pool(Strategy::LeastConnections),
+                    vec!["socks5://d1:1", "socks5://d2:1"],
+                )),
+            ),
+            (
+                "unknown exchange: default",
+                "okx",
+                WS,
+                Some((
+                    EmbeddedKind::Pool(Strategy::LeastConnections),
+                    vec!["socks5://d1:1", "socks5://d2:1"],
+                )),
+            ),
+        ];
+        for (row, x, ct, expected) in rows {
+            let expected = expected
+                .as_ref()
+                .map(|(k, v)| (*k, v.iter().map(|s| s.to_string()).collect::<Vec<_>>()));
+            assert_eq!(urls(x, *ct), expected, "row {row}");
+        }
+        assert!(e.contains("socks5://b1:1") && e.contains("http://default:1"));
+        assert!(!e.contains("socks5://stranger:1"));
+        settings.enabled = false;
+        assert!(
+            EmbeddedCandidates::new(&settings).get("binance", WS).is_none(),
+            "disabled: direct"
+        );
+    }
+
+    #[test]
+    fn debug_output_never_shows_a_password() {
+        let c = Candidate {
+            url: Arc::from("socks5://u:hunter2@p:1"),
+            weight: 1.0,
+            expires_at: None,
+            payload: (),
+        };
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let settings = ProxySettings {
+            enabled: true,
+            default: Some(ConnectionProxies {
+                http: Some(ProxyConfig::from_url("socks5://u:hunter2@p:1")),
+                websocket: None,
+            }),
+            ..Default::default()
+        };
+        let text = format!("{:?}", EmbeddedCandidates::new(&settings));
+        assert!(
+            !text.contains("hunter2") && text.contains("socks5://u:***@p:1"),
+            "{text}"
+        );
+    }
+}
