@@ -536,7 +536,7 @@ mod tests {
         };
         let text = format!("{:?}", EmbeddedCandidates::new(&settings));
         assert!(
-            !text.contains("hunter2") && text.contains("socks5://u:***@p:1"),
+            !text.contains("hunter2") && !text.contains("u:") && text.contains("socks5://***@p:1"),
             "{text}"
         );
     }
