@@ -242,4 +242,24 @@ impl ProxyBrokerAdmin for AdminService {
             config_json: self.broker.config().redacted_json(),
         }))
     }
+
+    /// PLACEHOLDER until the brokering engine is wired (issue 9).
+    async fn list_proxies(
+        &self,
+        _request: Request<pb::ListProxiesRequest>,
+    ) -> Result<Response<pb::ListProxiesResponse>, Status> {
+        Err(Status::unimplemented(
+            "ListProxies lands with feed-aware brokering (issue 9)",
+        ))
+    }
+
+    /// PLACEHOLDER until the brokering engine is wired (issue 9).
+    async fn list_exchanges(
+        &self,
+        _request: Request<pb::ListExchangesRequest>,
+    ) -> Result<Response<pb::ListExchangesResponse>, Status> {
+        Err(Status::unimplemented(
+            "ListExchanges lands with feed-aware brokering (issue 9)",
+        ))
+    }
 }

@@ -433,6 +433,7 @@ impl State {
             metadata: Some(metadata),
             source: source.into(),
             upstream_endpoint: String::new(),
+            lease_expires_at: None,
         }
     }
 }

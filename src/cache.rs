@@ -393,6 +393,7 @@ fn cached_response(answer: &Answer, endpoint: &str) -> pb::ProxyResponse {
         metadata: None,
         source: pb::ProxySource::Cache.into(),
         upstream_endpoint: endpoint.to_owned(),
+        lease_expires_at: None,
     }
 }
 

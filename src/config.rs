@@ -1,5 +1,5 @@
-//! The broker's configuration file: cryptofeed's `proxy:` block (with `external_service`) and the
-//! broker's own `server:` block, layered defaults → YAML → environment.
+//! The broker's configuration file: cryptofeed's `proxy:` block (with `external_service`), the
+//! broker's own `server:` block and its `brokering:` block, layered defaults → YAML → environment.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -9,10 +9,18 @@ use proxy_broker_core::validate::check_range;
 use proxy_broker_core::{ConfigError, EnvMapping, Loader, ProxySettings, Secret};
 use serde::{Deserialize, Serialize};
 
+use crate::brokering::config::BrokeringConfig;
+
 /// Environment prefix of cryptofeed's proxy settings, mapped onto `proxy.*`.
 pub const PROXY_ENV_PREFIX: &str = "CRYPTOFEED_PROXY_";
 /// Environment prefix of the broker's own settings, mapped onto `server.*`.
 pub const SERVER_ENV_PREFIX: &str = "PROXY_BROKER_";
+/// Environment prefix of the `brokering:` block, mapped onto `brokering.*` (not `server.*`: the
+/// longest matching prefix wins).
+pub const BROKERING_ENV_PREFIX: &str = "PROXY_BROKER_BROKERING__";
+/// Environment prefix reserved for the `store:` block (shared brokering state), mapped onto
+/// `store.*`. There is no such block yet, so any variable with it is an unknown key.
+pub const STORE_ENV_PREFIX: &str = "PROXY_BROKER_STORE__";
 /// Shortest accepted `server.auth_tokens` entry.
 pub const MIN_AUTH_TOKEN_LEN: usize = 16;
 /// Variables with the server prefix that are not `server.*` keys.
@@ -28,6 +36,9 @@ pub struct BrokerConfig {
     /// The broker process itself.
     #[serde(default)]
     pub server: ServerConfig,
+    /// Feed-aware brokering: per-exchange budgets, bans, outage guard, leases (hot-reloadable).
+    #[serde(default)]
+    pub brokering: BrokeringConfig,
 }
 
 /// The `server:` block.
@@ -124,6 +135,7 @@ impl Validate for BrokerConfig {
         debug_assert!(path.is_empty());
         self.proxy.validate("proxy", problems);
         self.server.validate("server", problems);
+        self.brokering.validate("brokering", problems);
     }
 }
 
@@ -213,10 +225,18 @@ impl BrokerConfig {
         let loader = Loader::new()
             .env_mapping(EnvMapping::new(PROXY_ENV_PREFIX, "proxy"))
             .env_mapping(server_env)
+            .env_mapping(EnvMapping::new(BROKERING_ENV_PREFIX, "brokering"))
+            .env_mapping(EnvMapping::new(STORE_ENV_PREFIX, "store"))
             .proxy_block("proxy")
+            .exchange_map("brokering.exchanges")
             .table("server")
             .table("proxy.external_service")
-            .table("server.tls");
+            .table("server.tls")
+            .table("brokering")
+            .table("brokering.outage")
+            .table("brokering.exchanges.*")
+            .table("brokering.exchanges.*.websocket")
+            .table("brokering.exchanges.*.http");
         match file {
             Some(path) => loader.file(path),
             None => loader,

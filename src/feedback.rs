@@ -274,6 +274,8 @@ mod tests {
                 error_details: Some("e".repeat(details_len)),
                 timestamp: std::time::SystemTime::now(),
                 client_id,
+                http_status: None,
+                retry_after: None,
             }),
         }
     }

@@ -1,11 +1,12 @@
 //! proxy-broker: a gRPC service that tells crypto market-data feeds which proxy to use.
 //!
-//! Modules, one concern each: [`config`] (the configuration file), [`request`] (request
-//! validation), [`broker`] (the decision), [`upstream`] (HTTP client, endpoints, auth),
-//! [`breaker`] (per-endpoint circuit breakers), [`cache`] and [`flight`] (answer cache, detached
-//! single flight), [`feedback`] (background forwarding), [`service`] and [`admin`] (gRPC glue),
-//! [`server`] (wiring), [`clock`] (time source), [`json`] (Struct ↔ JSON), [`error`] (errors and
-//! their status codes), [`pb`] (generated code).
+//! Modules, one concern each: [`config`] (the configuration file; its `brokering:` block is
+//! [`brokering::config`]), [`request`] (request validation), [`broker`] (the decision),
+//! [`brokering`] (feed-aware brokering), [`upstream`] (HTTP client, endpoints, auth), [`breaker`]
+//! (per-endpoint circuit breakers), [`cache`] and [`flight`] (answer cache, detached single
+//! flight), [`feedback`] (background forwarding), [`service`] and [`admin`] (gRPC glue), [`server`]
+//! (wiring), [`clock`] (time source), [`json`] (Struct ↔ JSON), [`error`] (errors and their status
+//! codes), [`pb`] (generated code).
 
 pub mod admin;
 pub mod auth;
@@ -26,6 +27,7 @@ pub mod reload;
 pub mod request;
 pub mod server;
 pub mod service;
+pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

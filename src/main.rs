@@ -12,7 +12,8 @@ use proxy_broker::broker::Broker;
 #[derive(Debug, Parser)]
 #[command(name = "proxy-broker", version)]
 struct Args {
-    /// YAML configuration file (`proxy:` and `server:` blocks). Without it: defaults + environment.
+    /// YAML configuration file (`proxy:`, `server:` and `brokering:` blocks). Without it: defaults +
+    /// environment.
     #[arg(long, env = "PROXY_BROKER_CONFIG", value_name = "PATH")]
     config: Option<PathBuf>,
     /// Validate the configuration (file + environment), print it with secrets redacted, and exit.

@@ -3,13 +3,14 @@
 use prost::Message;
 use proxy_broker_core::ConnectionType;
 use proxy_broker_core::redact::{redact_text, redact_url};
-use proxy_broker_core::validate::{check_exchange_id, check_proxy_url};
+use proxy_broker_core::validate::{check_exchange_id, check_proxy_url, check_sticky_key};
 
 use crate::error::Error;
 use crate::pb;
 
 pub use proxy_broker_core::validate::{
-    MAX_CLIENT_ID_LEN, MAX_ERROR_DETAILS_LEN, MAX_METADATA_BYTES, MAX_PROXY_URL_LEN, MAX_REGION_LEN,
+    HTTP_STATUS_RANGE, MAX_CLIENT_ID_LEN, MAX_ERROR_DETAILS_LEN, MAX_METADATA_BYTES, MAX_PROXY_URL_LEN,
+    MAX_REGION_LEN, MAX_RETRY_AFTER_SECONDS, MAX_STICKY_KEY_LEN,
 };
 
 /// A validated `RequestProxy` call.
@@ -25,6 +26,8 @@ pub struct Lookup {
     pub client_id: String,
     /// Free-form context for upstreams.
     pub metadata: Option<prost_types::Struct>,
+    /// Keeps this caller on one proxy (≤ 128 printable ASCII); `None` when absent or empty.
+    pub sticky_key: Option<String>,
 }
 
 /// Earliest feedback `timestamp` accepted: 1970-01-01T00:00:00Z, in Unix seconds.
@@ -55,6 +58,10 @@ pub struct Feedback {
     pub timestamp: std::time::SystemTime,
     /// The reporting feed.
     pub client_id: String,
+    /// The exchange's HTTP status (100..=599), when the failure was an HTTP answer.
+    pub http_status: Option<u16>,
+    /// How long the exchange said to wait (at most [`MAX_RETRY_AFTER_SECONDS`]).
+    pub retry_after: Option<std::time::Duration>,
 }
 
 fn connection_type(field: &'static str, raw: i32) -> Result<ConnectionType, Error> {
@@ -106,12 +113,17 @@ impl TryFrom<pb::ProxyRequest> for Lookup {
                 ));
             }
         }
+        let sticky_key = req.sticky_key.filter(|k| !k.is_empty());
+        if let Some(key) = &sticky_key {
+            check_sticky_key(key).map_err(|rule| Error::invalid("sticky_key", rule))?;
+        }
         Ok(Lookup {
             exchange_id: req.exchange_id,
             connection_type,
             region,
             client_id: req.client_id,
             metadata: req.metadata,
+            sticky_key,
         })
     }
 }
@@ -156,6 +168,30 @@ impl TryFrom<pb::ProxyFeedback> for Feedback {
                     .map_err(|e| Error::invalid("timestamp", format!("is not a valid time ({e})")))?
             }
         };
+        let http_status = match fb.http_status {
+            None => None,
+            Some(status) if HTTP_STATUS_RANGE.contains(&status) => u16::try_from(status).ok(),
+            Some(status) => {
+                return Err(Error::invalid(
+                    "http_status",
+                    format!(
+                        "{status} is not an HTTP status (allowed {}..={})",
+                        HTTP_STATUS_RANGE.start(),
+                        HTTP_STATUS_RANGE.end()
+                    ),
+                ));
+            }
+        };
+        let retry_after = match fb.retry_after_seconds {
+            None => None,
+            Some(s) if s <= MAX_RETRY_AFTER_SECONDS => Some(std::time::Duration::from_secs(u64::from(s))),
+            Some(s) => {
+                return Err(Error::invalid(
+                    "retry_after_seconds",
+                    format!("{s} is more than 7 days (allowed 0..={MAX_RETRY_AFTER_SECONDS})"),
+                ));
+            }
+        };
         Ok(Feedback {
             proxy_url,
             exchange_id: fb.exchange_id,
@@ -165,6 +201,8 @@ impl TryFrom<pb::ProxyFeedback> for Feedback {
             error_details: fb.error_details,
             timestamp,
             client_id: fb.client_id,
+            http_status,
+            retry_after,
         })
     }
 }

@@ -10,6 +10,10 @@ use crate::pb;
 use crate::pb::proxy_broker_server::ProxyBroker;
 use crate::request::{Feedback, Lookup};
 
+/// `WatchProxy`'s stream of assignments (boxed: the watcher implementation is free to change).
+pub type WatchStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ProxyResponse, Status>> + Send + 'static>>;
+
 /// The feed-facing service.
 #[derive(Debug, Clone)]
 pub struct BrokerService {
@@ -98,6 +102,20 @@ impl ProxyBroker for BrokerService {
         );
         self.broker.report_feedback(&feedback);
         Ok(Response::new(pb::ReportFeedbackResponse { accepted: true }))
+    }
+
+    type WatchProxyStream = WatchStream;
+
+    /// PLACEHOLDER until the brokering engine is wired (issue 9): validates the request like
+    /// `RequestProxy`, then answers UNIMPLEMENTED.
+    async fn watch_proxy(
+        &self,
+        request: Request<pb::ProxyRequest>,
+    ) -> Result<Response<Self::WatchProxyStream>, Status> {
+        let _lookup = Lookup::try_from(request.into_inner())?;
+        Err(Status::unimplemented(
+            "WatchProxy lands with feed-aware brokering (issue 9)",
+        ))
     }
 }
 

@@ -490,6 +490,8 @@ impl Upstreams {
             } else {
                 fb.client_id.clone()
             },
+            http_status: fb.http_status,
+            retry_after_seconds: fb.retry_after.map(|d| d.as_secs()),
         }
     }
 
@@ -649,6 +651,8 @@ mod tests {
             error_details: Some(error_details.into()),
             timestamp,
             client_id: String::new(),
+            http_status: None,
+            retry_after: None,
         }
     }
 

@@ -53,7 +53,11 @@ fn pool(extra: &str, members: &str) -> String {
 fn unknown_key_at_the_root_is_rejected() {
     assert_yaml_rejected(
         "proxy: {}\nproxies: {}\n",
-        &["proxies", "unknown field `proxies`", "`proxy` or `server`"],
+        &[
+            "proxies",
+            "unknown field `proxies`",
+            "`proxy`, `server`, `brokering`",
+        ],
     );
 }
 

@@ -9,7 +9,9 @@ use proxy_broker::pb::{
     ListUpstreamsRequest, ProxyFeedback, ProxyRequest, ProxyResponse, ProxySource, ReportFeedbackResponse,
     invalidate_cache_request,
 };
-use proxy_broker::request::{MAX_CLIENT_ID_LEN, MAX_ERROR_DETAILS_LEN, MAX_METADATA_BYTES, MAX_REGION_LEN};
+use proxy_broker::request::{
+    MAX_CLIENT_ID_LEN, MAX_ERROR_DETAILS_LEN, MAX_METADATA_BYTES, MAX_REGION_LEN, MAX_STICKY_KEY_LEN,
+};
 use tonic::{Code, Status};
 
 const EXAMPLE: &str = include_str!("../examples/broker.yaml");
@@ -38,6 +40,8 @@ fn feedback() -> ProxyFeedback {
         error_details: Some("connect timed out".into()),
         timestamp: None,
         client_id: "cryptofeed-host1-4242".into(),
+        http_status: None,
+        retry_after_seconds: None,
     }
 }
 
@@ -378,6 +382,7 @@ async fn request_with_every_field_at_its_limit_is_answered() {
         region: Some("r".repeat(MAX_REGION_LEN)),
         client_id: "c".repeat(MAX_CLIENT_ID_LEN),
         metadata: Some(metadata_of_encoded_size(MAX_METADATA_BYTES)),
+        sticky_key: Some("~".repeat(MAX_STICKY_KEY_LEN)),
     };
     let answer = ask(&broker, req).await.expect("limits are inclusive");
     assert_eq!(answer.proxy_url, "socks5://proxy.example.com:1081");

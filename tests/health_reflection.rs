@@ -221,7 +221,7 @@ async fn reflection_describes_the_broker_service_and_its_methods() {
         .await;
         assert_eq!(
             methods(&files, "proxybroker.v1", "ProxyBroker"),
-            ["RequestProxy", "ReportFeedback"],
+            ["RequestProxy", "ReportFeedback", "WatchProxy"],
             "{version:?}"
         );
         let broker_file = files.iter().find(|f| f.package() == "proxybroker.v1").unwrap();
@@ -232,6 +232,14 @@ async fn reflection_describes_the_broker_service_and_its_methods() {
             .unwrap();
         assert_eq!(request_proxy.input_type(), ".proxybroker.v1.ProxyRequest");
         assert_eq!(request_proxy.output_type(), ".proxybroker.v1.ProxyResponse");
+        let watch_proxy = broker_file.service[0]
+            .method
+            .iter()
+            .find(|m| m.name() == "WatchProxy")
+            .unwrap();
+        assert_eq!(watch_proxy.input_type(), ".proxybroker.v1.ProxyRequest");
+        assert_eq!(watch_proxy.output_type(), ".proxybroker.v1.ProxyResponse");
+        assert!(watch_proxy.server_streaming() && !watch_proxy.client_streaming());
     }
     broker.stop().await;
 }
@@ -252,7 +260,9 @@ async fn reflection_describes_the_admin_service_and_its_methods() {
                 "ListUpstreams",
                 "ListCache",
                 "InvalidateCache",
-                "GetEffectiveConfig"
+                "GetEffectiveConfig",
+                "ListProxies",
+                "ListExchanges"
             ],
             "{version:?}"
         );
@@ -305,7 +315,8 @@ async fn reflection_describes_the_request_message_so_grpcurl_can_build_requests(
                 ("connection_type", 2),
                 ("region", 3),
                 ("client_id", 4),
-                ("metadata", 5)
+                ("metadata", 5),
+                ("sticky_key", 6)
             ],
             "{version:?}"
         );

@@ -102,6 +102,9 @@ async fn feedback_is_delivered_with_every_field_and_the_auth_header() {
             error_details: Some("handshake timed out".into()),
             timestamp: Some(when.into()),
             client_id: "cryptofeed-host1-4242".into(),
+            // Absent: the body keeps exactly the design's fields (see tests/brokering_contract.rs).
+            http_status: None,
+            retry_after_seconds: None,
         },
     )
     .await;

@@ -452,6 +452,7 @@ impl BrokerClient {
             region: region.map(str::to_owned),
             client_id: inner.client_id.clone(),
             metadata: None,
+            sticky_key: None,
         });
         request.set_timeout(inner.broker_timeout);
         let mut stub = inner.grpc.broker();

@@ -61,6 +61,8 @@ impl fmt::Debug for pb::ProxyFeedback {
             .field("error_details", &self.error_details.as_deref().map(redact_text))
             .field("timestamp", &self.timestamp)
             .field("client_id", &self.client_id)
+            .field("http_status", &self.http_status)
+            .field("retry_after_seconds", &self.retry_after_seconds)
             .finish_non_exhaustive()
     }
 }
@@ -82,6 +84,8 @@ impl Feedback {
                 .map(|e| truncate(&redact_text(e), MAX_ERROR_DETAILS_LEN)),
             timestamp: Some(prost_types::Timestamp::from(SystemTime::now())),
             client_id: client_id.to_owned(),
+            http_status: None,
+            retry_after_seconds: None,
         }
     }
 }

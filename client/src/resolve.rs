@@ -119,6 +119,7 @@ impl fmt::Debug for pb::ProxyResponse {
             .field("metadata", &self.metadata)
             .field("source", &self.source)
             .field("upstream_endpoint", &shown(&self.upstream_endpoint))
+            .field("lease_expires_at", &self.lease_expires_at)
             .finish_non_exhaustive()
     }
 }
@@ -291,6 +292,7 @@ mod tests {
             metadata: None,
             source: pb::ProxySource::Upstream.into(),
             upstream_endpoint: String::new(),
+            lease_expires_at: None,
         })
         .unwrap()
     }

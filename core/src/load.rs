@@ -4,8 +4,10 @@
 //! environment format needs, which [`EnvSource`] adds: JSON values for lists and objects
 //! (`...__ENDPOINTS=["https://a:8080"]`), numeric-index list elements (`...__PROXIES__0__URL`), and
 //! several prefixes mapped to different subtrees (`CRYPTOFEED_PROXY_*` → `proxy.*`,
-//! `PROXY_BROKER_*` → `server.*`). [`YamlFile`] folds exchange ids to lower case so that YAML's
-//! `Binance` and the environment's `BINANCE` are one exchange.
+//! `PROXY_BROKER_*` → `server.*`; the longest matching prefix wins, so `PROXY_BROKER_BROKERING__*`
+//! can go to `brokering.*`). [`YamlFile`] folds exchange ids to lower case so that YAML's
+//! `Binance` and the environment's `BINANCE` are one exchange (in `proxy.exchanges` and in any
+//! other mapping declared with [`Loader::exchange_map`]).
 //!
 //! Deserialization goes through `serde_path_to_error`, so every error names the key path; range and
 //! format rules are checked afterwards by [`Validate`] implementations. Values of secret keys are
@@ -166,6 +168,7 @@ pub struct Loader {
     #[debug("{:?}", env.as_ref().map(|vars| vars.iter().map(|(k, _)| k).collect::<Vec<_>>()))]
     env: Option<Vec<(String, String)>>,
     proxy_root: Option<String>,
+    exchange_maps: Vec<String>,
     tables: Vec<String>,
 }
 
@@ -216,7 +219,16 @@ impl Loader {
         self
     }
 
-    /// Requires the value at this dotted path, if present, to be a mapping.
+    /// Declares the mapping at this dotted path as keyed by exchange ids: in every source its keys
+    /// are folded to lower case before merging (two spellings of one id in a source are an error),
+    /// as in `proxy.exchanges`, and the value must be a mapping.
+    pub fn exchange_map(mut self, path: &str) -> Self {
+        self.exchange_maps.push(path.to_owned());
+        self
+    }
+
+    /// Requires the value at this dotted path, if present, to be a mapping. A `*` segment matches
+    /// any one key (`brokering.exchanges.*`).
     pub fn table(mut self, path: &str) -> Self {
         self.tables.push(path.to_owned());
         self
@@ -232,6 +244,7 @@ impl Loader {
         };
         let shape = Shape {
             proxy_root: self.proxy_root.clone(),
+            exchange_maps: self.exchange_maps.clone(),
         };
         let env = EnvSource::new(&self.mappings, &vars, &shape)?;
         let mut builder = config::Config::builder();
@@ -472,11 +485,16 @@ impl Role {
 #[derive(Debug, Clone, Default)]
 struct Shape {
     proxy_root: Option<String>,
+    /// Dotted paths of mappings keyed by exchange ids outside the `proxy:` block.
+    exchange_maps: Vec<String>,
 }
 
 impl Shape {
     /// The role of an absolute key path (segments; list indexes as `[i]`).
     fn role(&self, path: &[String]) -> Role {
+        if self.exchange_maps.iter().any(|m| segments_match(m, path)) {
+            return Role::Exchanges;
+        }
         let Some(root) = &self.proxy_root else {
             return Role::Other;
         };
@@ -572,7 +590,8 @@ impl Shape {
             problems: &mut Problems,
         ) {
             let role = shape.role(path);
-            let required = role.is_table() || extra.contains(&dotted(path)) || path.is_empty();
+            let required =
+                role.is_table() || extra.iter().any(|p| segments_match(p, path)) || path.is_empty();
             let allowed_string = matches!(role, Role::ConnectionProxies | Role::ProxyConfig);
             match &value.kind {
                 ValueKind::Table(map) => {
@@ -613,6 +632,20 @@ impl Shape {
             }
         }
         walk(self, &mut Vec::new(), tree, extra, problems);
+    }
+}
+
+/// Whether key path `path` (segments) is `pattern` (dotted), where a `*` segment matches any one
+/// key. Segments are compared whole, so an exchange id containing `.` is still one key.
+fn segments_match(pattern: &str, path: &[String]) -> bool {
+    let mut pattern = pattern.split('.');
+    let mut path = path.iter();
+    loop {
+        match (pattern.next(), path.next()) {
+            (None, None) => return true,
+            (Some(p), Some(k)) if p == "*" || p == k => {}
+            _ => return false,
+        }
     }
 }
 
@@ -660,9 +693,11 @@ impl EnvSource {
         sorted.sort_by(|a, b| a.0.len().cmp(&b.0.len()).then(a.0.cmp(&b.0)));
         for (name, raw) in sorted {
             let upper = name.to_ascii_uppercase();
+            // The longest matching prefix wins: `PROXY_BROKER_BROKERING__` before `PROXY_BROKER_`.
             let Some(mapping) = mappings
                 .iter()
-                .find(|m| upper.starts_with(&m.prefix.to_ascii_uppercase()))
+                .filter(|m| upper.starts_with(&m.prefix.to_ascii_uppercase()))
+                .max_by_key(|m| m.prefix.len())
             else {
                 continue;
             };

@@ -19,6 +19,26 @@ pub const MAX_CLIENT_ID_LEN: usize = 256;
 pub const MAX_METADATA_BYTES: usize = 8 * 1024;
 /// Longest feedback `error_details`, in bytes.
 pub const MAX_ERROR_DETAILS_LEN: usize = 4 * 1024;
+/// Longest request `sticky_key`, in characters (printable ASCII, part of the gRPC contract).
+pub const MAX_STICKY_KEY_LEN: usize = 128;
+/// Allowed feedback `http_status` (part of the gRPC contract).
+pub const HTTP_STATUS_RANGE: std::ops::RangeInclusive<u32> = 100..=599;
+/// Longest feedback `retry_after_seconds`: 7 days (exchanges ban for 3 days at most).
+pub const MAX_RETRY_AFTER_SECONDS: u32 = 7 * 24 * 3600;
+
+/// Checks a sticky key: at most 128 characters of printable ASCII (0x20..=0x7E). The error is the
+/// rule broken; it shows the offending character escaped, never the key.
+pub fn check_sticky_key(key: &str) -> Result<(), String> {
+    const RULE: &str = "at most 128 characters of printable ASCII, 0x20..=0x7E";
+    if let Some((at, c)) = key.char_indices().find(|(_, c)| !matches!(c, ' '..='~')) {
+        return Err(format!("contains {c:?} at byte {at} ({RULE})"));
+    }
+    if key.len() > MAX_STICKY_KEY_LEN {
+        return Err(format!("is {} characters long ({RULE})", key.len()));
+    }
+    Ok(())
+}
+
 /// Longest proxy URL, in bytes, wherever one comes from (configuration, feedback, upstream answers):
 /// everything keyed by a proxy URL stays bounded.
 pub const MAX_PROXY_URL_LEN: usize = 2048;

@@ -20,7 +20,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::settings::MAX_BAN;
-use super::store::{BanLength, StateKey, Store, StoreError};
+use crate::store::{BanLength, StateKey, Store, StoreError};
 
 /// How long a 451 (the exchange refuses the proxy's region) bans for.
 pub const GEO_BLOCK_BAN: Duration = Duration::from_secs(24 * 3600);
@@ -157,9 +157,9 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::brokering::memory::MemoryStore;
-    use crate::brokering::store::{ChangeKind, HandOut};
     use crate::clock::SystemClock;
+    use crate::store::memory::MemoryStore;
+    use crate::store::{ChangeKind, HandOut};
 
     const POLICY: BanPolicy = BanPolicy {
         ban: Duration::from_secs(120),

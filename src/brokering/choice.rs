@@ -23,7 +23,7 @@ use super::candidates::{Candidate, MAX_CANDIDATE_TTL};
 use super::lease::{lease_end, random_lease};
 use super::settings::Budget;
 use super::sticky;
-use super::store::{Attempt, HandOut, ProxyState, StateKey, Store, StoreError};
+use crate::store::{Attempt, HandOut, ProxyState, StateKey, Store, StoreError};
 
 /// How the eligible candidates are ordered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -368,9 +368,9 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
-    use crate::brokering::memory::MemoryStore;
-    use crate::brokering::store::BanLength;
     use crate::clock::SystemClock;
+    use crate::store::BanLength;
+    use crate::store::memory::MemoryStore;
 
     const WS: ConnectionType = ConnectionType::Websocket;
 

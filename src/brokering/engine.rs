@@ -21,8 +21,8 @@ use super::candidates::{
 use super::choice::{Choice, Choose, Order, Picked, Shortfall, choose};
 use super::outage::{OutageGuard, OutageStatus, Transition};
 use super::settings::{BrokeringSettings, Budget, Resolved, normalise_exchange};
-use super::store::{Change, Page, StateKey, Store, StoreError};
 use crate::clock::Clock;
+use crate::store::{Change, Page, StateKey, Store, StoreError};
 
 /// Most upstream refills one call leads (each must have added a new candidate to go on).
 pub const MAX_REFILLS_PER_CALL: usize = 8;

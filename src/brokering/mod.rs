@@ -2,11 +2,13 @@
 //! bans per exchange, and tell watchers when a proxy goes bad.
 //!
 //! One file per concern:
+//! - [`config`]: the `brokering:` configuration block (serde types and validation), turned into
+//!   the engine's [`BrokeringSettings`] by [`config::BrokeringConfig::settings`];
 //! - [`settings`]: the engine's settings ([`BrokeringSettings`]) and the built-in table of
 //!   exchange connection limits, with the rule for the budget in force;
-//! - [`store`]: **the state seam** — the [`Store`] trait for everything kept per (proxy, exchange),
-//!   designed for a shared (Redis) implementation; [`memory`]: the in-process one;
-//! - [`window`]: the exact sliding-window budget counter (and why not GCRA or a fixed window);
+//! - [`crate::store`]: **the state seam** — the [`Store`] trait for everything kept per (proxy, exchange),
+//!   designed for a shared (Redis) implementation, with its in-process [`MemoryStore`];
+//! - [`crate::store::window`]: the exact sliding-window budget counter (and why not GCRA or a fixed window);
 //! - [`bans`]: feedback → verdict (ban / penalty / plain failure) and applying it;
 //! - [`outage`]: the exchange-outage guard;
 //! - [`candidates`]: candidate sets (embedded members, upstream answers); [`choice`]: the choice
@@ -62,22 +64,20 @@
 pub mod bans;
 pub mod candidates;
 pub mod choice;
+pub mod config;
 pub mod engine;
 pub mod lease;
-pub mod memory;
 pub mod outage;
 pub mod settings;
 pub mod sticky;
-pub mod store;
-pub mod window;
 
 #[cfg(test)]
 mod tests;
 
+pub use crate::store::MemoryStore;
+pub use crate::store::{Change, ChangeKind, Store, StoreError};
 pub use choice::Picked;
 pub use engine::{
     Ask, Brokering, Ejection, EmbeddedPick, ExchangeStatus, Exhausted, NotPicked, Offer, Report, Reported,
 };
-pub use memory::MemoryStore;
 pub use settings::{BrokeringSettings, Budget, ExchangeSettings, OutageSettings};
-pub use store::{Change, ChangeKind, Store, StoreError};

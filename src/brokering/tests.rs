@@ -14,9 +14,9 @@ use tokio::time::Instant;
 use super::bans::Verdict;
 use super::outage::Transition;
 use super::settings::BudgetSource;
-use super::store::ChangeKind;
 use super::*;
 use crate::clock::SystemClock;
+use crate::store::ChangeKind;
 
 const WS: ConnectionType = ConnectionType::Websocket;
 

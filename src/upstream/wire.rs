@@ -26,6 +26,12 @@ pub struct WireFeedback {
     pub(super) error_details: Option<String>,
     pub(super) timestamp: String,
     pub(super) client_id: String,
+    /// Left out when absent, so upstreams that predate the field see the report unchanged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) http_status: Option<u16>,
+    /// Left out when absent, as `http_status`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) retry_after_seconds: Option<u64>,
 }
 
 impl WireFeedback {

@@ -875,6 +875,15 @@ impl proxy_broker::pb::proxy_broker_server::ProxyBroker for ScriptedService {
     ) -> Result<tonic::Response<proxy_broker::pb::ReportFeedbackResponse>, tonic::Status> {
         Ok(tonic::Response::new(Default::default()))
     }
+
+    type WatchProxyStream = proxy_broker::service::WatchStream;
+
+    async fn watch_proxy(
+        &self,
+        _request: tonic::Request<proxy_broker::pb::ProxyRequest>,
+    ) -> Result<tonic::Response<Self::WatchProxyStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("the scripted broker does not watch"))
+    }
 }
 
 /// A tonic server on 127.0.0.1 implementing `ProxyBroker` that answers every `RequestProxy` with
@@ -946,5 +955,6 @@ pub fn answer(proxy_url: &str, ttl_seconds: u32) -> proxy_broker::pb::ProxyRespo
         metadata: None,
         source: proxy_broker::pb::ProxySource::Upstream.into(),
         upstream_endpoint: String::new(),
+        lease_expires_at: None,
     }
 }

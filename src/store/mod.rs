@@ -1,6 +1,6 @@
 //! The state seam: everything the engine keeps per (proxy, exchange), behind one object-safe
 //! trait, so that a fleet of brokers can share it (the next step adds a Redis implementation with
-//! the same semantics; [`super::memory::MemoryStore`] is the in-process one).
+//! the same semantics; [`memory::MemoryStore`] is the in-process one).
 //!
 //! # Semantics every implementation keeps
 //! - **Each operation is one atomic step** on one (proxy, exchange) entry, expressible as one
@@ -24,6 +24,11 @@
 //! - Exchange ids arrive lower-cased; proxy URLs as handed out (they may hold a password: never
 //!   log them, and a shared store should key by a digest of the URL).
 
+pub mod memory;
+pub mod window;
+
+pub use memory::MemoryStore;
+
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +38,7 @@ use proxy_broker_core::redact::redact_url;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
-use super::settings::Budget;
+use crate::brokering::settings::Budget;
 
 /// Which (proxy, exchange) an operation is about.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]

@@ -33,14 +33,14 @@ use proxy_broker_core::embedded::{EJECTION_BASE, EJECTION_MAX};
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
-use super::bans::doubled;
-use super::settings::{Budget, MAX_BAN};
-use super::sticky::digest64;
-use super::store::{
+use super::window::{Admission, SlidingLog};
+use super::{
     Attempt, BanLength, Change, ChangeKind, DEFAULT_PAGE_SIZE, HandOut, Listed, MAX_PAGE_SIZE, Page,
     ProxyState, StateKey, Store, StoreError, WindowState,
 };
-use super::window::{Admission, SlidingLog};
+use crate::brokering::bans::doubled;
+use crate::brokering::settings::{Budget, MAX_BAN};
+use crate::brokering::sticky::digest64;
 use crate::clock::Clock;
 
 /// Default cap on (proxy, exchange) entries.

@@ -23,7 +23,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use super::settings::Budget;
+use crate::brokering::settings::Budget;
 
 /// The log of one (proxy, exchange, connection type).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
