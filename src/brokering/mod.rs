@@ -15,7 +15,8 @@
 //!   among them (eligibility, strategy, the atomic hand-out);
 //! - [`sticky`]: weighted rendezvous hashing for sticky keys;
 //! - [`lease`]: jittered lease ends;
-//! - [`engine`]: the [`Brokering`] facade the broker calls.
+//! - [`engine`]: the [`Brokering`] facade the broker calls;
+//! - [`watch`]: the registry of `WatchProxy` streams (push migration) and the stream each reads.
 //!
 //! # How a `RequestProxy` flows through it
 //! The broker validates the request into an [`Ask`] (exchange, connection type, region,
@@ -70,6 +71,7 @@ pub mod lease;
 pub mod outage;
 pub mod settings;
 pub mod sticky;
+pub mod watch;
 
 #[cfg(test)]
 mod tests;
