@@ -76,6 +76,9 @@ pub struct Broker {
     /// Consecutive failure reports per proxy URL (outlier detection): bounded in bytes and
     /// expiring, since the URLs come from callers.
     failures: moka::sync::Cache<String, u32>,
+    /// h8 STUB until the engine is wired into the broker: the change feed and reload counter.
+    stub_changes: tokio::sync::broadcast::Sender<crate::store::Change>,
+    stub_reloads: tokio::sync::watch::Sender<u64>,
 }
 
 /// Everything built from one configuration.
@@ -154,7 +157,19 @@ impl Broker {
                 .max_capacity(FAILURE_COUNT_BYTES)
                 .time_to_idle(FAILURE_COUNT_TTL)
                 .build(),
+            stub_changes: tokio::sync::broadcast::channel(16).0,
+            stub_reloads: tokio::sync::watch::channel(0).0,
         })
+    }
+
+    /// h8 STUB: the store's change feed.
+    pub fn subscribe_changes(&self) -> tokio::sync::broadcast::Receiver<crate::store::Change> {
+        self.stub_changes.subscribe()
+    }
+
+    /// h8 STUB: bumped on every applied reload.
+    pub fn reloads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.stub_reloads.subscribe()
     }
 
     /// The state in force (cheap: an `Arc` load).
@@ -228,6 +243,7 @@ impl Broker {
             old.upstreams.retire_metrics(&kept);
         }
         self.state.store(Arc::new(next));
+        self.stub_reloads.send_modify(|n| *n += 1);
         Ok(ReloadSummary {
             upstreams_changed,
             ..summary
