@@ -79,6 +79,8 @@ pub struct Broker {
     /// h8 STUB until the engine is wired into the broker: the change feed and reload counter.
     stub_changes: tokio::sync::broadcast::Sender<crate::store::Change>,
     stub_reloads: tokio::sync::watch::Sender<u64>,
+    /// Open `WatchProxy` streams; started by the first one.
+    watchers: std::sync::OnceLock<crate::brokering::watch::Watchers>,
 }
 
 /// Everything built from one configuration.
@@ -159,7 +161,29 @@ impl Broker {
                 .build(),
             stub_changes: tokio::sync::broadcast::channel(16).0,
             stub_reloads: tokio::sync::watch::channel(0).0,
+            watchers: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The registry of open `WatchProxy` streams, started by the first call (inside the runtime
+    /// that serves it) on the broker's change feed and reload counter.
+    pub fn watchers(&self) -> &crate::brokering::watch::Watchers {
+        self.watchers.get_or_init(|| {
+            crate::brokering::watch::Watchers::start(
+                crate::brokering::watch::MAX_WATCHERS,
+                self.subscribe_changes(),
+                self.reloads(),
+                None,
+            )
+        })
+    }
+
+    /// Ends every `WatchProxy` stream (UNAVAILABLE: watch again elsewhere) and refuses new ones;
+    /// called when shutdown starts, so that feeds move at once rather than when the grace ends.
+    pub fn close_watchers(&self) {
+        if let Some(watchers) = self.watchers.get() {
+            watchers.close();
+        }
     }
 
     /// h8 STUB: the store's change feed.

@@ -65,8 +65,9 @@ pub async fn run(
 /// Serves `broker` on `listener` until `shutdown` completes.
 ///
 /// On shutdown, health turns NOT_SERVING for every service at once, new connections are refused,
-/// and in-flight calls get `server.shutdown_grace_seconds` to finish; long-lived streams (health
-/// `Watch`) are cut when the grace period ends. Queued feedback is then flushed best-effort.
+/// and in-flight calls get `server.shutdown_grace_seconds` to finish; `WatchProxy` streams end at
+/// once with UNAVAILABLE, other long-lived streams (health `Watch`) are cut when the grace period
+/// ends. Queued feedback is then flushed best-effort.
 pub async fn serve(
     listener: TcpListener,
     broker: Arc<Broker>,
@@ -93,6 +94,7 @@ pub async fn serve(
     let draining = Arc::new(Notify::new());
     let signal = {
         let draining = draining.clone();
+        let broker = broker.clone();
         async move {
             shutdown.await;
             tracing::info!(
@@ -103,6 +105,8 @@ pub async fn serve(
             for name in SERVICE_NAMES {
                 health.set_service_status(*name, ServingStatus::NotServing).await;
             }
+            // WatchProxy streams would otherwise hold the drain for the whole grace period.
+            broker.close_watchers();
             draining.notify_one();
         }
     };

@@ -6,6 +6,8 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::broker::Broker;
+use crate::brokering::settings::normalise_exchange;
+use crate::brokering::watch;
 use crate::pb;
 use crate::pb::proxy_broker_server::ProxyBroker;
 use crate::request::{Feedback, Lookup};
@@ -106,16 +108,45 @@ impl ProxyBroker for BrokerService {
 
     type WatchProxyStream = WatchStream;
 
-    /// PLACEHOLDER until the brokering engine is wired (issue 9): validates the request like
-    /// `RequestProxy`, then answers UNIMPLEMENTED.
+    /// The current assignment at once, then a new one whenever its proxy is banned or ejected
+    /// for the exchange, its lease ends, or a reload changes it (see [`crate::brokering::watch`]).
+    /// Validated and answered like `RequestProxy` (same auth, same [`Lookup`]); a refusal of the
+    /// first answer fails the call, a failed later one ends the stream with its status. No
+    /// per-call timeout applies to the stream (each answer waits for upstreams at most as long
+    /// as a `RequestProxy` would); HTTP/2 keepalive ends it when the peer is gone.
     async fn watch_proxy(
         &self,
         request: Request<pb::ProxyRequest>,
     ) -> Result<Response<Self::WatchProxyStream>, Status> {
-        let _lookup = Lookup::try_from(request.into_inner())?;
-        Err(Status::unimplemented(
-            "WatchProxy lands with feed-aware brokering (issue 9)",
-        ))
+        let started = tokio::time::Instant::now();
+        let server_deadline = deadline_after(started, self.call_timeout);
+        let wait_until = match grpc_deadline(started, request.metadata()) {
+            Some(caller) if caller < server_deadline => caller,
+            _ => server_deadline,
+        };
+        let lookup = Lookup::try_from(request.into_inner())?;
+        let registration = self.broker.watchers().register()?;
+        let first = self.broker.request_proxy(&lookup, Some(wait_until)).await?;
+        tracing::debug!(
+            exchange = %lookup.exchange_id,
+            connection_type = %lookup.connection_type,
+            "watching"
+        );
+        let exchange = normalise_exchange(&lookup.exchange_id).into_owned();
+        let (broker, call_timeout, lookup) = (self.broker.clone(), self.call_timeout, Arc::new(lookup));
+        let ask = move || {
+            let (broker, lookup) = (broker.clone(), lookup.clone());
+            async move {
+                let wait_until = deadline_after(tokio::time::Instant::now(), call_timeout);
+                broker.request_proxy(&lookup, Some(wait_until)).await.map_err(Status::from)
+            }
+        };
+        Ok(Response::new(Box::pin(watch::assignments(
+            registration,
+            &exchange,
+            first,
+            ask,
+        ))))
     }
 }
 
