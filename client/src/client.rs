@@ -266,7 +266,7 @@ impl fmt::Debug for ClientBuilder {
     }
 }
 
-fn check_region(region: &str) -> Result<(), Error> {
+pub(crate) fn check_region(region: &str) -> Result<(), Error> {
     if region.len() > MAX_REGION_LEN {
         return Err(Error::invalid(
             "region",
@@ -344,7 +344,7 @@ enum BrokerFailure {
 /// gRPC. None of these is the feed's fault and a local answer is better than none. Everything
 /// else (UNAUTHENTICATED, PERMISSION_DENIED, INVALID_ARGUMENT, UNIMPLEMENTED, ...) is a
 /// misconfiguration a fallback would hide, so it is returned.
-fn falls_back(code: tonic::Code) -> bool {
+pub(crate) fn falls_back(code: tonic::Code) -> bool {
     matches!(
         code,
         tonic::Code::Unavailable
@@ -389,8 +389,13 @@ impl BrokerClient {
 
     /// Which proxy to use for `exchange` and `connection_type` (optionally in `region`).
     ///
-    /// A cached broker answer is reused until its TTL passes. When the broker is unreachable,
-    /// times out, or answers UNAVAILABLE, RESOURCE_EXHAUSTED, UNKNOWN or INTERNAL, the local
+    /// **WebSocket**: the broker is asked every time, since each answer counts one connection
+    /// attempt against the proxy's per-exchange budget (resolve once per new connection); its last
+    /// answer is cached and serves only while the broker is unreachable. **HTTP**: a cached broker
+    /// answer is reused until its TTL passes (REST calls are many and share connections).
+    ///
+    /// When the broker is unreachable, times out, or answers UNAVAILABLE, RESOURCE_EXHAUSTED,
+    /// UNKNOWN or INTERNAL, the cached answer (WebSocket, within its TTL) or else the local
     /// embedded configuration answers ([`crate::Source::Local`]); without one this fails with
     /// [`Error::NoRoute`] unless direct connections were allowed. Other broker errors
     /// (UNAUTHENTICATED, INVALID_ARGUMENT, ...) are returned as [`Error::Broker`].
@@ -405,15 +410,13 @@ impl BrokerClient {
         if let Some(r) = region {
             check_region(r)?;
         }
-        let key: Key = (
-            exchange.to_lowercase(),
-            connection_type,
-            region.map(str::to_owned),
-        );
-        if let Some(hit) = self.inner.cache.get(&key) {
+        let key = cache_key(exchange, connection_type, region);
+        if connection_type != ConnectionType::Websocket
+            && let Some(hit) = self.inner.cache.get(&key)
+        {
             return Ok(hit);
         }
-        let reason = match self.ask_broker(exchange, connection_type, region).await {
+        let reason = match self.ask_broker(exchange, connection_type, region, None).await {
             Ok(resolved) => {
                 self.inner.cache.insert(key, &resolved);
                 return Ok(resolved);
@@ -421,6 +424,25 @@ impl BrokerClient {
             Err(BrokerFailure::Refused(e)) => return Err(e),
             Err(BrokerFailure::Unavailable(reason)) => reason,
         };
+        self.without_broker(&key, exchange, connection_type, &reason)
+    }
+
+    /// The answer while the broker cannot give one: its last WebSocket answer (within its TTL),
+    /// else the local configuration, else a direct connection if allowed, else
+    /// [`Error::NoRoute`].
+    pub(crate) fn without_broker(
+        &self,
+        key: &Key,
+        exchange: &str,
+        connection_type: ConnectionType,
+        reason: &str,
+    ) -> Result<Resolved, Error> {
+        if connection_type == ConnectionType::Websocket
+            && let Some(hit) = self.inner.cache.get(key)
+        {
+            tracing::warn!(%exchange, %connection_type, %reason, "broker unavailable: using its last answer (cached)");
+            return Ok(hit);
+        }
         if let Some(local) = &self.inner.local {
             tracing::warn!(%exchange, %connection_type, %reason, "broker unavailable: using the local proxy configuration");
             return local.resolve(exchange, connection_type);
@@ -429,7 +451,33 @@ impl BrokerClient {
             tracing::warn!(%exchange, %connection_type, %reason, "broker unavailable and no local configuration: connecting directly (allowed)");
             return Ok(Resolved::allowed_direct());
         }
-        Err(Error::NoRoute { reason })
+        Err(Error::NoRoute {
+            reason: reason.to_owned(),
+        })
+    }
+
+    /// Keeps a broker answer as the last one for its key (see [`BrokerClient::without_broker`]).
+    pub(crate) fn remember(&self, key: Key, resolved: &Resolved) {
+        self.inner.cache.insert(key, resolved);
+    }
+
+    /// The broker answered: ask it again at once from now on.
+    pub(crate) fn broker_is_up(&self) {
+        *lock(&self.inner.broker_down_until) = None;
+    }
+
+    /// The broker could not answer: leave it alone for `broker_retry_after`.
+    pub(crate) fn broker_is_down(&self) {
+        if !self.inner.broker_retry_after.is_zero() {
+            // `broker_retry_after` is at most `MAX_TIMEOUT` (checked in `build`); `checked_add`
+            // all the same, so that no setting can make this panic.
+            *lock(&self.inner.broker_down_until) = Instant::now().checked_add(self.inner.broker_retry_after);
+        }
+    }
+
+    /// How long one broker call may take.
+    pub(crate) fn broker_timeout(&self) -> Duration {
+        self.inner.broker_timeout
     }
 
     async fn ask_broker(
@@ -437,6 +485,7 @@ impl BrokerClient {
         exchange: &str,
         connection_type: ConnectionType,
         region: Option<&str>,
+        sticky_key: Option<&str>,
     ) -> Result<Resolved, BrokerFailure> {
         let inner = &self.inner;
         if let Some(until) = *lock(&inner.broker_down_until)
@@ -452,14 +501,14 @@ impl BrokerClient {
             region: region.map(str::to_owned),
             client_id: inner.client_id.clone(),
             metadata: None,
-            sticky_key: None,
+            sticky_key: sticky_key.map(str::to_owned),
         });
         request.set_timeout(inner.broker_timeout);
         let mut stub = inner.grpc.broker();
         let outcome = tokio::time::timeout(inner.broker_timeout, stub.request_proxy(request)).await;
         let failure = match outcome {
             Ok(Ok(response)) => {
-                *lock(&inner.broker_down_until) = None;
+                self.broker_is_up();
                 return Resolved::from_pb(response.into_inner()).map_err(BrokerFailure::Refused);
             }
             Err(_) => format!("no answer within {:?}", inner.broker_timeout),
@@ -473,11 +522,7 @@ impl BrokerClient {
                 }));
             }
         };
-        if !inner.broker_retry_after.is_zero() {
-            // `broker_retry_after` is at most `MAX_TIMEOUT` (checked in `build`); `checked_add`
-            // all the same, so that no setting can make this panic.
-            *lock(&inner.broker_down_until) = Instant::now().checked_add(inner.broker_retry_after);
-        }
+        self.broker_is_down();
         Err(BrokerFailure::Unavailable(failure))
     }
 
@@ -505,13 +550,20 @@ impl BrokerClient {
         region: Option<&str>,
         resolved: &Resolved,
     ) {
-        let key: Key = (
-            exchange.to_lowercase(),
-            connection_type,
-            region.map(str::to_owned),
+        self.inner.cache.forget(
+            &cache_key(exchange, connection_type, region),
+            resolved.proxy.as_ref(),
         );
-        self.inner.cache.forget(&key, resolved.proxy.as_ref());
     }
+}
+
+/// The cache key of (exchange, type, region).
+pub(crate) fn cache_key(exchange: &str, connection_type: ConnectionType, region: Option<&str>) -> Key {
+    (
+        exchange.to_lowercase(),
+        connection_type,
+        region.map(str::to_owned),
+    )
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

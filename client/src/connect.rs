@@ -33,6 +33,10 @@ pub struct ConnectOptions {
     pub region: Option<String>,
     /// WebSocket protocol settings (message size limits, …).
     pub websocket_config: Option<WebSocketConfig>,
+    /// Connect along this answer instead of asking the broker: an assignment from
+    /// [`BrokerClient::watch`], which the broker has already counted as this connection's
+    /// attempt. `None`: resolve (one `RequestProxy`).
+    pub resolved: Option<Resolved>,
 }
 
 fn via(route: &Route) -> String {
@@ -101,7 +105,10 @@ impl BrokerClient {
             .to_owned();
         let port = uri.port_u16().unwrap_or(if target_tls { 443 } else { 80 });
         let region = options.region.as_deref().or(self.inner.region.as_deref());
-        let resolved = self.resolve(exchange, ConnectionType::Websocket, region).await?;
+        let resolved = match &options.resolved {
+            Some(resolved) => resolved.clone(),
+            None => self.resolve(exchange, ConnectionType::Websocket, region).await?,
+        };
         let config = options.websocket_config;
         self.with_fallback(
             exchange,

@@ -21,8 +21,10 @@
 //! }
 //! ```
 //!
-//! - [`BrokerClient::resolve`]: the proxy (or direct), its TTL, fallback policy and source; broker
-//!   answers are cached for their TTL. When the broker is unreachable, times out or answers
+//! - [`BrokerClient::resolve`]: the proxy (or direct), its TTL, lease, fallback policy and source.
+//!   WebSocket resolutions always ask the broker (each is one connection attempt against the
+//!   proxy's budget; the last answer serves only while the broker is unreachable); HTTP answers
+//!   are cached for their TTL. When the broker is unreachable, times out or answers
 //!   UNAVAILABLE, RESOURCE_EXHAUSTED, UNKNOWN or INTERNAL, the local embedded configuration answers — read like cryptofeed reads it, with
 //!   the broker's own code from `proxy-broker-core` ([`LocalConfig`]). Without one the call fails
 //!   closed ([`Error::NoRoute`]) unless [`ClientBuilder::allow_direct_fallback`] was set.
@@ -30,12 +32,17 @@
 //!   `socks4`, `socks4a`, `http` or `https` (CONNECT) proxies, TLS inside the tunnel for `wss://`;
 //!   reports the connect latency or the error, and applies the answer's [`FallbackPolicy`].
 //! - [`BrokerClient::http_client`] / [`BrokerClient::http_request`]: reqwest through the proxy.
+//! - [`BrokerClient::watch`]: a stream of assignments (`WatchProxy`): the current one, then a new
+//!   one whenever the broker moves the feed (ban, ejection, lease end, reload); it reconnects
+//!   with backoff and answers like `resolve` does without the broker while it is away. Connect
+//!   along an assignment with [`ConnectOptions::resolved`].
 //! - [`BrokerClient::report`]: fire-and-forget feedback through a bounded background queue.
 //! - [`pb`]: the generated stubs for the whole `proxybroker.v1` contract.
 //!
 //! Modules: `client` (builder, resolve, report), `connect` (WebSocket, HTTP, fallback policies),
 //! `tunnel` (SOCKS and CONNECT), `tls`, `resolve` (answers and cache), `local` (the local
-//! configuration), `feedback` (the queue), `grpc` (channel and auth), `proxy` (proxy URLs).
+//! configuration), `feedback` (the queue), `grpc` (channel and auth), `proxy` (proxy URLs),
+//! `watch` (`WatchProxy` streams).
 
 mod client;
 mod connect;
@@ -48,6 +55,7 @@ mod proxy;
 mod resolve;
 mod tls;
 mod tunnel;
+mod watch;
 
 pub use client::{BrokerClient, ClientBuilder, MAX_FEEDBACK_QUEUE, MAX_TIMEOUT, default_client_id};
 pub use connect::{ConnectOptions, WebSocket};
@@ -59,6 +67,7 @@ pub use proxy::{ProxyScheme, ProxyUrl};
 pub use proxy_broker_core::{ConnectionType, ProxySettings};
 pub use resolve::{FallbackPolicy, MAX_TTL, Resolved, Source};
 pub use tunnel::{Connection, Route};
+pub use watch::{Assignments, MAX_BACKOFF, MIN_BACKOFF, WatchOptions};
 
 /// The WebSocket message type (re-exported from tungstenite).
 pub use tokio_tungstenite::tungstenite::Message;

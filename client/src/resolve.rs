@@ -106,6 +106,9 @@ pub struct Resolved {
     pub connect_timeout: Option<Duration>,
     /// Everything else the answer carried.
     pub metadata: prost_types::Struct,
+    /// When to stop opening new connections through this proxy and ask again (the broker's
+    /// `lease_expires_at`; `None` from older brokers and for local answers: use `ttl`).
+    pub lease_expires_at: Option<std::time::SystemTime>,
 }
 
 /// The wire answer, with the proxy URL's and endpoint's credentials masked.
@@ -135,6 +138,7 @@ impl fmt::Debug for Resolved {
             .field("upstream_endpoint", &self.upstream_endpoint.as_deref().map(shown))
             .field("connect_timeout", &self.connect_timeout)
             .field("metadata", &self.metadata)
+            .field("lease_expires_at", &self.lease_expires_at)
             .finish()
     }
 }
@@ -147,6 +151,10 @@ impl Resolved {
             url => Some(ProxyUrl::parse(url)?),
         };
         let metadata = response.metadata.unwrap_or_default();
+        // An out-of-range timestamp is no lease, not a panic.
+        let lease_expires_at = response
+            .lease_expires_at
+            .and_then(|ts| std::time::SystemTime::try_from(ts).ok());
         let connect_timeout = metadata.fields.get("timeout_seconds").and_then(|v| match v.kind {
             Some(prost_types::value::Kind::NumberValue(n)) if (1.0..=3600.0).contains(&n) => {
                 Some(Duration::from_secs_f64(n))
@@ -162,6 +170,7 @@ impl Resolved {
             upstream_endpoint: (!response.upstream_endpoint.is_empty()).then_some(response.upstream_endpoint),
             connect_timeout,
             metadata,
+            lease_expires_at,
         })
     }
 
@@ -186,6 +195,7 @@ impl Resolved {
                 .and_then(|s| u64::try_from(s).ok())
                 .map(Duration::from_secs),
             metadata: prost_types::Struct::default(),
+            lease_expires_at: None,
         })
     }
 
@@ -200,7 +210,14 @@ impl Resolved {
             upstream_endpoint: None,
             connect_timeout: None,
             metadata: prost_types::Struct::default(),
+            lease_expires_at: None,
         }
+    }
+
+    /// Whether `other` routes connections the same way (the same proxy, or both direct): a
+    /// watcher reconnects only when it does not. A renewed lease on the same proxy does.
+    pub fn same_route(&self, other: &Resolved) -> bool {
+        self.proxy == other.proxy
     }
 }
 

@@ -113,12 +113,12 @@ async fn a_ttl_of_u32_max_seconds_is_capped_and_cached_without_a_panic() {
         .build()
         .unwrap();
     let first = client
-        .resolve("binance", ConnectionType::Websocket, None)
+        .resolve("binance", ConnectionType::Http, None)
         .await
         .unwrap();
     assert_eq!(first.ttl, MAX_TTL);
     let again = client
-        .resolve("binance", ConnectionType::Websocket, None)
+        .resolve("binance", ConnectionType::Http, None)
         .await
         .unwrap();
     assert_eq!(again.proxy, first.proxy);

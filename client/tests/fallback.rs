@@ -145,9 +145,9 @@ async fn fail_policy_returns_the_error_and_tries_nothing_else() {
 }
 
 #[tokio::test]
-async fn a_failed_proxy_is_not_reused_from_the_cache() {
-    // Round robin over [refusing, working]: the failed answer must be dropped from the client's
-    // cache so that the next connect asks the broker again and gets the other member.
+async fn every_websocket_resolve_asks_the_broker_so_a_failed_proxy_is_not_reused() {
+    // Round robin over [refusing, working]: each WebSocket resolve is one RequestProxy (one
+    // counted connection attempt), so the next connect after a failure gets the other member.
     let refusing = TestProxy::start(ProxyKind::Socks5Refusing).await;
     let working = TestProxy::start(ProxyKind::Socks5 { auth: None }).await;
     let broker = TestBroker::start(&format!(
@@ -159,7 +159,7 @@ async fn a_failed_proxy_is_not_reused_from_the_cache() {
     let ws = WsServer::start(None).await;
     let client = client(&broker.url()).build().unwrap();
 
-    // A cached answer is reused while its TTL lasts.
+    // No cached answer is reused for WebSocket while the broker answers: the members alternate.
     let a = client
         .resolve("binance", ConnectionType::Websocket, None)
         .await
@@ -168,8 +168,8 @@ async fn a_failed_proxy_is_not_reused_from_the_cache() {
         .resolve("binance", ConnectionType::Websocket, None)
         .await
         .unwrap();
-    assert_eq!(a.proxy, b.proxy);
     assert_eq!(a.proxy.as_ref().unwrap().as_str(), refusing.url("socks5", None));
+    assert_eq!(b.proxy.as_ref().unwrap().as_str(), working.url("socks5", None));
 
     assert!(
         client
