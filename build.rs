@@ -13,6 +13,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("proxybroker_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Small encode buffers: a WatchProxy stream keeps its buffer for as long as it is open
+    // (src/codec.rs).
+    tonic_prost_build::configure()
+        .codec_path("crate::codec::ProstCodec")
+        .compile_fds(fds)?;
     Ok(())
 }

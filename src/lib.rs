@@ -5,8 +5,8 @@
 //! [`brokering`] (feed-aware brokering), [`upstream`] (HTTP client, endpoints, auth), [`breaker`]
 //! (per-endpoint circuit breakers), [`cache`] and [`flight`] (answer cache, detached single
 //! flight), [`feedback`] (background forwarding), [`service`] and [`admin`] (gRPC glue), [`server`]
-//! (wiring), [`clock`] (time source), [`json`] (Struct ↔ JSON), [`error`] (errors and their status
-//! codes), [`pb`] (generated code).
+//! (wiring), [`clock`] (time source), [`codec`] (the protobuf codec: small encode buffers),
+//! [`json`] (Struct ↔ JSON), [`error`] (errors and their status codes), [`pb`] (generated code).
 
 pub mod admin;
 pub mod auth;
@@ -15,6 +15,7 @@ pub mod broker;
 pub mod brokering;
 pub mod cache;
 pub mod clock;
+pub mod codec;
 pub mod config;
 pub mod error;
 pub mod feedback;

@@ -9,6 +9,7 @@ mod hit_vs_health;
 mod memory;
 mod startup;
 mod storm;
+mod watchers;
 
 use clap::{Parser, Subcommand};
 
@@ -23,6 +24,7 @@ pub use hit_vs_health::HitVsHealthArgs;
 pub use memory::MemoryArgs;
 pub use startup::StartupArgs;
 pub use storm::StormArgs;
+pub use watchers::WatchersArgs;
 
 /// What every scenario shares.
 #[derive(Debug)]
@@ -54,6 +56,8 @@ pub enum Scenario {
     Startup1000(StartupArgs),
     /// 50k ReportFeedback/s with a slow upstream while RequestProxy p99 is measured.
     Firehose(FirehoseArgs),
+    /// RSS of 10,000 idle WatchProxy streams (bytes per idle watcher).
+    Watchers(WatchersArgs),
     /// Every scenario with its defaults.
     All,
 }
@@ -81,6 +85,7 @@ pub async fn run(ctx: &Ctx, scenario: &Scenario) -> bool {
         Scenario::FeedbackUrls(a) => report("feedback-urls", feedback_urls::run(ctx, a).await),
         Scenario::Startup1000(a) => report("startup-1000", startup::run(ctx, a).await),
         Scenario::Firehose(a) => report("firehose", firehose::run(ctx, a).await),
+        Scenario::Watchers(a) => report("watchers", watchers::run(ctx, a).await),
         Scenario::All => {
             report("hit-vs-health", hit_vs_health::run(ctx, &defaults()).await);
             report("storm", storm::run(ctx, &defaults()).await);
@@ -90,6 +95,7 @@ pub async fn run(ctx: &Ctx, scenario: &Scenario) -> bool {
             report("feedback-urls", feedback_urls::run(ctx, &defaults()).await);
             report("startup-1000", startup::run(ctx, &defaults()).await);
             report("firehose", firehose::run(ctx, &defaults()).await);
+            report("watchers", watchers::run(ctx, &defaults()).await);
         }
     }
     ok
@@ -121,5 +127,7 @@ mod tests {
         let _: FeedbackUrlsArgs = defaults();
         let _: StartupArgs = defaults();
         let _: FirehoseArgs = defaults();
+        let w: WatchersArgs = defaults();
+        assert_eq!((w.watchers, w.connections), (10_000, 50));
     }
 }
