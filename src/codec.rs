@@ -4,7 +4,7 @@
 //! (8 KiB by default, `tonic::codec::BufferSettings`). For a unary call that is one short-lived
 //! allocation, but a `WatchProxy` stream holds it for as long as the feed watches: with 10,000
 //! watchers, 80 MB for messages of a few hundred bytes. Answers here are small (a
-//! `ProxyResponse` is ~100–500 bytes; larger admin pages grow the buffer as needed), so the
+//! `ProxyResponse` is ~100–300 bytes; larger ones and admin pages grow the buffer as needed), so the
 //! encoder starts at [`ENCODE_BUFFER`]. Decoding keeps tonic's default (a request may be up to
 //! `server.max_message_bytes`, and its buffer is released when the call has read it).
 //! Hand-written because tonic-prost has no setting for it; `build.rs` points the generated code
@@ -16,7 +16,7 @@ use tonic::codec::{BufferSettings, Codec};
 use tonic_prost::{ProstDecoder, ProstEncoder};
 
 /// Initial capacity of a response's encode buffer, in bytes.
-pub const ENCODE_BUFFER: usize = 1024;
+pub const ENCODE_BUFFER: usize = 512;
 /// tonic's default: how many bytes of ready messages a stream batches into one write.
 const YIELD_THRESHOLD: usize = 32 * 1024;
 
@@ -60,7 +60,7 @@ mod tests {
         let mut codec = ProstCodec::<pb::ProxyResponse, pb::ProxyRequest>::default();
         // `BufferSettings` has no getters; its `Debug` shows the fields.
         let encode = format!("{:?}", codec.encoder().buffer_settings());
-        assert!(encode.contains("buffer_size: 1024,"), "{encode}");
+        assert!(encode.contains("buffer_size: 512,"), "{encode}");
         let decode = format!("{:?}", tonic::codec::Decoder::buffer_settings(&codec.decoder()));
         assert!(decode.contains("buffer_size: 8192,"), "{decode}");
     }

@@ -138,7 +138,10 @@ impl ProxyBroker for BrokerService {
             let (broker, lookup) = (broker.clone(), lookup.clone());
             async move {
                 let wait_until = deadline_after(tokio::time::Instant::now(), call_timeout);
-                broker.request_proxy(&lookup, Some(wait_until)).await.map_err(Status::from)
+                broker
+                    .request_proxy(&lookup, Some(wait_until))
+                    .await
+                    .map_err(Status::from)
             }
         };
         Ok(Response::new(Box::pin(watch::assignments(

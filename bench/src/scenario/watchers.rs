@@ -30,7 +30,10 @@ pub struct WatchersArgs {
 }
 
 /// Opens one watcher and waits for its first assignment; returns the open stream.
-async fn open(channel: Channel, exchange: String) -> Result<tonic::Streaming<pb::ProxyResponse>, tonic::Status> {
+async fn open(
+    channel: Channel,
+    exchange: String,
+) -> Result<tonic::Streaming<pb::ProxyResponse>, tonic::Status> {
     let mut stub = ProxyBrokerClient::new(channel);
     let mut stream = stub
         .watch_proxy(pb::ProxyRequest {
@@ -42,7 +45,9 @@ async fn open(channel: Channel, exchange: String) -> Result<tonic::Streaming<pb:
         .into_inner();
     match stream.message().await? {
         Some(_) => Ok(stream),
-        None => Err(tonic::Status::internal("the stream ended before its first assignment")),
+        None => Err(tonic::Status::internal(
+            "the stream ended before its first assignment",
+        )),
     }
 }
 
@@ -54,7 +59,9 @@ pub async fn run(ctx: &Ctx, a: &WatchersArgs) -> anyhow::Result<Vec<Table>> {
     let timeout = Duration::from_secs(10);
     // Every connection used once, and one watcher opened and closed, so "before" holds the
     // connections and the registry's task.
-    let warm: Vec<Rpc> = (0..channels.len()).map(|_| Rpc::request_proxy(exchange.clone())).collect();
+    let warm: Vec<Rpc> = (0..channels.len())
+        .map(|_| Rpc::request_proxy(exchange.clone()))
+        .collect();
     batch(&channels, warm, channels.len(), timeout).await;
     drop(open(channels[0].clone(), exchange.clone()).await?);
     tokio::time::sleep(Duration::from_millis(500)).await;
