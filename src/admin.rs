@@ -5,12 +5,17 @@ use std::sync::Arc;
 use proxy_broker_core::redact::redact_url;
 use tonic::{Request, Response, Status};
 
+use proxy_broker_core::ConnectionType;
+
 use crate::breaker::Kind;
 use crate::broker::Broker;
+use crate::brokering::Budget;
+use crate::brokering::settings::{BudgetSource, Resolved};
 use crate::cache::ConnectionTypeKey;
 use crate::error::Error;
 use crate::pb;
 use crate::pb::proxy_broker_admin_server::ProxyBrokerAdmin;
+use crate::store::{Standing, StoreError};
 
 /// Largest `ListCache` page.
 pub const MAX_PAGE_SIZE: usize = 1000;
@@ -225,8 +230,14 @@ impl ProxyBrokerAdmin for AdminService {
                 .into());
             }
             (Some(_), None) => 0,
-            (Some(Target::All(true)), Some(d)) => d.cache.invalidate_all(),
-            (Some(Target::ExchangeId(id)), Some(d)) => d.cache.invalidate_exchange(&id),
+            (Some(Target::All(true)), Some(d)) => {
+                self.broker.brokering().clear_upstream_candidates_of(None);
+                d.cache.invalidate_all()
+            }
+            (Some(Target::ExchangeId(id)), Some(d)) => {
+                self.broker.brokering().clear_upstream_candidates_of(Some(&id));
+                d.cache.invalidate_exchange(&id)
+            }
         };
         tracing::info!(removed, "cache invalidated by admin request");
         Ok(Response::new(pb::InvalidateCacheResponse {
@@ -243,23 +254,169 @@ impl ProxyBrokerAdmin for AdminService {
         }))
     }
 
-    /// PLACEHOLDER until the brokering engine is wired (issue 9).
     async fn list_proxies(
         &self,
-        _request: Request<pb::ListProxiesRequest>,
+        request: Request<pb::ListProxiesRequest>,
     ) -> Result<Response<pb::ListProxiesResponse>, Status> {
-        Err(Status::unimplemented(
-            "ListProxies lands with feed-aware brokering (issue 9)",
-        ))
+        let request = request.into_inner();
+        let page_size = page_size(request.page_size)?;
+        let exchange = Some(request.exchange_id.as_str()).filter(|x| !x.is_empty());
+        let token = Some(request.page_token.as_str()).filter(|t| !t.is_empty());
+        let brokering = self.broker.brokering();
+        let page = brokering
+            .list_proxies(exchange, token, page_size)
+            .await
+            .map_err(|e| match e {
+                StoreError::BadPageToken(_) => Status::from(Error::invalid(
+                    "page_token",
+                    "is not a token this broker gave out",
+                )),
+                StoreError::Unavailable(why) => Status::unavailable(why),
+            })?;
+        let now = self.broker.now();
+        let proxies = page
+            .entries
+            .into_iter()
+            .map(|row| {
+                let (state, until) = match row.state.standing(now) {
+                    Standing::Banned(t) => (pb::ProxyState::Banned, Some(t)),
+                    Standing::Ejected(t) => (pb::ProxyState::Ejected, Some(t)),
+                    Standing::Penalised(t) => (pb::ProxyState::Penalised, Some(t)),
+                    Standing::Ok => (pb::ProxyState::Ok, None),
+                };
+                let usage = |connection_type| {
+                    let budget = brokering.budget(&row.exchange, connection_type);
+                    let used = row.state.window(connection_type).map_or(0, |w| w.used);
+                    Some(pb::AttemptUsage {
+                        used,
+                        budget: budget.map(attempt_budget),
+                    })
+                };
+                pb::ProxyStatus {
+                    proxy_url: redact_url(&row.proxy),
+                    exchange_id: row.exchange.to_string(),
+                    state: state.into(),
+                    until: until.map(|t| wall_time(now, t)),
+                    websocket: usage(ConnectionType::Websocket),
+                    http: usage(ConnectionType::Http),
+                    hand_outs: row.state.hand_outs,
+                    consecutive_failures: row.state.consecutive_failures,
+                    live_leases: row.state.live_leases,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ListProxiesResponse {
+            proxies,
+            next_page_token: page.next_page_token.unwrap_or_default(),
+        }))
     }
 
-    /// PLACEHOLDER until the brokering engine is wired (issue 9).
     async fn list_exchanges(
         &self,
-        _request: Request<pb::ListExchangesRequest>,
+        request: Request<pb::ListExchangesRequest>,
     ) -> Result<Response<pb::ListExchangesResponse>, Status> {
-        Err(Status::unimplemented(
-            "ListExchanges lands with feed-aware brokering (issue 9)",
-        ))
+        let request = request.into_inner();
+        let page_size = page_size(request.page_size)?;
+        let filter = request.exchange_id.to_ascii_lowercase();
+        let after = match request.page_token.as_str() {
+            "" => None,
+            token => Some(
+                hex_decode(token)
+                    .ok_or_else(|| Error::invalid("page_token", "is not a token this broker gave out"))?,
+            ),
+        };
+        let now = self.broker.now();
+        let mut rows = self
+            .broker
+            .brokering()
+            .exchanges()
+            .into_iter()
+            .filter(|x| filter.is_empty() || x.exchange == filter)
+            .filter(|x| after.as_ref().is_none_or(|a| x.exchange > *a))
+            .peekable();
+        let mut exchanges = Vec::new();
+        while exchanges.len() < page_size
+            && let Some(x) = rows.next()
+        {
+            let budget = |r: Option<Resolved>| {
+                Some(pb::BudgetInForce {
+                    budget: r.map(|r| attempt_budget(r.budget)),
+                    origin: match r.map(|r| r.source) {
+                        None => pb::BudgetOrigin::None,
+                        Some(BudgetSource::BuiltIn) => pb::BudgetOrigin::BuiltIn,
+                        Some(BudgetSource::Configured) => pb::BudgetOrigin::Configured,
+                    }
+                    .into(),
+                })
+            };
+            let since = x.outage.and_then(|o| o.since);
+            exchanges.push(pb::ExchangeStatus {
+                websocket: budget(x.websocket),
+                http: budget(x.http),
+                ban_seconds: u32::try_from(x.ban.as_secs()).unwrap_or(u32::MAX),
+                outage: since.is_some(),
+                outage_since: since.map(|t| wall_time(now, t)),
+                reporting_proxies: x
+                    .outage
+                    .map_or(0, |o| u32::try_from(o.reporters).unwrap_or(u32::MAX)),
+                failing_proxies: x
+                    .outage
+                    .map_or(0, |o| u32::try_from(o.failing).unwrap_or(u32::MAX)),
+                exchange_id: x.exchange,
+            });
+        }
+        let next_page_token = match exchanges.last() {
+            Some(last) if rows.peek().is_some() => hex_encode(&last.exchange_id),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListExchangesResponse {
+            exchanges,
+            next_page_token,
+        }))
     }
+}
+
+/// A page size of `ListProxies` / `ListExchanges`: 0 means the largest.
+fn page_size(requested: u32) -> Result<usize, Status> {
+    match requested {
+        0 => Ok(MAX_PAGE_SIZE),
+        n if n as usize > MAX_PAGE_SIZE => Err(Error::invalid(
+            "page_size",
+            format!("is {n} (at most {MAX_PAGE_SIZE}; 0 means {MAX_PAGE_SIZE})"),
+        )
+        .into()),
+        n => Ok(n as usize),
+    }
+}
+
+fn attempt_budget(b: Budget) -> pb::AttemptBudget {
+    pb::AttemptBudget {
+        attempts: b.attempts,
+        per_seconds: u32::try_from(b.per.as_secs()).unwrap_or(u32::MAX),
+    }
+}
+
+/// A monotonic instant (on the real clock) as a wall-clock timestamp.
+fn wall_time(now: tokio::time::Instant, at: tokio::time::Instant) -> prost_types::Timestamp {
+    let t = if at >= now {
+        std::time::SystemTime::now() + (at - now)
+    } else {
+        std::time::SystemTime::now() - (now - at)
+    };
+    prost_types::Timestamp::from(t)
+}
+
+fn hex_encode(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn hex_decode(token: &str) -> Option<String> {
+    if !token.len().is_multiple_of(2) || token.len() > 512 {
+        return None;
+    }
+    let bytes: Vec<u8> = (0..token.len())
+        .step_by(2)
+        .map(|i| token.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect::<Option<_>>()?;
+    String::from_utf8(bytes).ok()
 }

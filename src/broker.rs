@@ -1,199 +1,128 @@
 //! The decision: which proxy a feed gets.
 //!
-//! With `proxy.enabled` and `external_service.enabled`: fresh cache entry → upstreams (one call per
-//! key however many feeds ask at once, on a task of its own under the broker's budget; each caller
-//! waits for it until its own deadline) → stale cache entry (stale-if-error) → embedded
-//! configuration if `fallback_to_embedded`, else UNAVAILABLE listing each endpoint's failure
-//! (RESOURCE_EXHAUSTED with a retry hint when the lookup could not even start because
-//! `upstream_max_in_flight_total` lookups were running).
+//! Every hand-out goes through the feed-aware brokering engine ([`crate::brokering`]): it counts
+//! one connection attempt for (proxy, exchange, connection type) against the exchange's per-IP
+//! budget, skips proxies banned, ejected or penalised for that exchange, and jitters the lease.
+//!
+//! With `proxy.enabled` and `external_service.enabled`: a candidate with headroom among the
+//! key's distinct upstream answers still within their TTL → else one more upstream lookup (one
+//! per key however many feeds ask at once, on a task of its own under the broker's budget, with
+//! the exhausted candidates in `metadata.exclude_proxies`; each caller waits until its own
+//! deadline) → when upstreams fail: the stale cached answer (stale-if-error), then the embedded
+//! configuration if `fallback_to_embedded`, else UNAVAILABLE listing each endpoint's failure →
+//! when nothing with headroom can be had: the embedded configuration if it has a proxy with
+//! headroom (and `fallback_to_embedded`), else RESOURCE_EXHAUSTED with a retry hint.
 //! Otherwise the embedded configuration answers (DIRECT when it names no proxy). The rule is the
 //! same for HTTP and WebSocket.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use proxy_broker_core::{EmbeddedResolver, Resolution};
-use tokio::sync::Semaphore;
+use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::cache::{AnswerCache, CacheKey, Cached};
+use crate::brokering::{Ask, Brokering, EmbeddedPick, NotPicked, Offer, Picked, Report};
+use crate::cache::{CacheKey, Cached};
 use crate::clock::{Clock, SystemClock};
 use crate::config::BrokerConfig;
 use crate::error::Error;
-use crate::feedback::{FeedbackQueue, Outgoing};
-use crate::flight::{Flights, Missed};
+use crate::feedback::Outgoing;
+use crate::flight::Missed;
 use crate::json::json_to_value;
 use crate::metrics::Metrics;
 use crate::pb;
 use crate::request::{Feedback, Lookup};
-use crate::upstream::{Budget, Failure, Upstreams};
+use crate::state::{Delegation, State};
+use crate::store::{Change, MemoryStore, Store};
+use crate::upstream::Failure;
 
 pub use crate::cache::STALE_ANSWER_TTL;
+pub use crate::state::ReloadSummary;
 
-/// The result of one upstream lookup, shared by every waiter: the entry, and whether it was
-/// already in the cache (filled by a flight that finished just before this one started).
-type Fetched = Result<(Arc<Cached>, bool), Arc<Vec<Failure>>>;
-
-/// Most bytes of proxy URLs remembered for routing feedback to the endpoint that served them.
-const SERVED_BY_BYTES: u64 = 16 << 20;
-/// Most bytes of proxy URLs with failure counts (outlier detection).
-const FAILURE_COUNT_BYTES: u64 = 8 << 20;
-/// How long a failure count is kept without a new report.
-const FAILURE_COUNT_TTL: Duration = Duration::from_secs(3600);
 /// Retry hint sent when too many upstream lookups are in flight.
 const FLIGHTS_FULL_RETRY: Duration = Duration::from_secs(1);
+/// Most (proxy, exchange) entries the in-process brokering store keeps.
+pub const MAX_STATE_ENTRIES: usize = 100_000;
 
-/// Upstream delegation state (present when `external_service` is on). `Debug` shows sizes,
-/// never the proxy URLs it holds.
-pub struct Delegation {
-    /// The endpoints.
-    pub upstreams: Arc<Upstreams>,
-    /// Cached upstream answers.
-    pub cache: AnswerCache,
-    flights: Arc<Flights<CacheKey, Fetched>>,
-    /// One permit per upstream lookup in flight (`upstream_max_in_flight_total`).
-    flight_permits: Arc<Semaphore>,
-    flight_permits_total: i64,
-    /// The budget of one detached lookup (the broker's own per-call limit).
-    flight_timeout: Duration,
-    /// Which endpoint handed out each proxy URL (for routing feedback); bounded in bytes.
-    served_by: moka::sync::Cache<String, usize>,
-    /// Feedback forwarding.
-    pub feedback: FeedbackQueue,
-    /// The `external_service` block and credential-file contents this was built from.
-    built_from: (proxy_broker_core::ExternalServiceConfig, u64),
-}
+/// The engine, keeping each upstream answer ready to send with its candidate.
+pub type Engine = Brokering<Arc<Cached>>;
 
 /// Shared state behind both gRPC services. Configuration-derived parts live in a [`State`] that
-/// [`Broker::reload`] swaps atomically; counters and metrics outlive reloads. `Debug` prints no
-/// secret: no token, and no proxy URL (they may carry credentials).
+/// [`Broker::reload`] swaps atomically; the brokering engine, counters and metrics outlive
+/// reloads. `Debug` prints no secret: no token, and no proxy URL (they may carry credentials).
 pub struct Broker {
     state: ArcSwap<State>,
+    brokering: Engine,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
-    /// Consecutive failure reports per proxy URL (outlier detection): bounded in bytes and
-    /// expiring, since the URLs come from callers.
-    failures: moka::sync::Cache<String, u32>,
-    /// h8 STUB until the engine is wired into the broker: the change feed and reload counter.
-    stub_changes: tokio::sync::broadcast::Sender<crate::store::Change>,
-    stub_reloads: tokio::sync::watch::Sender<u64>,
+    reloads: watch::Sender<u64>,
+    ejections: AtomicU64,
     /// Open `WatchProxy` streams; started by the first one.
     watchers: std::sync::OnceLock<crate::brokering::watch::Watchers>,
-}
-
-/// Everything built from one configuration.
-pub struct State {
-    /// The configuration in force.
-    pub config: Arc<BrokerConfig>,
-    embedded: Arc<EmbeddedResolver>,
-    delegation: Option<Arc<Delegation>>,
-    /// Bearer tokens accepted from callers (empty: no auth).
-    pub tokens: Arc<Vec<String>>,
 }
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Broker")
             .field("state", &**self.state.load())
-            .field("failure_counts", &self.failures.entry_count())
+            .field("brokering", &self.brokering)
             .finish_non_exhaustive()
     }
 }
 
-impl std::fmt::Debug for State {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("State")
-            .field("config", &self.config)
-            .field("embedded", &self.embedded)
-            .field("delegation", &self.delegation)
-            .field("tokens", &format_args!("{} (not shown)", self.tokens.len()))
-            .finish()
-    }
-}
-
-impl std::fmt::Debug for Delegation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Delegation")
-            .field("upstreams", &self.upstreams.endpoint_names())
-            .field("cache_entries", &self.cache.len())
-            .field("flights", &self.flights.len())
-            .field("flight_permits_total", &self.flight_permits_total)
-            .field("served_by_entries", &self.served_by.entry_count())
-            .finish_non_exhaustive()
-    }
-}
-
-/// What a reload changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ReloadSummary {
-    /// The embedded configuration changed (pool state restarted).
-    pub embedded_changed: bool,
-    /// Upstream settings or credential files changed (cache dropped, breakers reset).
-    pub upstreams_changed: bool,
-    /// `server.*` settings that only take effect on restart changed.
-    pub restart_needed: bool,
+/// Why a refill (one more upstream lookup) gave no candidate.
+#[derive(Debug, Clone)]
+enum RefillError {
+    /// The endpoints failed (or the caller's deadline came first).
+    Failed(Arc<Vec<Failure>>),
+    /// `upstream_max_in_flight_total` lookups are running: this one could not start.
+    FlightsFull,
 }
 
 impl Broker {
-    /// A broker for a validated configuration, on the real clock. Must run inside a Tokio runtime
-    /// (the feedback worker is spawned). Fails when credential files cannot be read.
+    /// A broker for a validated configuration, on the real clock, with the in-process state
+    /// store. Must run inside a Tokio runtime (the feedback worker is spawned). Fails when
+    /// credential files cannot be read.
     pub fn new(config: BrokerConfig) -> Result<Self, proxy_broker_core::ConfigError> {
         Self::with_clock(config, Arc::new(SystemClock))
     }
 
-    /// As [`Broker::new`], with the cache and breakers on `clock`.
+    /// As [`Broker::new`], with the cache, breakers and brokering state on `clock`.
     pub fn with_clock(
         config: BrokerConfig,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, proxy_broker_core::ConfigError> {
+        let store = Arc::new(MemoryStore::new(MAX_STATE_ENTRIES, clock.clone()));
+        Self::with_store(config, clock, store)
+    }
+
+    /// As [`Broker::with_clock`], on a given brokering state store (on the same clock).
+    pub fn with_store(
+        config: BrokerConfig,
+        clock: Arc<dyn Clock>,
+        store: Arc<dyn Store>,
+    ) -> Result<Self, proxy_broker_core::ConfigError> {
         let metrics = Arc::new(Metrics::new());
-        let state = build_state(config, None, &clock, &metrics)?;
+        let state = State::build(config, None, &clock, &metrics)?;
+        let brokering = Brokering::new(
+            state.config.brokering.settings(),
+            &state.config.proxy,
+            state.ejection(),
+            store,
+            clock.clone(),
+        );
         Ok(Self {
             state: ArcSwap::from_pointee(state),
+            brokering,
             clock,
             metrics,
-            failures: moka::sync::Cache::builder()
-                .weigher(|url: &String, _: &u32| weight(url))
-                .max_capacity(FAILURE_COUNT_BYTES)
-                .time_to_idle(FAILURE_COUNT_TTL)
-                .build(),
-            stub_changes: tokio::sync::broadcast::channel(16).0,
-            stub_reloads: tokio::sync::watch::channel(0).0,
+            reloads: watch::Sender::new(0),
+            ejections: AtomicU64::new(0),
             watchers: std::sync::OnceLock::new(),
         })
-    }
-
-    /// The registry of open `WatchProxy` streams, started by the first call (inside the runtime
-    /// that serves it) on the broker's change feed and reload counter.
-    pub fn watchers(&self) -> &crate::brokering::watch::Watchers {
-        self.watchers.get_or_init(|| {
-            crate::brokering::watch::Watchers::start(
-                crate::brokering::watch::MAX_WATCHERS,
-                self.subscribe_changes(),
-                self.reloads(),
-                None,
-            )
-        })
-    }
-
-    /// Ends every `WatchProxy` stream (UNAVAILABLE: watch again elsewhere) and refuses new ones;
-    /// called when shutdown starts, so that feeds move at once rather than when the grace ends.
-    pub fn close_watchers(&self) {
-        if let Some(watchers) = self.watchers.get() {
-            watchers.close();
-        }
-    }
-
-    /// h8 STUB: the store's change feed.
-    pub fn subscribe_changes(&self) -> tokio::sync::broadcast::Receiver<crate::store::Change> {
-        self.stub_changes.subscribe()
-    }
-
-    /// h8 STUB: bumped on every applied reload.
-    pub fn reloads(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.stub_reloads.subscribe()
     }
 
     /// The state in force (cheap: an `Arc` load).
@@ -216,75 +145,89 @@ impl Broker {
         self.state.load().delegation.clone()
     }
 
+    /// The feed-aware brokering engine.
+    pub fn brokering(&self) -> &Engine {
+        &self.brokering
+    }
+
+    /// Bans, penalties, ejections and lifts, as the state store publishes them (for
+    /// `WatchProxy`).
+    pub fn subscribe_changes(&self) -> broadcast::Receiver<Change> {
+        self.brokering.subscribe()
+    }
+
+    /// A counter bumped by every applied reload (for `WatchProxy`: the answer may have changed).
+    pub fn reloads(&self) -> watch::Receiver<u64> {
+        self.reloads.subscribe()
+    }
+
+    /// The registry of open `WatchProxy` streams, started by the first call (inside the runtime
+    /// that serves it) on the change feed, the reload counter and the state store.
+    pub fn watchers(&self) -> &crate::brokering::watch::Watchers {
+        self.watchers.get_or_init(|| {
+            crate::brokering::watch::Watchers::start(
+                crate::brokering::watch::MAX_WATCHERS,
+                self.subscribe_changes(),
+                self.reloads(),
+                Some(self.brokering.store().clone()),
+            )
+        })
+    }
+
+    /// Ends every `WatchProxy` stream (UNAVAILABLE: watch again elsewhere) and refuses new ones;
+    /// called when shutdown starts, so that feeds move at once rather than when the grace ends.
+    pub fn close_watchers(&self) {
+        if let Some(watchers) = self.watchers.get() {
+            watchers.close();
+        }
+    }
+
+    /// Now on the broker's clock (the instants of its brokering state are on it).
+    pub fn now(&self) -> Instant {
+        self.clock.now()
+    }
+
     /// The metrics registry.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
 
-    /// Proxy URLs ejected so far.
+    /// (proxy, exchange) ejections so far.
     pub fn ejections(&self) -> u64 {
-        self.metrics.ejections.get()
+        self.ejections.load(Ordering::Relaxed)
     }
 
-    /// Applies a new, validated configuration. Parts that did not change keep their state: an
-    /// unchanged embedded configuration keeps its pool rotation, leases and ejections; unchanged
-    /// upstream settings (and credential files) keep the cache, breakers and feedback queue.
-    /// Cache entries are dropped only when the upstream settings change. On error nothing changes.
+    /// Applies a new, validated configuration. Parts that did not change keep their state;
+    /// per-(proxy, exchange) brokering state (budgets, bans, leases) is always kept. Cache entries
+    /// and upstream candidates are dropped only when the upstream settings change. On error
+    /// nothing changes.
     pub fn reload(&self, config: BrokerConfig) -> Result<ReloadSummary, proxy_broker_core::ConfigError> {
         let current = self.state.load_full();
-        let old = &current.config;
-        let summary = ReloadSummary {
-            embedded_changed: embedded_part(&old.proxy) != embedded_part(&config.proxy),
-            upstreams_changed: false,
-            restart_needed: old.server.listen != config.server.listen
-                || old.server.metrics_listen != config.server.metrics_listen
-                || old.server.tls != config.server.tls
-                || old.server.max_message_bytes != config.server.max_message_bytes
-                || old.server.max_concurrent_requests != config.server.max_concurrent_requests
-                || old.server.max_concurrent_streams != config.server.max_concurrent_streams
-                || old.server.http2_keepalive_interval_seconds
-                    != config.server.http2_keepalive_interval_seconds
-                || old.server.http2_keepalive_timeout_seconds
-                    != config.server.http2_keepalive_timeout_seconds
-                || old.server.request_body_timeout_seconds != config.server.request_body_timeout_seconds
-                || old.server.request_timeout_seconds != config.server.request_timeout_seconds
-                || old.server.reflection != config.server.reflection,
-        };
-        let next = build_state(config, Some(&current), &self.clock, &self.metrics)?;
-        let upstreams_changed = match (&current.delegation, &next.delegation) {
-            (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
-            (None, None) => false,
-            _ => true,
-        };
-        if upstreams_changed && let Some(old) = &current.delegation {
-            // Endpoints no longer configured stop being exported (those still configured keep
-            // their series, now fed by the new upstreams).
-            let kept: std::collections::HashSet<String> = next
-                .delegation
-                .iter()
-                .flat_map(|d| d.upstreams.endpoints().iter().map(|e| e.name.to_string()))
-                .collect();
-            old.upstreams.retire_metrics(&kept);
+        let next = State::build(config, Some(&current), &self.clock, &self.metrics)?;
+        let summary = ReloadSummary::between(&current, &next);
+        if summary.upstreams_changed {
+            current.retire_endpoint_metrics(&next);
+            self.brokering.clear_upstream_candidates();
         }
+        self.brokering.reload(
+            next.config.brokering.settings(),
+            &next.config.proxy,
+            next.ejection(),
+        );
         self.state.store(Arc::new(next));
-        self.stub_reloads.send_modify(|n| *n += 1);
-        Ok(ReloadSummary {
-            upstreams_changed,
-            ..summary
-        })
+        self.reloads.send_modify(|n| *n += 1);
+        Ok(summary)
     }
 
     /// Refreshes gauges from live state, then renders the metrics text.
     pub fn render_metrics(&self) -> String {
-        let state = self.state.load();
-        let mut entries = 0;
-        if let Some(d) = &state.delegation {
-            entries = d.cache.len();
-            d.upstreams.refresh_circuit_metrics();
-        }
-        self.metrics
-            .cache_entries
-            .set(i64::try_from(entries).unwrap_or(i64::MAX));
+        self.state.load().refresh_gauges(&self.metrics);
+        self.metrics.set_exchange_outages(
+            self.brokering
+                .exchanges()
+                .iter()
+                .map(|x| (x.exchange.as_str(), x.outage.is_some_and(|o| o.since.is_some()))),
+        );
         self.metrics.render()
     }
 
@@ -296,23 +239,103 @@ impl Broker {
         lookup: &Lookup,
         wait_until: Option<Instant>,
     ) -> Result<pb::ProxyResponse, Error> {
-        let state = self.state.load();
+        let state = self.state.load_full();
+        let ask = Ask {
+            exchange: &lookup.exchange_id,
+            connection_type: lookup.connection_type,
+            region: lookup.region.as_deref(),
+            sticky_key: lookup.sticky_key.as_deref(),
+            ttl: state.embedded_ttl(),
+        };
         let Some(d) = &state.delegation else {
-            return Ok(state.embedded_answer(lookup));
+            return self.embedded(&state, &ask).await;
         };
         let key = CacheKey::new(
             &lookup.exchange_id,
             lookup.connection_type,
             lookup.region.as_deref(),
         );
-        let now = d.cache.now();
-        if let Some(hit) = d.cache.fresh_at(&key, now) {
-            self.metrics.cache_hits.inc();
-            return Ok(hit.fresh_response(now));
+        let started = self.clock.now();
+        // Whether this call asked upstream itself (else it waited for another call's lookup).
+        let asked = std::sync::atomic::AtomicBool::new(false);
+        let choice = self.brokering.choose_delegated(&ask, |exclude| {
+            asked.store(true, Ordering::Relaxed);
+            let (d, key) = (d.clone(), key.clone());
+            async move {
+                let cached = self.refill(&d, key, lookup, exclude).await?;
+                Ok(Some(Offer {
+                    url: cached.proxy_url().to_owned(),
+                    ttl: Duration::from_secs(u64::from(cached.response.ttl_seconds))
+                        .min(cached.fresh_until.saturating_duration_since(d.cache.now())),
+                    weight: 1.0,
+                    payload: cached,
+                }))
+            }
+        });
+        let choice = match wait_until {
+            Some(deadline) => tokio::time::timeout_at(deadline, choice)
+                .await
+                .unwrap_or_else(|_| Err(NotPicked::Upstream(Some(RefillError::Failed(deadline_failure()))))),
+            None => choice.await,
+        };
+        match choice {
+            Ok(picked) => {
+                // An answer that arrived while this call waited is UPSTREAM, else CACHE.
+                let upstream = picked.payload.fetched_at >= started;
+                if !upstream {
+                    self.metrics.cache_hits.inc();
+                } else if !asked.load(Ordering::Relaxed) {
+                    self.metrics.coalesced.inc();
+                }
+                Ok(self.delegated_answer(&picked, upstream))
+            }
+            Err(NotPicked::Upstream(e)) => {
+                let failures = match e {
+                    Some(RefillError::FlightsFull) => None,
+                    Some(RefillError::Failed(f)) => Some(f),
+                    None => Some(Arc::new(vec![Failure {
+                        endpoint: Arc::from("*"),
+                        reason: "a concurrent upstream lookup for the same key failed".into(),
+                    }])),
+                };
+                self.upstream_fallback(&state, d, &key, &ask, failures.as_deref().map(Vec::as_slice))
+                    .await
+            }
+            Err(NotPicked::Exhausted(e)) => {
+                if state.config.proxy.external_service.fallback_to_embedded
+                    && let Ok(Some(picked)) = self.brokering.choose_embedded(&ask).await
+                {
+                    tracing::debug!(exchange = %lookup.exchange_id, "upstream candidates exhausted: answering from the embedded configuration");
+                    return Ok(self.embedded_answer(&state, Some(&picked)));
+                }
+                Err(Error::ResourceExhausted {
+                    message: e.message,
+                    retry_after: e.retry_after,
+                })
+            }
+            Err(NotPicked::Store(e)) => Err(Error::Unavailable(e.to_string())),
+        }
+    }
+
+    /// One more upstream lookup for `key`: joins (or starts) the key's single flight, sending
+    /// `exclude` in `metadata.exclude_proxies`, and waits for it.
+    async fn refill(
+        &self,
+        d: &Arc<Delegation>,
+        key: CacheKey,
+        lookup: &Lookup,
+        exclude: Vec<Arc<str>>,
+    ) -> Result<Arc<Cached>, RefillError> {
+        // A fresh cached answer that is not a candidate yet (its set was evicted, or another
+        // refill cached it): offer it without asking upstream.
+        if let Some(hit) = d.cache.fresh(&key)
+            && !exclude.iter().any(|u| **u == *hit.proxy_url())
+        {
+            return Ok(hit);
         }
         let ticket = d.flights.join(&key, || {
             let permit = d.flight_permits.clone().try_acquire_owned().ok()?;
-            let (d, key, lookup) = (d.clone(), key.clone(), lookup.clone());
+            let (d, key, lookup) = (d.clone(), key.clone(), with_exclude(lookup, &exclude));
             // The lookup stays in the trace of the call that started it (its upstream requests
             // carry that call's traceparent), though it outlives the call if need be.
             let span = tracing::Span::current();
@@ -325,277 +348,206 @@ impl Broker {
                 .instrument(span),
             )
         });
-        let failures: Arc<Vec<Failure>> = match ticket {
-            None => {
-                let limit = d.flight_permits_total;
-                if let Some(answer) = self.fallback(&state, d, &key, lookup, None) {
-                    return Ok(answer);
-                }
-                return Err(Error::ResourceExhausted {
-                    message: format!(
-                        "{limit} upstream lookups are in flight (proxy.external_service.upstream_max_in_flight_total) and fallback_to_embedded is false: retry shortly"
-                    ),
-                    retry_after: FLIGHTS_FULL_RETRY,
-                });
-            }
-            Some(ticket) => {
-                if !ticket.led {
-                    self.metrics.coalesced.inc();
-                }
-                match ticket.wait(wait_until).await {
-                    Ok(Ok((cached, false))) => return Ok(cached.upstream_response()),
-                    Ok(Ok((hit, true))) => return Ok(hit.fresh_response(d.cache.now())),
-                    Ok(Err(failures)) => failures,
-                    Err(Missed::Deadline) => Arc::new(vec![Failure {
-                        endpoint: Arc::from("*"),
-                        reason: "the caller's deadline came before the upstream lookup ended (it goes on and fills the cache)".into(),
-                    }]),
-                    Err(Missed::Lost) => Arc::new(vec![Failure {
-                        endpoint: Arc::from("*"),
-                        reason: "the upstream lookup ended without an answer".into(),
-                    }]),
-                }
-            }
+        let Some(ticket) = ticket else {
+            return Err(RefillError::FlightsFull);
         };
-        if let Some(answer) = self.fallback(&state, d, &key, lookup, Some(&failures)) {
-            return Ok(answer);
+        if !ticket.led {
+            self.metrics.coalesced.inc();
         }
-        Err(Error::Unavailable(format!(
-            "every upstream proxy service failed and fallback_to_embedded is false: {}",
-            summarise(&failures)
-        )))
+        // No deadline here: the caller's deadline bounds the whole choice (and dropping this
+        // future leaves the lookup running). A deadline reported from here would be taken as
+        // this refill's failure by every call waiting for it.
+        match ticket.wait(None).await {
+            Ok(Ok(cached)) => Ok(cached),
+            Ok(Err(failures)) => Err(RefillError::Failed(failures)),
+            Err(Missed::Deadline) => Err(RefillError::Failed(deadline_failure())),
+            Err(Missed::Lost) => Err(RefillError::Failed(Arc::new(vec![Failure {
+                endpoint: Arc::from("*"),
+                reason: "the upstream lookup ended without an answer".into(),
+            }]))),
+        }
     }
 
-    /// What a caller gets when upstreams did not answer: a stale entry, else the embedded
-    /// configuration when `fallback_to_embedded`, else nothing.
-    fn fallback(
+    /// What a caller gets when upstreams did not answer (`failures`; `None`: the lookup could not
+    /// start): the stale cached answer if it may be handed out, else the embedded configuration
+    /// when `fallback_to_embedded`, else UNAVAILABLE (RESOURCE_EXHAUSTED when the lookup could
+    /// not start).
+    async fn upstream_fallback(
         &self,
         state: &State,
         d: &Delegation,
         key: &CacheKey,
-        lookup: &Lookup,
+        ask: &Ask<'_>,
         failures: Option<&[Failure]>,
-    ) -> Option<pb::ProxyResponse> {
+    ) -> Result<pb::ProxyResponse, Error> {
         let why = failures.map_or_else(|| "too many upstream lookups in flight".to_owned(), summarise);
         if let Some(stale) = d.cache.stale(key) {
-            tracing::warn!(exchange = %key.exchange, failures = %why, "no upstream answer: serving a stale cached answer");
-            return Some(stale.stale_response(d.cache.now()));
+            match self.brokering.admit(ask, stale.proxy_url()).await {
+                Ok(picked) => {
+                    tracing::warn!(exchange = %key.exchange, failures = %why, "no upstream answer: serving a stale cached answer");
+                    let mut answer = stale.stale_response(d.cache.now());
+                    answer.lease_expires_at = Some(self.wall_time(picked.lease_expires_at));
+                    return Ok(answer);
+                }
+                Err(_) => {
+                    tracing::debug!(exchange = %key.exchange, "the stale cached answer may not be handed out (budget, ban or ejection)");
+                }
+            }
         }
         if state.config.proxy.external_service.fallback_to_embedded {
             tracing::warn!(exchange = %key.exchange, failures = %why, "no upstream answer: answering from the embedded configuration");
-            return Some(state.embedded_answer(lookup));
+            return self.embedded(state, ask).await;
         }
-        None
+        match failures {
+            Some(failures) => Err(Error::Unavailable(format!(
+                "every upstream proxy service failed and fallback_to_embedded is false: {}",
+                summarise(failures)
+            ))),
+            None => Err(Error::ResourceExhausted {
+                message: format!(
+                    "{} upstream lookups are in flight (proxy.external_service.upstream_max_in_flight_total) and fallback_to_embedded is false: retry shortly",
+                    d.flight_permits_total
+                ),
+                retry_after: FLIGHTS_FULL_RETRY,
+            }),
+        }
     }
 
-    /// Takes a validated feedback report: queues it for upstream, ends a `least_connections`
-    /// lease on failure, and ejects a proxy URL after `eject_after_failures` consecutive failure
-    /// reports (evicting cached answers that hold it and skipping it in embedded pools).
-    pub fn report_feedback(&self, feedback: &Feedback) {
+    /// The embedded configuration's answer: EMBEDDED with a proxy with headroom, DIRECT when it
+    /// names none, RESOURCE_EXHAUSTED when none of its proxies may be handed out now.
+    async fn embedded(&self, state: &State, ask: &Ask<'_>) -> Result<pb::ProxyResponse, Error> {
+        match self.brokering.choose_embedded(ask).await {
+            Ok(picked) => Ok(self.embedded_answer(state, picked.as_ref())),
+            Err(NotPicked::Exhausted(e)) => Err(Error::ResourceExhausted {
+                message: e.message,
+                retry_after: e.retry_after,
+            }),
+            Err(NotPicked::Store(e)) => Err(Error::Unavailable(e.to_string())),
+            Err(NotPicked::Upstream(never)) => match never {
+                Some(never) => match never {},
+                None => Err(Error::Unavailable("no embedded proxy".into())),
+            },
+        }
+    }
+
+    /// An EMBEDDED answer for `picked`, DIRECT without one.
+    fn embedded_answer(&self, state: &State, picked: Option<&Picked<EmbeddedPick>>) -> pb::ProxyResponse {
+        let ttl_seconds = u32::try_from(state.embedded_ttl().as_secs()).unwrap_or(300);
+        let mut metadata = prost_types::Struct::default();
+        let Some(picked) = picked else {
+            return pb::ProxyResponse {
+                strategy: "direct".into(),
+                ttl_seconds,
+                fallback_policy: pb::FallbackPolicy::DirectConnection.into(),
+                metadata: Some(metadata),
+                source: pb::ProxySource::Direct.into(),
+                ..Default::default()
+            };
+        };
+        metadata.fields.insert(
+            "timeout_seconds".into(),
+            json_to_value(&picked.payload.timeout_seconds.into()),
+        );
+        pb::ProxyResponse {
+            proxy_url: picked.url.to_string(),
+            strategy: picked.payload.kind.as_str().to_owned(),
+            ttl_seconds,
+            fallback_policy: pb::FallbackPolicy::EmbeddedFallback.into(),
+            metadata: Some(metadata),
+            source: pb::ProxySource::Embedded.into(),
+            upstream_endpoint: String::new(),
+            lease_expires_at: Some(self.wall_time(picked.lease_expires_at)),
+        }
+    }
+
+    /// A CACHE answer (UPSTREAM when this call's lookup fetched it) for `picked`.
+    fn delegated_answer(&self, picked: &Picked<Arc<Cached>>, upstream: bool) -> pb::ProxyResponse {
+        let now = self.clock.now();
+        let mut answer = if upstream {
+            picked.payload.upstream_response()
+        } else {
+            picked.payload.fresh_response(now)
+        };
+        answer.lease_expires_at = Some(self.wall_time(picked.lease_expires_at));
+        answer
+    }
+
+    /// `at` on the broker's clock as a wall-clock timestamp.
+    fn wall_time(&self, at: Instant) -> prost_types::Timestamp {
+        let left = at.saturating_duration_since(self.clock.now());
+        prost_types::Timestamp::from(SystemTime::now() + left)
+    }
+
+    /// Takes a validated feedback report: queues it for upstream (with `http_status` and
+    /// `retry_after_seconds`), and lets the brokering engine judge it for (proxy, exchange): a
+    /// ban (418/403/451) or penalty (429) for that exchange only, or a counted failure that
+    /// ejects the proxy for that exchange after `eject_after_failures` in a row (unless the
+    /// exchange is in an outage). A failure also ends the proxy's soonest lease.
+    pub async fn report_feedback(&self, feedback: &Feedback) {
         let state = self.state.load_full();
         self.metrics
             .feedback
             .get_or_create(&vec![("success", feedback.success.to_string())])
             .inc();
         if let Some(d) = &state.delegation {
-            let served_by = feedback.proxy_url.as_ref().and_then(|u| d.served_by.get(u));
+            let served_by = feedback.proxy_url.as_ref().and_then(|u| d.served_by(u));
             d.feedback.enqueue(Outgoing {
                 served_by,
                 body: d.upstreams.wire_feedback(feedback),
             });
         }
         let Some(url) = &feedback.proxy_url else { return };
-        if feedback.success {
-            self.failures.invalidate(url.as_str());
-            return;
-        }
-        state.embedded.release(url);
-        let ext = &state.config.proxy.external_service;
-        let threshold = u32::try_from(ext.eject_after_failures).unwrap_or(3);
-        let reached = {
-            let counted = self
-                .failures
-                .entry_by_ref(url.as_str())
-                .and_upsert_with(|count| count.map_or(1, |c| c.into_value().saturating_add(1)));
-            if *counted.value() >= threshold {
-                self.failures.invalidate(url.as_str());
-                true
-            } else {
-                false
-            }
+        let report = Report {
+            exchange: &feedback.exchange_id,
+            proxy_url: url,
+            success: feedback.success,
+            http_status: feedback.http_status.map(u32::from),
+            retry_after: feedback.retry_after,
         };
-        if reached {
-            let evicted = state.delegation.as_ref().map_or(0, |d| d.cache.evict_proxy(url));
-            let pools = state
-                .embedded
-                .eject(url, u8::try_from(ext.max_ejection_percent).unwrap_or(50));
-            let proxy = proxy_broker_core::redact::redact_url(url);
-            if evicted > 0 || pools > 0 {
-                self.metrics.ejections.inc();
-                tracing::warn!(
-                    %proxy,
-                    evicted_cache_entries = evicted,
-                    ejected_from_pools = pools,
-                    "proxy ejected after repeated failure reports"
-                );
-            } else {
-                // Not cached, and its pools are at max_ejection_percent (or it is in none).
-                tracing::info!(%proxy, "repeated failure reports, but nothing to eject");
+        match self.brokering.report(&report).await {
+            Ok(reported) => {
+                if reported.applied.ejected_until.is_some() {
+                    self.ejections.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.ejections.inc();
+                }
             }
+            Err(e) => tracing::warn!(error = %e, "feedback not applied to the brokering state"),
         }
     }
 }
 
-impl State {
-    /// The embedded configuration's answer: EMBEDDED with a proxy, DIRECT without.
-    fn embedded_answer(&self, lookup: &Lookup) -> pb::ProxyResponse {
-        let Resolution {
-            proxy_url,
-            strategy,
-            timeout_seconds,
-        } = self.embedded.resolve(&lookup.exchange_id, lookup.connection_type);
-        let ttl_seconds = u32::try_from(self.config.proxy.external_service.cache_ttl_seconds).unwrap_or(300);
-        let mut metadata = prost_types::Struct::default();
-        if let Some(timeout) = timeout_seconds {
-            metadata
-                .fields
-                .insert("timeout_seconds".into(), json_to_value(&timeout.into()));
-        }
-        let (source, fallback_policy) = match proxy_url {
-            Some(_) => (pb::ProxySource::Embedded, pb::FallbackPolicy::EmbeddedFallback),
-            None => (pb::ProxySource::Direct, pb::FallbackPolicy::DirectConnection),
+/// The failure a caller's deadline stands for.
+fn deadline_failure() -> Arc<Vec<Failure>> {
+    Arc::new(vec![Failure {
+        endpoint: Arc::from("*"),
+        reason:
+            "the caller's deadline came before the upstream lookup ended (it goes on and fills the cache)"
+                .into(),
+    }])
+}
+
+/// `lookup` with `exclude` added as `metadata.exclude_proxies` (a list of URLs), for upstreams
+/// that can avoid them.
+fn with_exclude(lookup: &Lookup, exclude: &[Arc<str>]) -> Lookup {
+    let mut lookup = lookup.clone();
+    if !exclude.is_empty() {
+        let list = prost_types::Value {
+            kind: Some(prost_types::value::Kind::ListValue(prost_types::ListValue {
+                values: exclude
+                    .iter()
+                    .map(|u| prost_types::Value {
+                        kind: Some(prost_types::value::Kind::StringValue(u.to_string())),
+                    })
+                    .collect(),
+            })),
         };
-        pb::ProxyResponse {
-            proxy_url: proxy_url.unwrap_or_default(),
-            strategy: strategy.to_owned(),
-            ttl_seconds,
-            fallback_policy: fallback_policy.into(),
-            metadata: Some(metadata),
-            source: source.into(),
-            upstream_endpoint: String::new(),
-            lease_expires_at: None,
-        }
+        lookup
+            .metadata
+            .get_or_insert_with(Default::default)
+            .fields
+            .insert("exclude_proxies".into(), list);
     }
-}
-
-/// The proxy settings without `external_service`: what the embedded resolver is built from.
-fn embedded_part(p: &proxy_broker_core::ProxySettings) -> proxy_broker_core::ProxySettings {
-    proxy_broker_core::ProxySettings {
-        external_service: Default::default(),
-        ..p.clone()
-    }
-}
-
-/// A fingerprint of the credential files `ext` names (their contents), so that a rotated secret
-/// counts as a change.
-fn credential_fingerprint(ext: &proxy_broker_core::ExternalServiceConfig) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    for (key, path) in &ext.auth_credentials {
-        if key.ends_with("_file") {
-            key.hash(&mut h);
-            std::fs::read(path).unwrap_or_default().hash(&mut h);
-        }
-    }
-    h.finish()
-}
-
-/// Builds the state for `config`, reusing parts of `previous` that did not change.
-fn build_state(
-    config: BrokerConfig,
-    previous: Option<&State>,
-    clock: &Arc<dyn Clock>,
-    metrics: &Arc<Metrics>,
-) -> Result<State, proxy_broker_core::ConfigError> {
-    let tokens = Arc::new(config.accepted_tokens()?);
-    let ext = &config.proxy.external_service;
-    let embedded = match previous {
-        Some(p)
-            if embedded_part(&p.config.proxy) == embedded_part(&config.proxy)
-                && p.config.proxy.external_service.cache_ttl_seconds == ext.cache_ttl_seconds =>
-        {
-            p.embedded.clone()
-        }
-        _ => Arc::new(EmbeddedResolver::new(
-            &config.proxy,
-            Duration::from_secs(ext.cache_ttl_seconds.unsigned_abs()),
-        )),
-    };
-    let delegation = if config.proxy.enabled && ext.enabled {
-        let built_from = (ext.clone(), credential_fingerprint(ext));
-        match previous.and_then(|p| p.delegation.as_ref()) {
-            Some(d) if d.built_from == built_from => Some(d.clone()),
-            _ => {
-                let upstreams = Arc::new(Upstreams::new(ext, clock.clone(), metrics.clone())?);
-
-                Some(Arc::new(Delegation {
-                    cache: AnswerCache::new(
-                        ext.cache_max_entries.unsigned_abs(),
-                        Duration::from_secs(ext.stale_if_error_seconds.unsigned_abs()),
-                        clock.clone(),
-                    ),
-                    flights: Arc::new(Flights::default()),
-                    flight_permits: upstreams.flight_permits().clone(),
-                    flight_permits_total: ext.upstream_max_in_flight_total,
-                    flight_timeout: {
-                        let limit = Duration::from_secs(config.server.request_timeout_seconds.unsigned_abs());
-                        limit - limit / 10
-                    },
-                    served_by: moka::sync::Cache::builder()
-                        .weigher(|url: &String, _: &usize| weight(url))
-                        .max_capacity(SERVED_BY_BYTES)
-                        .time_to_live(
-                            crate::cache::MAX_TTL.mul_f64(1.1)
-                                + Duration::from_secs(ext.stale_if_error_seconds.unsigned_abs()),
-                        )
-                        .build(),
-                    feedback: FeedbackQueue::start(
-                        upstreams.clone(),
-                        usize::try_from(ext.feedback_queue_size).unwrap_or(10_000),
-                        metrics.feedback_dropped.clone(),
-                    ),
-                    upstreams,
-                    built_from,
-                }))
-            }
-        }
-    } else {
-        None
-    };
-    Ok(State {
-        config: Arc::new(config),
-        embedded,
-        delegation,
-        tokens,
-    })
-}
-
-impl Delegation {
-    /// One upstream lookup for `key`, run on its own task: asks the endpoints under the broker's
-    /// own budget and caches the answer.
-    async fn fetch(&self, key: CacheKey, lookup: &Lookup) -> Fetched {
-        // Between a caller's cache miss and its starting this flight, another flight for the key
-        // may have filled the entry and finished: use it rather than ask again.
-        if let Some(hit) = self.cache.fresh(&key) {
-            return Ok((hit, true));
-        }
-        let budget = Budget {
-            until: Instant::now() + self.flight_timeout,
-            set_by_caller: false,
-        };
-        match self.upstreams.request(lookup, Some(budget)).await {
-            Ok((answer, index)) => {
-                let endpoint = self
-                    .upstreams
-                    .endpoints()
-                    .get(index)
-                    .map_or_else(|| Arc::from("?"), |e| e.name.clone());
-                self.served_by.insert(answer.proxy_url.clone(), index);
-                Ok((self.cache.insert(key, &answer, endpoint), false))
-            }
-            Err(failures) => Err(Arc::new(failures)),
-        }
-    }
+    lookup
 }
 
 /// `endpoint: reason; ...` for logs and errors.
@@ -605,9 +557,4 @@ fn summarise(failures: &[Failure]) -> String {
         .map(|f| format!("{}: {}", f.endpoint, f.reason))
         .collect::<Vec<_>>()
         .join("; ")
-}
-
-/// The weight of a URL-keyed entry in a byte-bounded map (the key, plus a little for the entry).
-fn weight(url: &str) -> u32 {
-    u32::try_from(url.len().saturating_add(64)).unwrap_or(u32::MAX)
 }

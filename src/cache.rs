@@ -86,6 +86,8 @@ pub struct Cached {
     metadata: Arc<prost_types::Struct>,
     /// The endpoint that gave it.
     pub endpoint: Arc<str>,
+    /// When the upstream's answer arrived.
+    pub fetched_at: Instant,
     /// Served as fresh until then.
     pub fresh_until: Instant,
     /// Served as stale (upstreams failing) until then.
@@ -269,6 +271,7 @@ impl AnswerCache {
             response: cached_response(answer, &endpoint),
             metadata,
             endpoint,
+            fetched_at: now,
             fresh_until: now + jittered,
             stale_until: now + jittered + self.stale_window,
             mark,

@@ -28,6 +28,7 @@ pub mod reload;
 pub mod request;
 pub mod server;
 pub mod service;
+pub mod state;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

@@ -59,6 +59,9 @@ pub struct Metrics {
     pub ejections: Counter,
     /// `proxy_broker_config_reloads_total{result}`.
     pub config_reloads: Family<Labels, Counter>,
+    /// `proxy_broker_exchange_outage{exchange}`: 1 while the exchange is in an outage (most
+    /// proxies reporting for it fail), else 0; for exchanges with a budget or recent reports.
+    pub exchange_outage: Family<Labels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -84,6 +87,7 @@ impl Metrics {
             feedback_dropped: Counter::default(),
             ejections: Counter::default(),
             config_reloads: Family::default(),
+            exchange_outage: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -146,6 +150,11 @@ impl Metrics {
             "Configuration reloads by result",
             m.config_reloads.clone(),
         );
+        registry.register(
+            "proxy_broker_exchange_outage",
+            "1 while most proxies reporting for the exchange fail (an exchange outage: failures stop ejecting), else 0",
+            m.exchange_outage.clone(),
+        );
         // Series whose label values are known up front start at 0, so that `rate()` and
         // `increase()` see the first failed reload or failure report (a series that appears
         // with value 1 has no increase).
@@ -158,6 +167,16 @@ impl Metrics {
             let _ = m.feedback.get_or_create(&vec![("success", success.to_owned())]);
         }
         Self { registry, ..m }
+    }
+
+    /// Sets `proxy_broker_exchange_outage` to exactly these exchanges (others are dropped).
+    pub fn set_exchange_outages<'a>(&self, exchanges: impl IntoIterator<Item = (&'a str, bool)>) {
+        self.exchange_outage.clear();
+        for (exchange, in_outage) in exchanges {
+            self.exchange_outage
+                .get_or_create(&vec![("exchange", exchange.to_owned())])
+                .set(i64::from(in_outage));
+        }
     }
 
     /// The exposition text (OpenMetrics).

@@ -102,7 +102,7 @@ impl ProxyBroker for BrokerService {
             success = feedback.success,
             "feedback"
         );
-        self.broker.report_feedback(&feedback);
+        self.broker.report_feedback(&feedback).await;
         Ok(Response::new(pb::ReportFeedbackResponse { accepted: true }))
     }
 

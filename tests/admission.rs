@@ -265,7 +265,7 @@ async fn list_cache_pages_through_every_entry_in_key_order() {
 }
 
 #[tokio::test]
-async fn an_ejected_proxy_leaves_every_cached_answer_that_held_it() {
+async fn an_ejected_proxy_is_replaced_for_that_exchange_and_kept_for_the_others() {
     let up = Upstream::start().await;
     up.default_request(Reply::proxy("socks5://ejected.test:1080"));
     let b = broker(&up, "eject_after_failures: 1", "").await;
@@ -284,12 +284,19 @@ async fn an_ejected_proxy_leaves_every_cached_answer_that_held_it() {
         })
         .await
         .unwrap();
-    assert!(
-        upstream::list_cache(&b).await.is_empty(),
-        "no entry holds the ejected proxy"
+    up.queue_requests([Reply::proxy("socks5://fresh.test:1080")]);
+    let r = b.ask("ex0", HTTP).await;
+    assert_eq!(
+        (r.proxy_url.as_str(), r.source()),
+        ("socks5://fresh.test:1080", ProxySource::Upstream),
+        "asked afresh for ex0"
     );
     let r = b.ask("ex3", HTTP).await;
-    assert_eq!(r.source(), ProxySource::Upstream, "asked afresh");
+    assert_eq!(
+        (r.proxy_url.as_str(), r.source()),
+        ("socks5://ejected.test:1080", ProxySource::Cache),
+        "ejected for ex0 only"
+    );
     assert_eq!(up.request_count(), 6);
 }
 

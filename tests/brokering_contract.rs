@@ -258,24 +258,59 @@ async fn feedback_is_forwarded_upstream_with_http_status_and_retry_after_seconds
 
 // --- New RPCs ------------------------------------------------------------------------------------
 
-/// The RPCs exist on the wire; until the brokering engine is wired they answer UNIMPLEMENTED
-/// (the lead replaces this test with the behaviour's own). WatchProxy has its own: tests/watch.rs.
+/// The admin RPCs validate their paging like `ListCache` (their behaviour: `tests/brokering.rs`).
 #[tokio::test]
-async fn list_proxies_and_list_exchanges_are_served_as_placeholders() {
+async fn list_proxies_and_list_exchanges_refuse_bad_paging_naming_the_field() {
     let b = broker().await;
-    let proxies = b.admin().list_proxies(ListProxiesRequest::default()).await;
-    let exchanges = b.admin().list_exchanges(ListExchangesRequest::default()).await;
+    let mut admin = b.admin();
     let cases = [
-        ("ListProxies", proxies.map(|_| ())),
-        ("ListExchanges", exchanges.map(|_| ())),
+        (
+            "ListProxies page_size",
+            admin
+                .list_proxies(ListProxiesRequest {
+                    page_size: 1001,
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            "page_size",
+        ),
+        (
+            "ListProxies page_token",
+            admin
+                .list_proxies(ListProxiesRequest {
+                    page_token: "zz".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            "page_token",
+        ),
+        (
+            "ListExchanges page_size",
+            admin
+                .list_exchanges(ListExchangesRequest {
+                    page_size: 5000,
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            "page_size",
+        ),
+        (
+            "ListExchanges page_token",
+            admin
+                .list_exchanges(ListExchangesRequest {
+                    page_token: "not hex".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            "page_token",
+        ),
     ];
-    for (rpc, result) in cases {
-        let status = result.expect_err(rpc);
-        assert_eq!(status.code(), Code::Unimplemented, "{rpc}: {status:?}");
-        assert!(
-            status.message().starts_with(rpc) && status.message().contains("issue 9"),
-            "{rpc}: {status:?}"
-        );
+    for (row, result, field) in cases {
+        assert_invalid(row, result, field, &[]);
     }
     b.stop().await;
 }

@@ -174,7 +174,7 @@ async fn metrics_after_real_traffic_report_every_source_outcome_breaker_cache_fe
         .into_inner();
     assert_eq!(direct.source(), ProxySource::Direct);
 
-    // 5. Feedback: one success, three failures for binance's proxy → ejected (and evicted).
+    // 5. Feedback: one success, three failures for binance's proxy → ejected for binance.
     client
         .report_feedback(feedback(&proxy_for("kraken"), "kraken", true))
         .await
@@ -289,8 +289,9 @@ async fn metrics_after_real_traffic_report_every_source_outcome_breaker_cache_fe
         0.0
     );
 
-    // Cache: binance, slowex and kraken were cached; the ejection evicted binance.
-    assert_eq!(metrics.value("proxy_broker_cache_entries", &[]), 2.0);
+    // Cache: binance, slowex and kraken were cached (the ejection is binance's proxy's state for
+    // binance: the entry stays, and is not handed out for binance).
+    assert_eq!(metrics.value("proxy_broker_cache_entries", &[]), 3.0);
     assert_eq!(metrics.value("proxy_broker_cache_hits_total", &[]), 1.0);
     assert_eq!(metrics.value("proxy_broker_coalesced_total", &[]), 4.0);
 

@@ -268,55 +268,86 @@ async fn feedback_queue_overflow_is_counted_as_dropped() {
 
 // --- Outlier ejection -------------------------------------------------------------------------
 
+/// The state of `proxy` for `exchange` in `ListProxies`.
+async fn proxy_state(b: &TestBroker, proxy: &str, exchange: &str) -> proxy_broker::pb::ProxyState {
+    let rows = b
+        .admin()
+        .list_proxies(proxy_broker::pb::ListProxiesRequest {
+            exchange_id: exchange.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .proxies;
+    let shown = proxy_broker_core::redact::redact_url(proxy);
+    rows.iter()
+        .find(|r| r.proxy_url == shown)
+        .unwrap_or_else(|| panic!("no row for {shown} in {rows:?}"))
+        .state()
+}
+
 #[tokio::test]
-async fn repeated_failure_reports_evict_the_cached_answer() {
+async fn repeated_failure_reports_eject_the_proxy_for_that_exchange_only() {
+    use proxy_broker::pb::ProxyState;
     let up = Upstream::start().await;
     let b = broker(&[&up], "eject_after_failures: 3", "").await;
     let proxy = up.proxy_url().to_owned();
     ask(&b, "binance", HTTP).await;
     ask(&b, "binance", WS).await;
-    up.queue_requests([Reply::proxy("socks5://other.test:1080")]);
     ask(&b, "kraken", HTTP).await;
-    assert_eq!(list_cache(&b).await.len(), 3);
     assert_eq!(up.request_count(), 3);
 
     for _ in 0..2 {
         send(&b, report(&proxy, "binance", false)).await;
     }
-    assert_eq!(list_cache(&b).await.len(), 3, "two failures do not eject");
+    assert_eq!(
+        proxy_state(&b, &proxy, "binance").await,
+        ProxyState::Ok,
+        "two failures do not eject"
+    );
     assert_eq!(ask(&b, "binance", HTTP).await.source(), ProxySource::Cache);
 
     send(&b, report(&proxy, "binance", false)).await;
-    let left: Vec<String> = list_cache(&b).await.into_iter().map(|e| e.proxy_url).collect();
-    assert_eq!(
-        left,
-        ["socks5://other.test:1080"],
-        "every entry holding the proxy is evicted"
-    );
+    assert_eq!(proxy_state(&b, &proxy, "binance").await, ProxyState::Ejected);
     assert_eq!(feedback_stats(&b).await.ejections, 1);
 
+    up.queue_requests([Reply::proxy("socks5://other.test:1080")]);
     let r = ask(&b, "binance", HTTP).await;
     assert_eq!(
-        r.source(),
-        ProxySource::Upstream,
-        "the next request asks upstream again"
+        (r.proxy_url.as_str(), r.source()),
+        ("socks5://other.test:1080", ProxySource::Upstream),
+        "the next binance request asks upstream for another proxy"
     );
     assert_eq!(up.request_count(), 4);
-    assert_eq!(ask(&b, "kraken", HTTP).await.source(), ProxySource::Cache);
+    let excluded = up.requests().last().unwrap().body["metadata"]["exclude_proxies"].clone();
+    assert_eq!(&excluded, &serde_json::json!([proxy]), "naming the ejected one");
+    // Ejection is scoped to binance: kraken keeps the proxy.
+    let kraken = ask(&b, "kraken", HTTP).await;
+    assert_eq!(
+        (kraken.proxy_url.as_str(), kraken.source()),
+        (proxy.as_str(), ProxySource::Cache)
+    );
+    assert_eq!(proxy_state(&b, &proxy, "kraken").await, ProxyState::Ok);
 }
 
 #[tokio::test]
 async fn a_success_report_resets_the_failure_count() {
+    use proxy_broker::pb::ProxyState;
     let up = Upstream::start().await;
     let b = broker(&[&up], "eject_after_failures: 3", "").await;
     let proxy = ask(&b, "binance", HTTP).await.proxy_url;
     for success in [false, false, true, false, false] {
         send(&b, report(&proxy, "binance", success)).await;
     }
-    assert_eq!(list_cache(&b).await.len(), 1, "no three failures in a row yet");
+    assert_eq!(
+        proxy_state(&b, &proxy, "binance").await,
+        ProxyState::Ok,
+        "no three failures in a row yet"
+    );
     assert_eq!(feedback_stats(&b).await.ejections, 0);
     send(&b, report(&proxy, "binance", false)).await;
-    assert!(list_cache(&b).await.is_empty());
+    assert_eq!(proxy_state(&b, &proxy, "binance").await, ProxyState::Ejected);
     assert_eq!(feedback_stats(&b).await.ejections, 1);
 }
 
@@ -324,8 +355,10 @@ async fn a_success_report_resets_the_failure_count() {
 async fn ejected_pool_members_are_skipped_but_never_more_than_max_ejection_percent() {
     let up = Upstream::start().await;
     up.default_request(Reply::Status(500));
-    let b = broker(
-        &[&up],
+    // Every member that reports fails here: the exchange-outage guard would (rightly) call that an
+    // outage of binance and lift the ejections, so it is kept out of this test.
+    let yaml = upstream::config_yaml(
+        &[&up.url],
         "eject_after_failures: 2\nmax_ejection_percent: 50\ncircuit_breaker_enabled: false",
         r#"
         default:
@@ -338,8 +371,8 @@ async fn ejected_pool_members_are_skipped_but_never_more_than_max_ejection_perce
                 - url: "socks5://pool-c.test:1080"
                 - url: "socks5://pool-d.test:1080"
         "#,
-    )
-    .await;
+    ) + "brokering:\n  outage: { min_proxies: 10000 }\n";
+    let b = TestBroker::start(common::load(Some(&yaml), &[]).unwrap()).await;
     let member = |m: &str| format!("socks5://pool-{m}.test:1080");
     let handed_out = || async {
         let mut seen = std::collections::BTreeSet::new();
@@ -363,12 +396,14 @@ async fn ejected_pool_members_are_skipped_but_never_more_than_max_ejection_perce
     for _ in 0..2 {
         send(&b, report(&member("c"), "binance", false)).await;
     }
+    // c is ejected too, but at most 50 % of the pool counts as ejected at once: the ejections
+    // that end soonest (a's, the oldest) are the ones set aside.
     assert_eq!(
         handed_out().await,
-        "cd",
-        "c stays: at most 50 % of the pool is ejected"
+        "ad",
+        "at most 50 % of the pool is ejected, the newest ejections first"
     );
-    assert_eq!(feedback_stats(&b).await.ejections, 2, "c was not ejected");
+    assert_eq!(feedback_stats(&b).await.ejections, 3);
     assert!(
         list_cache(&b).await.is_empty(),
         "embedded answers are never cached"

@@ -366,6 +366,18 @@ impl<P: Clone + Send + Sync + 'static> UpstreamCandidates<P> {
             .count()
     }
 
+    /// Drops every set of `exchange` (its cache entries were invalidated). Returns how many.
+    pub fn clear_exchange(&self, exchange: &str) -> usize {
+        let keys: Vec<_> = self
+            .sets
+            .iter()
+            .filter(|(k, _)| &*k.exchange == exchange)
+            .map(|(k, _)| k)
+            .collect();
+        keys.iter().for_each(|k| self.sets.invalidate(&**k));
+        keys.len()
+    }
+
     /// Drops every set (upstream settings changed).
     pub fn clear(&self) {
         self.sets.invalidate_all();

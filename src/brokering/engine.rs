@@ -26,6 +26,11 @@ use crate::store::{Change, Page, StateKey, Store, StoreError};
 
 /// Most upstream refills one call leads (each must have added a new candidate to go on).
 pub const MAX_REFILLS_PER_CALL: usize = 8;
+/// Share of upstream candidates (and of a single stale or given proxy) that may count as ejected:
+/// all of them. `max_ejection_percent` keeps an embedded pool from emptying, since nothing can
+/// replace its members; an ejected upstream candidate is replaced by asking upstream again (with
+/// it in `exclude_proxies`), as the cache eviction did before per-exchange state.
+pub const UPSTREAM_MAX_EJECTION_PERCENT: u8 = 100;
 /// Shortest retry hint sent with an exhausted answer.
 pub const MIN_RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -242,6 +247,17 @@ impl<P: Clone + Send + Sync + 'static> Brokering<P> {
             .store(ejection.max_percent, Ordering::Relaxed);
     }
 
+    /// Drops the upstream candidates of `exchange` (an admin invalidated its cache entries), or
+    /// of every exchange.
+    pub fn clear_upstream_candidates_of(&self, exchange: Option<&str>) {
+        match exchange {
+            Some(x) => {
+                self.upstream.clear_exchange(&normalise_exchange(x));
+            }
+            None => self.upstream.clear(),
+        }
+    }
+
     /// Drops every upstream candidate (the upstream settings changed).
     pub fn clear_upstream_candidates(&self) {
         self.upstream.clear();
@@ -361,7 +377,7 @@ impl<P: Clone + Send + Sync + 'static> Brokering<P> {
             ttl: ask.ttl,
             jitter: settings.jitter(),
             allow_penalised: true,
-            max_ejection_percent: self.max_ejection_percent.load(Ordering::Relaxed),
+            max_ejection_percent: UPSTREAM_MAX_EJECTION_PERCENT,
             now: self.clock.now(),
         };
         match choose(&*self.store, input).await? {
@@ -422,7 +438,7 @@ impl<P: Clone + Send + Sync + 'static> Brokering<P> {
                     ttl: ask.ttl,
                     jitter: settings.jitter(),
                     allow_penalised,
-                    max_ejection_percent: self.max_ejection_percent.load(Ordering::Relaxed),
+                    max_ejection_percent: UPSTREAM_MAX_EJECTION_PERCENT,
                     now,
                 };
                 choose(&*self.store, input).await

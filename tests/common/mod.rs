@@ -14,6 +14,7 @@ use tonic::transport::Channel;
 /// A broker running in this test process.
 pub struct TestBroker {
     pub addr: SocketAddr,
+    broker: std::sync::Arc<proxy_broker::broker::Broker>,
     pub channel: Channel,
     shutdown: Option<oneshot::Sender<()>>,
     pub task: Option<JoinHandle<Result<(), proxy_broker::server::ServeError>>>,
@@ -44,7 +45,7 @@ impl TestBroker {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(proxy_broker::serve(listener, broker, async move {
+        let task = tokio::spawn(proxy_broker::serve(listener, broker.clone(), async move {
             let _ = rx.await;
         }));
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
@@ -54,6 +55,7 @@ impl TestBroker {
             .unwrap();
         Self {
             addr,
+            broker,
             channel,
             shutdown: Some(tx),
             task: Some(task),
@@ -64,6 +66,11 @@ impl TestBroker {
     /// starts the broker with it.
     pub async fn start_yaml(yaml: &str, env: &[(&str, &str)]) -> Self {
         Self::start(load(Some(yaml), env).unwrap()).await
+    }
+
+    /// The broker being served.
+    pub fn broker(&self) -> &proxy_broker::broker::Broker {
+        &self.broker
     }
 
     pub fn client(&self) -> ProxyBrokerClient<Channel> {

@@ -1,0 +1,288 @@
+//! Everything the broker builds from one configuration ([`State`]), how a reload is diffed
+//! against the state in force ([`ReloadSummary`]), and the gauges refreshed from it before the
+//! metrics are rendered. The decision itself is [`crate::broker`].
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proxy_broker_core::{ConfigError, ExternalServiceConfig, ProxySettings};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use crate::brokering::Ejection;
+use crate::cache::{AnswerCache, CacheKey, Cached};
+use crate::clock::Clock;
+use crate::config::BrokerConfig;
+use crate::feedback::FeedbackQueue;
+use crate::flight::Flights;
+use crate::metrics::Metrics;
+use crate::request::Lookup;
+use crate::upstream::{Budget, Failure, Upstreams};
+
+/// The result of one upstream lookup, shared by every caller waiting for it.
+pub type Fetched = Result<Arc<Cached>, Arc<Vec<Failure>>>;
+
+/// Most bytes of proxy URLs remembered for routing feedback to the endpoint that served them.
+const SERVED_BY_BYTES: u64 = 16 << 20;
+
+/// Upstream delegation state (present when `external_service` is on). `Debug` shows sizes,
+/// never the proxy URLs it holds.
+pub struct Delegation {
+    /// The endpoints.
+    pub upstreams: Arc<Upstreams>,
+    /// The latest upstream answer per key (stale-if-error, `ListCache`).
+    pub cache: AnswerCache,
+    /// One upstream lookup per key at a time, on a task of its own.
+    pub flights: Arc<Flights<CacheKey, Fetched>>,
+    /// One permit per upstream lookup in flight (`upstream_max_in_flight_total`).
+    pub flight_permits: Arc<Semaphore>,
+    /// `upstream_max_in_flight_total`, for messages.
+    pub flight_permits_total: i64,
+    /// The budget of one detached lookup (the broker's own per-call limit).
+    flight_timeout: Duration,
+    /// Which endpoint handed out each proxy URL (for routing feedback); bounded in bytes.
+    served_by: moka::sync::Cache<String, usize>,
+    /// Feedback forwarding.
+    pub feedback: FeedbackQueue,
+    /// The `external_service` block and credential-file contents this was built from.
+    built_from: (ExternalServiceConfig, u64),
+}
+
+/// Everything built from one configuration.
+pub struct State {
+    /// The configuration in force.
+    pub config: Arc<BrokerConfig>,
+    /// Upstream delegation, when `proxy.enabled` and `external_service.enabled`.
+    pub delegation: Option<Arc<Delegation>>,
+    /// Bearer tokens accepted from callers (empty: no auth).
+    pub tokens: Arc<Vec<String>>,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("config", &self.config)
+            .field("delegation", &self.delegation)
+            .field("tokens", &format_args!("{} (not shown)", self.tokens.len()))
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Delegation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delegation")
+            .field("upstreams", &self.upstreams.endpoint_names())
+            .field("cache_entries", &self.cache.len())
+            .field("flights", &self.flights.len())
+            .field("flight_permits_total", &self.flight_permits_total)
+            .field("served_by_entries", &self.served_by.entry_count())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a reload changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReloadSummary {
+    /// The embedded configuration changed (pool rotation restarted; per-proxy state is kept).
+    pub embedded_changed: bool,
+    /// Upstream settings or credential files changed (cache and candidates dropped, breakers
+    /// reset).
+    pub upstreams_changed: bool,
+    /// `server.*` settings that only take effect on restart changed.
+    pub restart_needed: bool,
+}
+
+impl ReloadSummary {
+    /// What changes between the state in force and `next`, built from it by [`State::build`].
+    pub fn between(current: &State, next: &State) -> Self {
+        let (old, new) = (&current.config, &next.config);
+        let (a, b) = (&old.server, &new.server);
+        Self {
+            embedded_changed: embedded_part(&old.proxy) != embedded_part(&new.proxy),
+            upstreams_changed: match (&current.delegation, &next.delegation) {
+                (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
+                (None, None) => false,
+                _ => true,
+            },
+            restart_needed: a.listen != b.listen
+                || a.metrics_listen != b.metrics_listen
+                || a.tls != b.tls
+                || a.max_message_bytes != b.max_message_bytes
+                || a.max_concurrent_requests != b.max_concurrent_requests
+                || a.max_concurrent_streams != b.max_concurrent_streams
+                || a.http2_keepalive_interval_seconds != b.http2_keepalive_interval_seconds
+                || a.http2_keepalive_timeout_seconds != b.http2_keepalive_timeout_seconds
+                || a.request_body_timeout_seconds != b.request_body_timeout_seconds
+                || a.request_timeout_seconds != b.request_timeout_seconds
+                || a.reflection != b.reflection,
+        }
+    }
+}
+
+impl State {
+    /// Builds the state for `config`, reusing the delegation of `previous` when its upstream
+    /// settings (and credential files) did not change. Fails when credential files cannot be
+    /// read or tokens are invalid.
+    pub fn build(
+        config: BrokerConfig,
+        previous: Option<&State>,
+        clock: &Arc<dyn Clock>,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Self, ConfigError> {
+        let tokens = Arc::new(config.accepted_tokens()?);
+        let ext = &config.proxy.external_service;
+        let delegation = if config.proxy.enabled && ext.enabled {
+            let built_from = (ext.clone(), credential_fingerprint(ext));
+            match previous.and_then(|p| p.delegation.as_ref()) {
+                Some(d) if d.built_from == built_from => Some(d.clone()),
+                _ => Some(Arc::new(Delegation::new(&config, built_from, clock, metrics)?)),
+            }
+        } else {
+            None
+        };
+        Ok(State {
+            config: Arc::new(config),
+            delegation,
+            tokens,
+        })
+    }
+
+    /// The TTL answers from the embedded configuration carry (`cache_ttl_seconds`).
+    pub fn embedded_ttl(&self) -> Duration {
+        Duration::from_secs(
+            self.config
+                .proxy
+                .external_service
+                .cache_ttl_seconds
+                .unsigned_abs(),
+        )
+    }
+
+    /// The outlier-detection settings the brokering engine applies per (proxy, exchange).
+    pub fn ejection(&self) -> Ejection {
+        ejection(&self.config.proxy)
+    }
+
+    /// Stops exporting the metric series of endpoints `next` no longer configures (those still
+    /// configured keep their series, now fed by the new upstreams).
+    pub fn retire_endpoint_metrics(&self, next: &State) {
+        if let Some(old) = &self.delegation {
+            let kept: HashSet<String> = next
+                .delegation
+                .iter()
+                .flat_map(|d| d.upstreams.endpoints().iter().map(|e| e.name.to_string()))
+                .collect();
+            old.upstreams.retire_metrics(&kept);
+        }
+    }
+
+    /// Refreshes the gauges that mirror this state (cache size, circuit states).
+    pub fn refresh_gauges(&self, metrics: &Metrics) {
+        let mut entries = 0;
+        if let Some(d) = &self.delegation {
+            entries = d.cache.len();
+            d.upstreams.refresh_circuit_metrics();
+        }
+        metrics
+            .cache_entries
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
+    }
+}
+
+/// The outlier-detection settings of a `proxy:` block.
+pub fn ejection(proxy: &ProxySettings) -> Ejection {
+    let ext = &proxy.external_service;
+    Ejection {
+        after_failures: u32::try_from(ext.eject_after_failures).unwrap_or(3),
+        max_percent: u8::try_from(ext.max_ejection_percent).unwrap_or(50),
+    }
+}
+
+impl Delegation {
+    fn new(
+        config: &BrokerConfig,
+        built_from: (ExternalServiceConfig, u64),
+        clock: &Arc<dyn Clock>,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Self, ConfigError> {
+        let ext = &config.proxy.external_service;
+        let upstreams = Arc::new(Upstreams::new(ext, clock.clone(), metrics.clone())?);
+        let stale_window = Duration::from_secs(ext.stale_if_error_seconds.unsigned_abs());
+        let limit = Duration::from_secs(config.server.request_timeout_seconds.unsigned_abs());
+        Ok(Self {
+            cache: AnswerCache::new(ext.cache_max_entries.unsigned_abs(), stale_window, clock.clone()),
+            flights: Arc::new(Flights::default()),
+            flight_permits: upstreams.flight_permits().clone(),
+            flight_permits_total: ext.upstream_max_in_flight_total,
+            flight_timeout: limit - limit / 10,
+            served_by: moka::sync::Cache::builder()
+                .weigher(|url: &String, _: &usize| weight(url))
+                .max_capacity(SERVED_BY_BYTES)
+                .time_to_live(crate::cache::MAX_TTL.mul_f64(1.1) + stale_window)
+                .build(),
+            feedback: FeedbackQueue::start(
+                upstreams.clone(),
+                usize::try_from(ext.feedback_queue_size).unwrap_or(10_000),
+                metrics.feedback_dropped.clone(),
+            ),
+            upstreams,
+            built_from,
+        })
+    }
+
+    /// The endpoint that handed out `proxy_url`, if remembered.
+    pub fn served_by(&self, proxy_url: &str) -> Option<usize> {
+        self.served_by.get(proxy_url)
+    }
+
+    /// One upstream lookup for `key`, run on its own task: asks the endpoints under the broker's
+    /// own budget and caches the answer. Always asks (the brokering engine calls it when no
+    /// candidate has headroom, so a fresh cached answer is not what it needs); `lookup` carries
+    /// the `exclude_proxies` the engine sent.
+    pub async fn fetch(&self, key: CacheKey, lookup: &Lookup) -> Fetched {
+        let budget = Budget {
+            until: Instant::now() + self.flight_timeout,
+            set_by_caller: false,
+        };
+        match self.upstreams.request(lookup, Some(budget)).await {
+            Ok((answer, index)) => {
+                let endpoint = self
+                    .upstreams
+                    .endpoints()
+                    .get(index)
+                    .map_or_else(|| Arc::from("?"), |e| e.name.clone());
+                self.served_by.insert(answer.proxy_url.clone(), index);
+                Ok(self.cache.insert(key, &answer, endpoint))
+            }
+            Err(failures) => Err(Arc::new(failures)),
+        }
+    }
+}
+
+/// The proxy settings without `external_service`: what the embedded candidates are built from.
+fn embedded_part(p: &ProxySettings) -> ProxySettings {
+    ProxySettings {
+        external_service: Default::default(),
+        ..p.clone()
+    }
+}
+
+/// A fingerprint of the credential files `ext` names (their contents), so that a rotated secret
+/// counts as a change.
+fn credential_fingerprint(ext: &ExternalServiceConfig) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for (key, path) in &ext.auth_credentials {
+        if key.ends_with("_file") {
+            key.hash(&mut h);
+            std::fs::read(path).unwrap_or_default().hash(&mut h);
+        }
+    }
+    h.finish()
+}
+
+/// The weight of a URL-keyed entry in a byte-bounded map (the key, plus a little for the entry).
+fn weight(url: &str) -> u32 {
+    u32::try_from(url.len().saturating_add(64)).unwrap_or(u32::MAX)
+}
