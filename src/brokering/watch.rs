@@ -949,8 +949,9 @@ mod tests {
                 nanos: 0,
             })
         };
-        // (row, lease_expires_at, ttl_seconds, expected wait range in seconds)
-        let rows: [(&str, Option<prost_types::Timestamp>, u32, (f64, f64)); 6] = [
+        /// (row, lease_expires_at, ttl_seconds, expected wait range in seconds)
+        type Row = (&'static str, Option<prost_types::Timestamp>, u32, (f64, f64));
+        let rows: [Row; 6] = [
             ("lease in 60 s", at(60), 300, (58.0, 61.0)),
             ("no lease: the TTL", None, 120, (120.0, 120.0)),
             ("lease in the past", at(-60), 300, (0.5, 0.5)),
