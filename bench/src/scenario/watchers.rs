@@ -51,6 +51,39 @@ async fn open(
     }
 }
 
+/// Opens `n` watchers over `channels`, 256 opening at a time (bounded in count, and in time by
+/// `timeout` each); returns the open streams and the failures by kind.
+async fn open_all(
+    channels: &[Channel],
+    exchange: &str,
+    n: usize,
+    timeout: Duration,
+) -> (
+    Vec<tonic::Streaming<pb::ProxyResponse>>,
+    std::collections::BTreeMap<String, u64>,
+) {
+    let mut streams = Vec::with_capacity(n);
+    let mut failures = std::collections::BTreeMap::<String, u64>::new();
+    let mut pending = tokio::task::JoinSet::new();
+    let mut next = 0usize;
+    while next < n || !pending.is_empty() {
+        while next < n && pending.len() < 256 {
+            let channel = channels[next % channels.len()].clone();
+            let exchange = exchange.to_owned();
+            pending.spawn(async move { tokio::time::timeout(timeout, open(channel, exchange)).await });
+            next += 1;
+        }
+        match pending.join_next().await {
+            Some(Ok(Ok(Ok(stream)))) => streams.push(stream),
+            Some(Ok(Ok(Err(status)))) => *failures.entry(format!("{:?}", status.code())).or_default() += 1,
+            Some(Ok(Err(_))) => *failures.entry("timeout".into()).or_default() += 1,
+            Some(Err(e)) => *failures.entry(format!("task: {e}")).or_default() += 1,
+            None => break,
+        }
+    }
+    (streams, failures)
+}
+
 /// Runs the scenario.
 pub async fn run(ctx: &Ctx, a: &WatchersArgs) -> anyhow::Result<Vec<Table>> {
     let broker = Broker::start(&ctx.broker, &ConfigSpec::embedded(1), None).await?;
@@ -72,26 +105,7 @@ pub async fn run(ctx: &Ctx, a: &WatchersArgs) -> anyhow::Result<Vec<Table>> {
         a.watchers, a.connections
     ));
     let started = Instant::now();
-    let mut streams = Vec::with_capacity(a.watchers);
-    let mut failures = std::collections::BTreeMap::<String, u64>::new();
-    // 256 opening at a time: bounded in count (a.watchers) and time (each open has `timeout`).
-    let mut pending = tokio::task::JoinSet::new();
-    let mut next = 0usize;
-    while next < a.watchers || !pending.is_empty() {
-        while next < a.watchers && pending.len() < 256 {
-            let channel = channels[next % channels.len()].clone();
-            let exchange = exchange.clone();
-            pending.spawn(async move { tokio::time::timeout(timeout, open(channel, exchange)).await });
-            next += 1;
-        }
-        match pending.join_next().await {
-            Some(Ok(Ok(Ok(stream)))) => streams.push(stream),
-            Some(Ok(Ok(Err(status)))) => *failures.entry(format!("{:?}", status.code())).or_default() += 1,
-            Some(Ok(Err(_))) => *failures.entry("timeout".into()).or_default() += 1,
-            Some(Err(e)) => *failures.entry(format!("task: {e}")).or_default() += 1,
-            None => break,
-        }
-    }
+    let (streams, failures) = open_all(&channels, &exchange, a.watchers, timeout).await;
     let opening = started.elapsed();
     let open_now = broker.memory()?;
     tokio::time::sleep(Duration::from_secs(a.idle_seconds)).await;
@@ -101,6 +115,10 @@ pub async fn run(ctx: &Ctx, a: &WatchersArgs) -> anyhow::Result<Vec<Table>> {
     // Closed streams leave the registry as their RST_STREAM frames are read.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let closed = broker.memory()?;
+    // The allocator keeps freed memory for reuse: the same number again should need little more.
+    let (again, _) = open_all(&channels, &exchange, a.watchers, timeout).await;
+    let reopened = broker.memory()?;
+    drop(again);
     broker.stop().await;
 
     let mut table = Table::new(
@@ -127,6 +145,11 @@ pub async fn run(ctx: &Ctx, a: &WatchersArgs) -> anyhow::Result<Vec<Table>> {
             "all closed, 2 s later".to_owned(),
             mib(closed.rss_kib),
             mib(closed.hwm_kib),
+        ])
+        .row([
+            format!("{} opened again", count(a.watchers as u64)),
+            mib(reopened.rss_kib),
+            mib(reopened.hwm_kib),
         ])
         .row([
             "growth with the watchers open (idle)".to_owned(),
