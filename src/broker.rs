@@ -250,17 +250,20 @@ impl Broker {
         let Some(d) = &state.delegation else {
             return self.embedded(&state, &ask).await;
         };
-        let key = CacheKey::new(
-            &lookup.exchange_id,
-            lookup.connection_type,
-            lookup.region.as_deref(),
-        );
+        // Built only when needed (a refill or a fallback): a hit does not allocate it.
+        let key = || {
+            CacheKey::new(
+                &lookup.exchange_id,
+                lookup.connection_type,
+                lookup.region.as_deref(),
+            )
+        };
         let started = self.clock.now();
         // Whether this call asked upstream itself (else it waited for another call's lookup).
         let asked = std::sync::atomic::AtomicBool::new(false);
         let choice = self.brokering.choose_delegated(&ask, |exclude| {
             asked.store(true, Ordering::Relaxed);
-            let (d, key) = (d.clone(), key.clone());
+            let (d, key) = (d.clone(), key());
             async move {
                 let cached = self.refill(&d, key, lookup, exclude).await?;
                 Ok(Some(Offer {
@@ -298,7 +301,7 @@ impl Broker {
                         reason: "a concurrent upstream lookup for the same key failed".into(),
                     }])),
                 };
-                self.upstream_fallback(&state, d, &key, &ask, failures.as_deref().map(Vec::as_slice))
+                self.upstream_fallback(&state, d, &key(), &ask, failures.as_deref().map(Vec::as_slice))
                     .await
             }
             Err(NotPicked::Exhausted(e)) => {

@@ -59,6 +59,8 @@ pub struct Answer {
     pub source: Option<ProxySource>,
     /// `upstream_endpoint` of a RequestProxy answer.
     pub endpoint: String,
+    /// `proxy_url` of a RequestProxy answer.
+    pub proxy_url: String,
 }
 
 /// The clients on one connection.
@@ -94,6 +96,7 @@ impl Stub {
                 Ok(Answer {
                     source: ProxySource::try_from(answer.source).ok(),
                     endpoint: answer.upstream_endpoint,
+                    proxy_url: answer.proxy_url,
                 })
             }
             Rpc::HealthCheck => {

@@ -32,6 +32,10 @@ const MAX_REQUEST_BODY: usize = 1 << 20;
 pub enum Answer {
     /// A valid answer naming `socks5://{exchange_id}.proxy.test:1080`.
     Valid,
+    /// A valid answer naming the next of `proxies` proxies on every request
+    /// (`socks5://rotating-{i}.proxy.test:1080`), ignoring `exclude_proxies`, as a rotating
+    /// upstream does.
+    Rotating { proxies: usize },
     /// A body of `bytes` bytes at once: a valid answer padded with a huge `metadata.pad` string
     /// when `json`, else `bytes` of `x` (not JSON).
     Huge { bytes: usize, json: bool },
@@ -196,6 +200,13 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bo
                         StatusCode::OK,
                         valid_answer(&exchange, options.ttl_seconds).to_string(),
                     )
+                }
+                Answer::Rotating { proxies } => {
+                    let i = state.counters.requests() % (*proxies).max(1) as u64;
+                    let url = format!("socks5://rotating-{i}.proxy.test:1080");
+                    let answer =
+                        json!({"proxy_url": url, "strategy": "rotating", "ttl_seconds": options.ttl_seconds});
+                    full(StatusCode::OK, answer.to_string())
                 }
                 Answer::Huge { .. } => full(StatusCode::OK, state.huge.clone().unwrap_or_default()),
                 Answer::Trickle { chunk, every, total } => trickle(*chunk, *every, *total),

@@ -9,6 +9,7 @@ mod hit_vs_health;
 mod memory;
 mod startup;
 mod storm;
+mod storm_spread;
 mod watchers;
 
 use clap::{Parser, Subcommand};
@@ -24,6 +25,7 @@ pub use hit_vs_health::HitVsHealthArgs;
 pub use memory::MemoryArgs;
 pub use startup::StartupArgs;
 pub use storm::StormArgs;
+pub use storm_spread::StormSpreadArgs;
 pub use watchers::WatchersArgs;
 
 /// What every scenario shares.
@@ -42,6 +44,9 @@ pub enum Scenario {
     HitVsHealth(HitVsHealthArgs),
     /// N concurrent RequestProxy over K cold keys, then the same storm warm.
     Storm(StormArgs),
+    /// N concurrent binance/websocket RequestProxy against an upstream rotating over P proxies:
+    /// how the per-proxy connection-attempt budget spreads them.
+    StormSpread(StormSpreadArgs),
     /// First endpoint black-holed, second healthy: sequential misses.
     Hedge(HedgeArgs),
     /// RSS before and after filling 100,000 cached keys.
@@ -79,6 +84,7 @@ pub async fn run(ctx: &Ctx, scenario: &Scenario) -> bool {
     match scenario {
         Scenario::HitVsHealth(a) => report("hit-vs-health", hit_vs_health::run(ctx, a).await),
         Scenario::Storm(a) => report("storm", storm::run(ctx, a).await),
+        Scenario::StormSpread(a) => report("storm-spread", storm_spread::run(ctx, a).await),
         Scenario::Hedge(a) => report("hedge", hedge::run(ctx, a).await),
         Scenario::Memory100k(a) => report("memory-100k", memory::run(ctx, a).await),
         Scenario::BigAnswer(a) => report("big-answer", big_answer::run(ctx, a).await),
@@ -89,6 +95,7 @@ pub async fn run(ctx: &Ctx, scenario: &Scenario) -> bool {
         Scenario::All => {
             report("hit-vs-health", hit_vs_health::run(ctx, &defaults()).await);
             report("storm", storm::run(ctx, &defaults()).await);
+            report("storm-spread", storm_spread::run(ctx, &defaults()).await);
             report("hedge", hedge::run(ctx, &defaults()).await);
             report("memory-100k", memory::run(ctx, &defaults()).await);
             report("big-answer", big_answer::run(ctx, &defaults()).await);
