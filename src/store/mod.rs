@@ -45,6 +45,8 @@
 //! The memory store implements these locally (bounded, expiring), so a single broker behaves as
 //! before: it always leads unless its own earlier call still holds the key.
 
+#[cfg(test)]
+mod conformance;
 pub mod memory;
 pub mod redis;
 pub mod resilient;

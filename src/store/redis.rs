@@ -17,9 +17,9 @@
 //! - **Listing** pages over one index, `{key_prefix}index`: a sorted set of `exchange,digest`
 //!   members read in lexical order (so pages come in the memory store's order: exchange, then
 //!   digest, and page tokens are interchangeable). Scripts say when an entry needs (re)indexing (on
-//!   creation and hourly while it lives); the index add runs in the background, off the
-//!   operation's path, and samples a few members to drop those whose entry expired; listings drop
-//!   the dead members they meet. The index itself expires [`INDEX_TTL`] after its last add.
+//!   creation and hourly while it lives: one more round trip then); each add also samples a few
+//!   members, in the background, to drop those whose entry expired; listings drop the dead
+//!   members they meet. The index itself expires [`INDEX_TTL`] after its last add.
 //! - **Changes** are published on `{key_prefix}changes` by the scripts themselves and turned into
 //!   the [`Store::subscribe`] feed by a task holding a pub/sub connection that reconnects; a
 //!   broker's own changes reach its feed at once, without the round trip.
@@ -31,17 +31,17 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
+use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use ::redis::cluster_async::ClusterConnection;
+use ::redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 use aws_lc_rs::digest;
 use futures_util::future::try_join_all;
 use proxy_broker_core::ConnectionType;
 use proxy_broker_core::embedded::{EJECTION_BASE, EJECTION_MAX};
 use proxy_broker_core::redact::redact_text;
-use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use ::redis::cluster_async::ClusterConnection;
-use ::redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -73,6 +73,8 @@ const RESUBSCRIBE_MAX: Duration = Duration::from_secs(2);
 const PUBSUB_PING: Duration = Duration::from_secs(5);
 
 /// Where the store connects. Built by [`crate::store::config`] (which reads the password).
+// Built once at start-up and consumed by `RedisStore::new`: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Target {
     /// One server (or a proxy in front of several).
     Single(::redis::Client),
@@ -90,7 +92,10 @@ impl fmt::Debug for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Addresses only (no password: the client's own `Debug` would show the settings).
         match self {
-            Target::Single(c) => f.debug_tuple("Single").field(&c.get_connection_info().addr().to_string()).finish(),
+            Target::Single(c) => f
+                .debug_tuple("Single")
+                .field(&c.get_connection_info().addr().to_string())
+                .finish(),
             Target::Cluster { seeds, .. } => f
                 .debug_struct("Cluster")
                 .field(
@@ -212,6 +217,8 @@ struct Inner {
     flights: broadcast::Sender<Arc<str>>,
     /// Added to the server's clock in scripts: 0 except in tests, which move time with it.
     skew_ms: AtomicI64,
+    /// Whether the pub/sub connection is subscribed (changes of other brokers arrive).
+    subscribed: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for RedisStore {
@@ -272,7 +279,10 @@ fn u32_of(v: &Value) -> Option<u32> {
 /// Decodes a script's array reply of integers.
 fn ints(reply: &Value, what: &str) -> Result<Vec<i64>, StoreError> {
     match reply {
-        Value::Array(items) => items.iter().map(|v| int(v).ok_or_else(|| bad_reply(what))).collect(),
+        Value::Array(items) => items
+            .iter()
+            .map(|v| int(v).ok_or_else(|| bad_reply(what)))
+            .collect(),
         _ => Err(bad_reply(what)),
     }
 }
@@ -301,8 +311,8 @@ impl RedisStore {
                     .set_response_timeout(Some(connect_timeout))
                     .set_number_of_retries(2)
                     .set_max_delay(Duration::from_millis(500));
-                let manager =
-                    ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(|e| unavailable(&e))?;
+                let manager = ConnectionManager::new_lazy_with_config(client.clone(), config)
+                    .map_err(|e| unavailable(&e))?;
                 (Conn::Single(manager), false, vec![client])
             }
             Target::Cluster { client, seeds } => {
@@ -329,6 +339,7 @@ impl RedisStore {
             changes,
             flights,
             skew_ms: AtomicI64::new(0),
+            subscribed: Arc::new(AtomicBool::new(false)),
         });
         let subscriber = tokio::spawn(subscribe_loop(
             pubsub_clients,
@@ -339,9 +350,16 @@ impl RedisStore {
                 changes: inner.changes.clone(),
                 flights: inner.flights.clone(),
                 clock: inner.clock.clone(),
+                subscribed: inner.subscribed.clone(),
             },
         ));
         Ok(Self { inner, subscriber })
+    }
+
+    /// Whether the change feed is connected: other brokers' changes arrive (a broker's own
+    /// always do). False until the first subscription, and while it reconnects.
+    pub fn is_subscribed(&self) -> bool {
+        self.inner.subscribed.load(Ordering::Relaxed)
     }
 
     /// `PING`: whether the server answers (the resilient wrapper's probe).
@@ -421,30 +439,35 @@ impl Inner {
         ints(&reply, what)
     }
 
-    /// After a script said the entry needs (re)indexing: adds it to the index in the background.
-    fn reindex(self: &Arc<Self>, exchange: &str, proxy: &str) {
+    /// After a script said the entry needs (re)indexing (on creation, then hourly): adds it to
+    /// the listing index (awaited, so a listing right after a hand-out shows it), then, in the
+    /// background, samples a few members and drops those whose entry expired.
+    async fn reindex(self: &Arc<Self>, exchange: &str, proxy: &str) {
         let member = format!("{exchange},{}", digest_hex(proxy));
-        let inner = self.clone();
-        tokio::spawn(async move {
-            // Best effort: a failed add is retried by the entry's next hourly re-index.
-            let _ = inner.index_add(&member).await;
-        });
-    }
-
-    async fn index_add(&self, member: &str) -> Result<(), ::redis::RedisError> {
         let mut conn = self.conn.clone();
-        let _: () = ::redis::pipe()
+        // Best effort: a failed add is retried by the entry's next hourly re-index.
+        let added: Result<(), _> = ::redis::pipe()
             .cmd("ZADD")
             .arg(&self.index_key)
             .arg(0)
-            .arg(member)
+            .arg(&member)
             .ignore()
             .cmd("PEXPIRE")
             .arg(&self.index_key)
             .arg(ms(INDEX_TTL))
             .ignore()
             .query_async(&mut conn)
-            .await?;
+            .await;
+        if added.is_ok() {
+            let inner = self.clone();
+            tokio::spawn(async move {
+                let _ = inner.prune_index_sample().await;
+            });
+        }
+    }
+
+    async fn prune_index_sample(&self) -> Result<(), ::redis::RedisError> {
+        let mut conn = self.conn.clone();
         let sample: Vec<String> = ::redis::cmd("ZRANDMEMBER")
             .arg(&self.index_key)
             .arg(INDEX_SAMPLE)
@@ -468,7 +491,11 @@ impl Inner {
     }
 
     /// One entry's snapshot by its exchange and digest: its URL and state, `None` without entry.
-    async fn snapshot(&self, exchange: &str, digest: &str) -> Result<Option<(String, String, ProxyState)>, StoreError> {
+    async fn snapshot(
+        &self,
+        exchange: &str,
+        digest: &str,
+    ) -> Result<Option<(String, String, ProxyState)>, StoreError> {
         let keys = self.entry_keys(exchange, digest);
         let mut invocation = self.scripts.snapshot.prepare_invoke();
         for k in &keys {
@@ -522,7 +549,11 @@ impl Inner {
             http: window(11)?,
             websocket: window(16)?,
         };
-        Ok(Some((text(&v[1]).ok_or_else(bad)?, text(&v[2]).ok_or_else(bad)?, state)))
+        Ok(Some((
+            text(&v[1]).ok_or_else(bad)?,
+            text(&v[2]).ok_or_else(bad)?,
+            state,
+        )))
     }
 
     fn publish_locally(&self, key: StateKey<'_>, kind: ChangeKind) {
@@ -593,7 +624,7 @@ impl Store for RedisStore {
             return Err(bad_reply("try_attempt"));
         };
         if reindex == 1 {
-            self.inner.reindex(key.exchange, key.proxy);
+            self.inner.reindex(key.exchange, key.proxy).await;
         }
         if admitted == 1 {
             Ok(Attempt::Admitted {
@@ -614,7 +645,10 @@ impl Store for RedisStore {
             async move { self.inner.snapshot(exchange, &digest).await }
         }))
         .await?;
-        Ok(snapshots.into_iter().map(|s| s.map(|(_, _, state)| state)).collect())
+        Ok(snapshots
+            .into_iter()
+            .map(|s| s.map(|(_, _, state)| state))
+            .collect())
     }
 
     async fn ban(
@@ -635,7 +669,7 @@ impl Store for RedisStore {
             .inner
             .entry(&self.inner.scripts.ban, EntryCall { key, create }, &args, "ban")
             .await?;
-        self.deadline(key, &r, ChangeKind::Banned, "ban")
+        self.deadline(key, &r, ChangeKind::Banned, "ban").await
     }
 
     async fn penalise(
@@ -647,9 +681,14 @@ impl Store for RedisStore {
         let args = [ms(length.min(MAX_BAN)).to_string()];
         let r = self
             .inner
-            .entry(&self.inner.scripts.penalise, EntryCall { key, create }, &args, "penalise")
+            .entry(
+                &self.inner.scripts.penalise,
+                EntryCall { key, create },
+                &args,
+                "penalise",
+            )
             .await?;
-        self.deadline(key, &r, ChangeKind::Penalised, "penalise")
+        self.deadline(key, &r, ChangeKind::Penalised, "penalise").await
     }
 
     async fn record_failure(&self, key: StateKey<'_>, create: bool) -> Result<Option<u32>, StoreError> {
@@ -666,7 +705,7 @@ impl Store for RedisStore {
             [0] => Ok(None),
             [1, count, reindex] => {
                 if reindex == 1 {
-                    self.inner.reindex(key.exchange, key.proxy);
+                    self.inner.reindex(key.exchange, key.proxy).await;
                 }
                 Ok(Some(u32::try_from(count.max(0)).unwrap_or(u32::MAX)))
             }
@@ -690,9 +729,14 @@ impl Store for RedisStore {
         let args = [ms(EJECTION_BASE).to_string(), ms(EJECTION_MAX).to_string()];
         let r = self
             .inner
-            .entry(&self.inner.scripts.eject, EntryCall { key, create }, &args, "eject")
+            .entry(
+                &self.inner.scripts.eject,
+                EntryCall { key, create },
+                &args,
+                "eject",
+            )
             .await?;
-        self.deadline(key, &r, ChangeKind::Ejected, "eject")
+        self.deadline(key, &r, ChangeKind::Ejected, "eject").await
     }
 
     async fn lift_ejection(&self, key: StateKey<'_>) -> Result<bool, StoreError> {
@@ -909,7 +953,7 @@ impl Store for RedisStore {
 impl RedisStore {
     /// Decodes a deadline reply (`{0}` or `{1, remaining_ms, reindex}`), publishes the change
     /// locally and schedules the index add.
-    fn deadline(
+    async fn deadline(
         &self,
         key: StateKey<'_>,
         reply: &[i64],
@@ -920,9 +964,12 @@ impl RedisStore {
             [0] => Ok(None),
             [1, remaining, reindex] => {
                 if reindex == 1 {
-                    self.inner.reindex(key.exchange, key.proxy);
+                    self.inner.reindex(key.exchange, key.proxy).await;
                 }
-                let until = self.inner.at(remaining.max(1)).unwrap_or_else(|| self.inner.clock.now());
+                let until = self
+                    .inner
+                    .at(remaining.max(1))
+                    .unwrap_or_else(|| self.inner.clock.now());
                 self.inner.publish_locally(key, kind(until));
                 Ok(Some(until))
             }
@@ -939,6 +986,7 @@ struct Feeds {
     changes: broadcast::Sender<Change>,
     flights: broadcast::Sender<Arc<str>>,
     clock: Arc<dyn Clock>,
+    subscribed: Arc<AtomicBool>,
 }
 
 impl Feeds {
@@ -956,9 +1004,13 @@ impl Feeds {
             return;
         }
         let mut parts = payload.splitn(5, ' ');
-        let (Some(origin), Some(kind), Some(left), Some(exchange), Some(proxy)) =
-            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(origin), Some(kind), Some(left), Some(exchange), Some(proxy)) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
             return;
         };
         if origin == self.origin {
@@ -1001,6 +1053,7 @@ async fn subscribe_loop(clients: Vec<::redis::Client>, feeds: Feeds) {
         .await;
         if let Ok(Ok(pubsub)) = connected {
             backoff = RESUBSCRIBE_MIN;
+            feeds.subscribed.store(true, Ordering::Relaxed);
             let (mut sink, mut stream) = pubsub.split();
             let mut ping = tokio::time::interval(PUBSUB_PING);
             ping.tick().await;
@@ -1018,6 +1071,7 @@ async fn subscribe_loop(clients: Vec<::redis::Client>, feeds: Feeds) {
                     }
                 }
             }
+            feeds.subscribed.store(false, Ordering::Relaxed);
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(RESUBSCRIBE_MAX);
@@ -1042,11 +1096,22 @@ mod tests {
 
     #[test]
     fn list_bounds_cover_one_exchange_and_start_after_the_token() {
+        type Row<'a> = (
+            &'a str,
+            Option<&'a str>,
+            Option<(&'a str, u64)>,
+            (&'a str, &'a str),
+        );
         // (row, exchange filter, token, expected (lo, hi))
-        let rows: [(&str, Option<&str>, Option<(&str, u64)>, (&str, &str)); 4] = [
+        let rows: [Row<'_>; 4] = [
             ("all", None, None, ("-", "+")),
             ("one exchange", Some("okx"), None, ("[okx,", "(okx-")),
-            ("all after a token", None, Some(("bybit", 0xab)), ("(bybit,00000000000000abg", "+")),
+            (
+                "all after a token",
+                None,
+                Some(("bybit", 0xab)),
+                ("(bybit,00000000000000abg", "+"),
+            ),
             (
                 "a token before the filter's exchange",
                 Some("okx"),
@@ -1056,7 +1121,11 @@ mod tests {
         ];
         for (row, filter, token, (lo, hi)) in rows {
             let token = token.map(|(x, d)| (x.to_owned(), d));
-            assert_eq!(list_bounds(filter, token.as_ref()), (lo.to_owned(), hi.to_owned()), "row {row}");
+            assert_eq!(
+                list_bounds(filter, token.as_ref()),
+                (lo.to_owned(), hi.to_owned()),
+                "row {row}"
+            );
         }
     }
 }

@@ -171,6 +171,12 @@ impl ResilientStore {
         self.shared.status.clone()
     }
 
+    /// The shared store inside (tests move its clock).
+    #[cfg(test)]
+    pub(crate) fn remote(&self) -> &RedisStore {
+        &self.shared.remote
+    }
+
     /// The replica's local store (tests and admin: what it would serve during an outage).
     pub fn local(&self) -> &MemoryStore {
         &self.shared.local
@@ -223,7 +229,9 @@ impl Shared {
                  state, and connection-attempt budgets count per replica until it returns"
             );
         } else if !was && up {
-            tracing::info!("brokering state store (Redis) reachable again: state is shared across replicas again");
+            tracing::info!(
+                "brokering state store (Redis) reachable again: state is shared across replicas again"
+            );
         }
     }
 
@@ -289,7 +297,11 @@ impl Shared {
         let _ = match change.kind {
             ChangeKind::Banned(until) => self
                 .local
-                .ban(key, BanLength::Exactly(until.saturating_duration_since(now)), true)
+                .ban(
+                    key,
+                    BanLength::Exactly(until.saturating_duration_since(now)),
+                    true,
+                )
                 .await
                 .map(drop),
             ChangeKind::Penalised(until) => self

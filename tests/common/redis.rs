@@ -86,7 +86,9 @@ impl RedisServer {
         if let Some(p) = &self.password {
             cmd.args(["--requirepass", p]);
         }
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         let child = match cmd.spawn() {
             Ok(child) => child,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
@@ -106,7 +108,10 @@ impl RedisServer {
             if let Some(child) = self.child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
-                panic!("redis-server exited at start ({status}); is port {} free?", self.addr.port());
+                panic!(
+                    "redis-server exited at start ({status}); is port {} free?",
+                    self.addr.port()
+                );
             }
             if let Ok(mut s) = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)) {
                 let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
@@ -118,7 +123,10 @@ impl RedisServer {
                     return;
                 }
             }
-            assert!(Instant::now() < deadline, "redis-server did not answer within {START_DEADLINE:?}");
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer within {START_DEADLINE:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
