@@ -185,7 +185,7 @@ impl ResilientStore {
 
 impl Shared {
     /// Runs `op` on Redis unless the breaker is open, bounded by the operation timeout.
-    async fn remote<T>(&self, op: impl Future<Output = Result<T, StoreError>>) -> Outcome<T> {
+    async fn remote<T>(self: &Arc<Self>, op: impl Future<Output = Result<T, StoreError>>) -> Outcome<T> {
         let Some(permit) = self.breaker.try_acquire() else {
             return Outcome::Local;
         };
@@ -212,13 +212,14 @@ impl Shared {
         }
     }
 
-    fn failed(&self, error: &str) {
+    fn failed(self: &Arc<Self>, error: &str) {
         error.clone_into(&mut self.last_error.lock().unwrap_or_else(|e| e.into_inner()));
         self.observe();
     }
 
-    /// Turns the breaker's state into the status, logging each edge once.
-    fn observe(self: &Shared) {
+    /// Turns the breaker's state into the status, logging each edge once; on return, replays
+    /// the outage's journal.
+    fn observe(self: &Arc<Self>) {
         let up = self.breaker.snapshot().kind == Kind::Closed;
         let was = self.status.0.swap(up, Ordering::Relaxed);
         if was && !up {
@@ -232,6 +233,8 @@ impl Shared {
             tracing::info!(
                 "brokering state store (Redis) reachable again: state is shared across replicas again"
             );
+            let shared = self.clone();
+            tokio::spawn(async move { shared.replay().await });
         }
     }
 
@@ -316,7 +319,7 @@ impl Shared {
 }
 
 /// While the breaker is not closed: once its open period has passed, `PING` Redis as the
-/// breaker's probe. Replays the outage's journal when it closes.
+/// breaker's probe.
 async fn probe_loop(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(PROBE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -332,7 +335,6 @@ async fn probe_loop(shared: Arc<Shared>) {
             Ok(Ok(())) => {
                 permit.success();
                 shared.observe();
-                shared.replay().await;
             }
             Ok(Err(e)) => {
                 permit.failure();
@@ -561,5 +563,225 @@ impl Store for ResilientStore {
 
     fn flights(&self) -> broadcast::Receiver<Arc<str>> {
         self.shared.flights.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::io::Write;
+
+    use super::*;
+    use crate::brokering::settings::Budget;
+    use crate::clock::ManualClock;
+    use crate::store::conformance::{Backend, RedisServer};
+    use proxy_broker_core::ConnectionType;
+
+    const OP_TIMEOUT: Duration = Duration::from_millis(50);
+    const DEADLINE: Duration = Duration::from_secs(30);
+
+    /// Log lines, captured.
+    #[derive(Clone, Default)]
+    struct Logs(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Logs {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Logs {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        }
+    }
+
+    async fn replica(server: &RedisServer, prefix: &str, clock: &Arc<ManualClock>) -> ResilientStore {
+        let remote = Backend::redis_store(server, prefix, clock.clone()).await;
+        let store = ResilientStore::new(remote, OP_TIMEOUT, clock.clone());
+        let deadline = std::time::Instant::now() + DEADLINE;
+        while !store.remote().is_subscribed() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the change feed never connected"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        store
+    }
+
+    fn k(i: usize) -> String {
+        format!("http://u:pw@p{}:1", i % 20)
+    }
+
+    /// One round of a feed's calls: a hand-out, a state read, a failure report. Every one must
+    /// answer, whatever Redis is doing.
+    async fn round(store: &ResilientStore, i: usize) {
+        let proxy = k(i);
+        let key = StateKey {
+            proxy: &proxy,
+            exchange: "binance",
+        };
+        let hand_out = HandOut {
+            connection_type: ConnectionType::Websocket,
+            budget: Some(Budget::new(100_000, 300)),
+            lease: Duration::from_secs(60),
+        };
+        assert!(matches!(
+            store.try_attempt(key, hand_out).await,
+            Ok(Attempt::Admitted { .. })
+        ));
+        store.states("binance", &[&proxy]).await.unwrap();
+        store.record_failure(key, false).await.unwrap();
+    }
+
+    async fn until(
+        what: &str,
+        stores: &[&ResilientStore],
+        mut done: impl FnMut() -> bool,
+    ) -> (usize, Duration) {
+        let start = std::time::Instant::now();
+        let mut i = 0;
+        while !done() {
+            assert!(start.elapsed() < DEADLINE, "{what}: not within {DEADLINE:?}");
+            for s in stores {
+                round(s, i).await;
+            }
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        (i, start.elapsed())
+    }
+
+    #[tokio::test]
+    async fn calls_keep_answering_while_redis_is_killed_and_replicas_rejoin_when_it_returns() {
+        let logs = Logs::default();
+        let sink = logs.clone();
+        let _log = tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_writer(move || sink.clone())
+                .with_ansi(false)
+                .finish(),
+        );
+        let mut server = RedisServer::start();
+        let clock = Arc::new(ManualClock::new());
+        let a = replica(&server, "fleet:", &clock).await;
+        let b = replica(&server, "fleet:", &clock).await;
+        let (sa, sb) = (a.status(), b.status());
+
+        for i in 0..200 {
+            round(&a, i).await;
+            round(&b, i).await;
+        }
+        assert!(sa.is_up() && sb.is_up());
+
+        server.kill();
+        until("both replicas see the store down", &[&a, &b], || {
+            !sa.is_up() && !sb.is_up()
+        })
+        .await;
+        for i in 0..200 {
+            round(&a, i).await;
+            round(&b, i).await;
+        }
+        let outage_ban = StateKey {
+            proxy: "http://banned-in-the-outage:1",
+            exchange: "okx",
+        };
+        let local_ban = a
+            .ban(outage_ban, BanLength::Exactly(Duration::from_secs(600)), true)
+            .await
+            .unwrap();
+        assert!(
+            local_ban.is_some(),
+            "a ban still applies (locally) while Redis is gone"
+        );
+
+        server.restart();
+        let (_, rejoined) = until("both replicas rejoin", &[&a, &b], || sa.is_up() && sb.is_up()).await;
+        eprintln!("store_up back to 1 {rejoined:?} after redis-server restarted");
+
+        // Shared again: a ban on one replica holds on the other, and the outage's ban was replayed.
+        let after = StateKey {
+            proxy: "http://banned-after:1",
+            exchange: "okx",
+        };
+        a.ban(after, BanLength::Exactly(Duration::from_secs(600)), true)
+            .await
+            .unwrap();
+        let start = std::time::Instant::now();
+        loop {
+            let seen = b.state(after).await.unwrap().and_then(|s| s.banned_until);
+            let replayed = b.state(outage_ban).await.unwrap().and_then(|s| s.banned_until);
+            if seen.is_some() && replayed.is_some() {
+                break;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "state not shared again ({seen:?}, {replayed:?})"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        let text = logs.text();
+        let warnings = text.matches("unreachable").count();
+        assert_eq!(
+            warnings, 2,
+            "one warning per replica per outage, not per call:\n{text}"
+        );
+        assert!(text.contains("reachable again"), "{text}");
+        assert!(!text.contains("pw@"), "a proxy password in the logs:\n{text}");
+    }
+
+    #[tokio::test]
+    async fn a_stalled_redis_is_not_waited_for_and_budgets_then_count_per_replica() {
+        let server = RedisServer::start();
+        let clock = Arc::new(ManualClock::new());
+        let a = replica(&server, "stall:", &clock).await;
+        let b = replica(&server, "stall:", &clock).await;
+        let key = StateKey {
+            proxy: "http://p:1",
+            exchange: "okx",
+        };
+        let hand_out = HandOut {
+            connection_type: ConnectionType::Websocket,
+            budget: Some(Budget::new(1, 300)),
+            lease: Duration::from_secs(60),
+        };
+        assert!(matches!(
+            b.try_attempt(key, hand_out).await.unwrap(),
+            Attempt::Admitted { .. }
+        ));
+        assert!(
+            matches!(
+                a.try_attempt(key, hand_out).await.unwrap(),
+                Attempt::Exhausted { .. }
+            ),
+            "the budget is fleet-wide while Redis answers"
+        );
+        // Stall every client for far longer than the operation timeout.
+        let mut admin = ::redis::Client::open(server.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let _: () = ::redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(3_000)
+            .arg("ALL")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        // Redis would refuse (its window is full); an answer now can only be the local one.
+        let attempt = a.try_attempt(key, hand_out).await.unwrap();
+        assert!(
+            matches!(attempt, Attempt::Admitted { used: 1, .. }),
+            "answered from this replica's own window: {attempt:?}"
+        );
     }
 }

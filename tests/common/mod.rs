@@ -114,3 +114,4 @@ pub fn load(
 }
 
 pub mod ops;
+pub mod redis;
