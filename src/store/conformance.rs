@@ -70,9 +70,7 @@ impl Backend {
         clock: Arc<ManualClock>,
     ) -> RedisStore {
         let client = ::redis::Client::open(server.url()).unwrap();
-        RedisStore::new(Target::Single(client), prefix, Duration::from_secs(2), clock)
-            .await
-            .unwrap()
+        RedisStore::new(Target::Single(client), prefix, Duration::from_secs(2), clock).unwrap()
     }
 
     async fn redis(server: &RedisServer, prefix: String) -> Self {

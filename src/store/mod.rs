@@ -45,6 +45,7 @@
 //! The memory store implements these locally (bounded, expiring), so a single broker behaves as
 //! before: it always leads unless its own earlier call still holds the key.
 
+pub mod config;
 #[cfg(test)]
 mod conformance;
 pub mod memory;
@@ -52,7 +53,9 @@ pub mod redis;
 pub mod resilient;
 pub mod window;
 
+pub use config::{BuiltStore, StoreConfig, build_store};
 pub use memory::MemoryStore;
+pub use resilient::StoreStatus;
 
 use std::fmt;
 use std::sync::Arc;

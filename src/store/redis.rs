@@ -297,7 +297,7 @@ impl RedisStore {
     /// A store on `target` whose keys start with `key_prefix`; replies slower than
     /// `response_timeout` are errors. Connects lazily (an unreachable server is an error per
     /// operation, not here). Must run inside a Tokio runtime (it starts the pub/sub task).
-    pub async fn new(
+    pub fn new(
         target: Target,
         key_prefix: &str,
         response_timeout: Duration,
