@@ -59,6 +59,10 @@ pub struct Metrics {
     pub ejections: Counter,
     /// `proxy_broker_config_reloads_total{result}`.
     pub config_reloads: Family<Labels, Counter>,
+    /// `proxy_broker_store_up`: 1 while the brokering state store is in use (always with the
+    /// memory backend), 0 while a shared one (Redis) is unreachable and this replica runs on
+    /// local state. Refresh it from [`crate::store::StoreStatus::gauge_value`] before rendering.
+    pub store_up: Gauge,
 }
 
 impl Default for Metrics {
@@ -84,6 +88,7 @@ impl Metrics {
             feedback_dropped: Counter::default(),
             ejections: Counter::default(),
             config_reloads: Family::default(),
+            store_up: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -146,6 +151,12 @@ impl Metrics {
             "Configuration reloads by result",
             m.config_reloads.clone(),
         );
+        registry.register(
+            "proxy_broker_store_up",
+            "Whether the brokering state store is reachable (0: a shared store is down and this replica serves from local state)",
+            m.store_up.clone(),
+        );
+        m.store_up.set(1);
         // Series whose label values are known up front start at 0, so that `rate()` and
         // `increase()` see the first failed reload or failure report (a series that appears
         // with value 1 has no increase).
