@@ -772,3 +772,62 @@ async fn the_resilient_store_conforms_while_redis_is_up() {
     let server = RedisServer::start();
     conform(|_| Backend::resilient(&server, prefix())).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_redis_key_expires_and_no_key_name_holds_a_proxy_url() {
+    let server = RedisServer::start();
+    let b = Backend::redis(&server, "ttl:".to_owned()).await;
+    let k = key("http://user:secret-pw@proxy-host.example:3128", "binance");
+    b.store
+        .try_attempt(k, hand_out(Some(Budget::new(5, 60))))
+        .await
+        .unwrap();
+    b.store
+        .try_attempt(
+            k,
+            HandOut {
+                connection_type: ConnectionType::Http,
+                ..hand_out(Some(Budget::new(5, 60)))
+            },
+        )
+        .await
+        .unwrap();
+    b.store
+        .ban(k, BanLength::Exactly(Duration::from_secs(60)), true)
+        .await
+        .unwrap();
+    b.store.record_failure(k, true).await.unwrap();
+    b.store
+        .put_answer("binance/websocket/", b"a", Duration::from_secs(60))
+        .await
+        .unwrap();
+    b.store
+        .lead_flight("binance/websocket/", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let mut conn = ::redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = ::redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // entry, two windows, leases, index, answer, flight lock
+    assert_eq!(keys.len(), 7, "{keys:?}");
+    for name in keys {
+        assert!(name.starts_with("ttl:"), "{name} is outside the key prefix");
+        assert!(
+            !name.contains("secret") && !name.contains("proxy-host"),
+            "{name} holds the URL"
+        );
+        let ttl: i64 = ::redis::cmd("PTTL")
+            .arg(&name)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(ttl > 0, "{name} has no TTL ({ttl})");
+    }
+}

@@ -850,7 +850,7 @@ impl Store for RedisStore {
         let token_of = |member: &str| {
             member
                 .split_once(',')
-                .map(|(x, d)| format!("{x}/{}", &d[..d.len().min(16)]))
+                .map(|(x, d)| format!("{x}/{}", d.chars().take(16).collect::<String>()))
         };
         let next_page_token = if more_rows {
             rows.last().and_then(|(m, _)| token_of(m))

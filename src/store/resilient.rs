@@ -494,11 +494,12 @@ impl Store for ResilientStore {
 
     async fn release(&self, key: StateKey<'_>) -> Result<bool, StoreError> {
         let s = &self.shared;
-        let _ = s.local.release(key).await;
+        // Both: the local leases are this replica's share, which an outage would start from.
+        let local = s.local.release(key).await?;
         match s.remote(s.remote.release(key)).await {
             Outcome::Done(v) => Ok(v),
             Outcome::Refused(e) => Err(e),
-            Outcome::Local => Ok(false),
+            Outcome::Local => Ok(local),
         }
     }
 
