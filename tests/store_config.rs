@@ -260,6 +260,7 @@ fn redis_config(url: String, password_file: Option<String>) -> StoreConfig {
             url: Some(url),
             password_file,
             key_prefix: "pwtest:".into(),
+            operation_timeout_ms: 2000,
             ..RedisConfig::default()
         },
     }
@@ -344,4 +345,41 @@ async fn a_wrong_password_is_an_outage_whose_errors_do_not_show_it() {
     assert!(!error.contains(wrong) && !error.contains(PASSWORD), "{error}");
     assert!(error.contains("unavailable"), "{error}");
     assert!(!format!("{store:?}").contains(wrong));
+}
+
+#[tokio::test]
+async fn cluster_true_with_seed_urls_shares_state_through_a_redis_cluster() {
+    let cluster = common::redis::RedisCluster::start(3);
+    let config = StoreConfig {
+        backend: Backend::Redis,
+        redis: RedisConfig {
+            urls: cluster.urls(),
+            cluster: true,
+            // Generous: this test is about routing, not about a slow CI machine.
+            operation_timeout_ms: 2000,
+            ..RedisConfig::default()
+        },
+    };
+    let a = build_store(&config, Arc::new(SystemClock)).unwrap();
+    let b = build_store(&config, Arc::new(SystemClock)).unwrap();
+    // Entries of many exchanges land on different nodes; each script stays in one slot.
+    for exchange in ["binance", "bybit", "okx", "kraken", "coinbase"] {
+        let key = StateKey {
+            proxy: "http://p:1",
+            exchange,
+        };
+        a.store
+            .ban(key, BanLength::Exactly(Duration::from_secs(60)), true)
+            .await
+            .unwrap();
+        let seen = b.store.state(key).await.unwrap().and_then(|s| s.banned_until);
+        assert!(
+            seen.is_some(),
+            "{exchange}: the other replica sees the ban through the cluster"
+        );
+    }
+    assert!(
+        a.status.is_up() && b.status.is_up(),
+        "no operation fell back to local state"
+    );
 }

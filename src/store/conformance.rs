@@ -20,7 +20,7 @@ use proxy_broker_core::ConnectionType;
 use proxy_broker_core::embedded::EJECTION_BASE;
 use tokio::time::Instant;
 
-pub(crate) use self::redis_server::RedisServer;
+pub(crate) use self::redis_server::{RedisCluster, RedisServer};
 use super::memory::{BAN_MEMORY, DEFAULT_MAX_ENTRIES, FAILURE_MEMORY};
 use super::redis::{RedisStore, Target};
 use super::resilient::ResilientStore;
@@ -79,6 +79,39 @@ impl Backend {
         let peer = Arc::new(Self::redis_store(server, &prefix, clock.clone()).await);
         Self {
             name: "redis",
+            store: store.clone(),
+            peer: peer.clone(),
+            clock,
+            memory: None,
+            redis: vec![store, peer],
+            resilient: Vec::new(),
+        }
+    }
+
+    fn cluster_store(cluster: &RedisCluster, prefix: &str, clock: Arc<ManualClock>) -> RedisStore {
+        let urls = cluster.urls();
+        let client = ::redis::cluster::ClusterClientBuilder::new(urls.clone())
+            .build()
+            .unwrap();
+        let seeds = urls
+            .iter()
+            .map(|u| ::redis::Client::open(u.as_str()).unwrap())
+            .collect();
+        RedisStore::new(
+            Target::Cluster { client, seeds },
+            prefix,
+            Duration::from_secs(2),
+            clock,
+        )
+        .unwrap()
+    }
+
+    async fn cluster(cluster: &RedisCluster, prefix: String) -> Self {
+        let clock = Arc::new(ManualClock::new());
+        let store = Arc::new(Self::cluster_store(cluster, &prefix, clock.clone()));
+        let peer = Arc::new(Self::cluster_store(cluster, &prefix, clock.clone()));
+        Self {
+            name: "redis cluster",
             store: store.clone(),
             peer: peer.clone(),
             clock,
@@ -765,6 +798,12 @@ async fn the_memory_store_conforms() {
 async fn the_redis_store_conforms() {
     let server = RedisServer::start();
     conform(|_| Backend::redis(&server, prefix())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_redis_store_conforms_on_a_redis_cluster() {
+    let cluster = RedisCluster::start(3);
+    conform(|_| Backend::cluster(&cluster, prefix())).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

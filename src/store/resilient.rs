@@ -318,9 +318,12 @@ impl Shared {
     }
 }
 
-/// While the breaker is not closed: once its open period has passed, `PING` Redis as the
-/// breaker's probe.
+/// Connects at start; then, while the breaker is not closed and once its open period has
+/// passed, `PING`s Redis as the breaker's probe.
 async fn probe_loop(shared: Arc<Shared>) {
+    // Connections are made lazily: make this one now, before the first feed's call would pay
+    // for it (and likely time out).
+    let _ = tokio::time::timeout(PROBE_TIMEOUT, shared.remote.ping()).await;
     let mut tick = tokio::time::interval(PROBE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

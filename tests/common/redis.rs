@@ -69,6 +69,10 @@ impl RedisServer {
 
     /// Starts the server again on the same port (empty: persistence is off).
     pub fn restart(&mut self) {
+        self.spawn(&[]);
+    }
+
+    fn spawn(&mut self, extra: &[&str]) {
         self.kill();
         let mut cmd = Command::new("redis-server");
         cmd.args([
@@ -83,6 +87,7 @@ impl RedisServer {
             "--protected-mode",
             "no",
         ]);
+        cmd.args(extra);
         if let Some(p) = &self.password {
             cmd.args(["--requirepass", p]);
         }
@@ -135,5 +140,84 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A Redis Cluster of `n` primaries (no replicas), each a `redis-server` with cluster mode on, on
+/// free loopback ports; killed on drop.
+#[derive(Debug)]
+pub struct RedisCluster {
+    /// The nodes.
+    pub nodes: Vec<RedisServer>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    /// Starts `n` (≥ 3) nodes and joins them with `redis-cli --cluster create`, waiting until every
+    /// node says `cluster_state:ok`.
+    pub fn start(n: usize) -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let nodes: Vec<RedisServer> = (0..n)
+            .map(|i| {
+                let port = TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .expect("a free loopback port")
+                    .port();
+                let node_dir = dir.path().join(format!("node{i}"));
+                std::fs::create_dir_all(&node_dir).expect("a node directory");
+                let mut server = RedisServer {
+                    addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                    password: None,
+                    child: None,
+                };
+                server.spawn(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    &node_dir.join("nodes.conf").display().to_string(),
+                    "--dir",
+                    &node_dir.display().to_string(),
+                ]);
+                server
+            })
+            .collect();
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for node in &nodes {
+            create.arg(node.addr.to_string());
+        }
+        create.args(["--cluster-replicas", "0", "--cluster-yes"]);
+        let out = create
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli (Debian's redis-tools, installed with redis-server)");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let deadline = Instant::now() + START_DEADLINE;
+        for node in &nodes {
+            loop {
+                let info = Command::new("redis-cli")
+                    .args(["-p", &node.addr.port().to_string(), "cluster", "info"])
+                    .output()
+                    .expect("redis-cli");
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the cluster did not become ok within {START_DEADLINE:?}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Self { nodes, _dir: dir }
+    }
+
+    /// The seed URLs (`redis://127.0.0.1:port`).
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| format!("redis://{}", n.addr)).collect()
     }
 }
