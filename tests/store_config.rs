@@ -288,6 +288,30 @@ async fn build_store_reads_the_password_file_and_shares_state_through_a_protecte
         .unwrap();
     let seen = b.store.state(key).await.unwrap().and_then(|s| s.banned_until);
     assert!(seen.is_some(), "the other replica sees the ban through Redis");
+    // The change feed's own connection authenticates too: a ban on one replica reaches the
+    // other's feed (retried until its subscription is up).
+    let mut feed = b.store.subscribe();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    'heard: for i in 0.. {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the other replica's feed heard nothing"
+        );
+        let proxy = format!("http://q{i}:1");
+        let key = StateKey {
+            proxy: &proxy,
+            exchange: "okx",
+        };
+        a.store
+            .ban(key, BanLength::Exactly(Duration::from_secs(60)), true)
+            .await
+            .unwrap();
+        while let Ok(Ok(change)) = tokio::time::timeout(Duration::from_millis(200), feed.recv()).await {
+            if &*change.proxy == proxy.as_str() {
+                break 'heard;
+            }
+        }
+    }
     assert!(a.status.is_up() && b.status.is_up());
 }
 
