@@ -1,5 +1,6 @@
 //! The broker's configuration file: cryptofeed's `proxy:` block (with `external_service`), the
-//! broker's own `server:` block and its `brokering:` block, layered defaults → YAML → environment.
+//! broker's own `server:` block, its `brokering:` block and its `store:` block, layered defaults →
+//! YAML → environment.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -10,6 +11,7 @@ use proxy_broker_core::{ConfigError, EnvMapping, Loader, ProxySettings, Secret};
 use serde::{Deserialize, Serialize};
 
 use crate::brokering::config::BrokeringConfig;
+use crate::store::config::StoreConfig;
 
 /// Environment prefix of cryptofeed's proxy settings, mapped onto `proxy.*`.
 pub const PROXY_ENV_PREFIX: &str = "CRYPTOFEED_PROXY_";
@@ -18,8 +20,8 @@ pub const SERVER_ENV_PREFIX: &str = "PROXY_BROKER_";
 /// Environment prefix of the `brokering:` block, mapped onto `brokering.*` (not `server.*`: the
 /// longest matching prefix wins).
 pub const BROKERING_ENV_PREFIX: &str = "PROXY_BROKER_BROKERING__";
-/// Environment prefix reserved for the `store:` block (shared brokering state), mapped onto
-/// `store.*`. There is no such block yet, so any variable with it is an unknown key.
+/// Environment prefix of the `store:` block (where brokering state lives: memory, or Redis shared
+/// by the fleet), mapped onto `store.*`, e.g. `PROXY_BROKER_STORE__REDIS__URL`.
 pub const STORE_ENV_PREFIX: &str = "PROXY_BROKER_STORE__";
 /// Shortest accepted `server.auth_tokens` entry.
 pub const MIN_AUTH_TOKEN_LEN: usize = 16;
@@ -39,6 +41,9 @@ pub struct BrokerConfig {
     /// Feed-aware brokering: per-exchange budgets, bans, outage guard, leases (hot-reloadable).
     #[serde(default)]
     pub brokering: BrokeringConfig,
+    /// Where brokering state lives: this process, or Redis shared by every replica (start-up only).
+    #[serde(default)]
+    pub store: StoreConfig,
 }
 
 /// The `server:` block.
@@ -136,6 +141,7 @@ impl Validate for BrokerConfig {
         self.proxy.validate("proxy", problems);
         self.server.validate("server", problems);
         self.brokering.validate("brokering", problems);
+        self.store.validate("store", problems);
     }
 }
 
@@ -236,7 +242,9 @@ impl BrokerConfig {
             .table("brokering.outage")
             .table("brokering.exchanges.*")
             .table("brokering.exchanges.*.websocket")
-            .table("brokering.exchanges.*.http");
+            .table("brokering.exchanges.*.http")
+            .table("store")
+            .table("store.redis");
         match file {
             Some(path) => loader.file(path),
             None => loader,

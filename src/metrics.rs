@@ -62,6 +62,10 @@ pub struct Metrics {
     /// `proxy_broker_exchange_outage{exchange}`: 1 while the exchange is in an outage (most
     /// proxies reporting for it fail), else 0; for exchanges with a budget or recent reports.
     pub exchange_outage: Family<Labels, Gauge>,
+    /// `proxy_broker_store_up`: 1 while the brokering state store is in use (always with the
+    /// memory backend), 0 while a shared one (Redis) is unreachable and this replica runs on
+    /// local state. Refresh it from [`crate::store::StoreStatus::gauge_value`] before rendering.
+    pub store_up: Gauge,
 }
 
 impl Default for Metrics {
@@ -88,6 +92,7 @@ impl Metrics {
             ejections: Counter::default(),
             config_reloads: Family::default(),
             exchange_outage: Family::default(),
+            store_up: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -155,6 +160,12 @@ impl Metrics {
             "1 while most proxies reporting for the exchange fail (an exchange outage: failures stop ejecting), else 0",
             m.exchange_outage.clone(),
         );
+        registry.register(
+            "proxy_broker_store_up",
+            "Whether the brokering state store is reachable (0: a shared store is down and this replica serves from local state)",
+            m.store_up.clone(),
+        );
+        m.store_up.set(1);
         // Series whose label values are known up front start at 0, so that `rate()` and
         // `increase()` see the first failed reload or failure report (a series that appears
         // with value 1 has no increase).

@@ -18,9 +18,12 @@
 //! - **Memory**: an entry is ~200 bytes plus 8 bytes per attempt in a window and per live lease
 //!   (leases capped at [`MAX_LEASES`] per entry).
 //! - **Time**: the broker's [`Clock`], in whole milliseconds since the store was created.
+//! - **Shared answers and flights** (fleet mode's operations, trivially local here): answers in a
+//!   cache bounded by total bytes ([`MAX_ANSWER_CACHE_BYTES`]), flight locks in a map bounded by
+//!   [`MAX_FLIGHTS`] (full of live locks: the caller leads, as without the lock).
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -35,8 +38,8 @@ use tokio::time::Instant;
 
 use super::window::{Admission, SlidingLog};
 use super::{
-    Attempt, BanLength, Change, ChangeKind, DEFAULT_PAGE_SIZE, HandOut, Listed, MAX_PAGE_SIZE, Page,
-    ProxyState, StateKey, Store, StoreError, WindowState,
+    Attempt, BanLength, Change, ChangeKind, DEFAULT_PAGE_SIZE, HandOut, Listed, MAX_ANSWER_BYTES,
+    MAX_ANSWER_TTL, MAX_PAGE_SIZE, Page, ProxyState, StateKey, Store, StoreError, WindowState,
 };
 use crate::brokering::bans::doubled;
 use crate::brokering::settings::{Budget, MAX_BAN};
@@ -50,13 +53,24 @@ pub const MAX_LEASES: usize = 4096;
 /// Changes buffered for slow subscribers.
 pub const CHANGE_FEED_CAPACITY: usize = 4096;
 /// How long after a ban ends a new ban still counts as a repeat (and the entry is kept).
-const BAN_MEMORY: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const BAN_MEMORY: Duration = Duration::from_secs(24 * 3600);
 /// How long after an ejection ends its count is kept (a new one lasts longer).
-const EJECTION_MEMORY: Duration = EJECTION_MAX;
+pub(crate) const EJECTION_MEMORY: Duration = EJECTION_MAX;
 /// How long a consecutive-failure count lives without a new failure.
-const FAILURE_MEMORY: Duration = Duration::from_secs(3600);
+pub(crate) const FAILURE_MEMORY: Duration = Duration::from_secs(3600);
 /// Fewest creations between two opportunistic purges.
 const MIN_CREATIONS_PER_PURGE: usize = 256;
+/// Most bytes of shared answers kept (keys and values).
+pub const MAX_ANSWER_CACHE_BYTES: u64 = 16 * 1024 * 1024;
+/// Most flight locks held at once.
+pub const MAX_FLIGHTS: usize = 10_000;
+
+/// A kept answer: the bytes and when they expire (store milliseconds).
+#[derive(Debug, Clone)]
+struct Answer {
+    bytes: Arc<[u8]>,
+    expires_at: u64,
+}
 
 /// The in-process store. See the module docs.
 pub struct MemoryStore {
@@ -69,6 +83,10 @@ pub struct MemoryStore {
     /// Held by whoever purges or evicts (others skip rather than wait).
     housekeeping: Mutex<()>,
     created_since_purge: AtomicUsize,
+    answers: moka::sync::Cache<String, Answer>,
+    /// Flight locks: key → expiry (store milliseconds).
+    flight_locks: Mutex<HashMap<String, u64>>,
+    flights: broadcast::Sender<Arc<str>>,
 }
 
 impl fmt::Debug for MemoryStore {
@@ -159,6 +177,13 @@ impl MemoryStore {
     /// A store holding at most `max_entries` (proxy, exchange) entries, on `clock`.
     pub fn new(max_entries: usize, clock: Arc<dyn Clock>) -> Self {
         let (changes, _) = broadcast::channel(CHANGE_FEED_CAPACITY);
+        let (flights, _) = broadcast::channel(CHANGE_FEED_CAPACITY);
+        let answers = moka::sync::Cache::builder()
+            .max_capacity(MAX_ANSWER_CACHE_BYTES)
+            .weigher(|k: &String, v: &Answer| u32::try_from(k.len() + v.bytes.len()).unwrap_or(u32::MAX))
+            // Only frees memory: expiry itself is checked on the store's clock.
+            .time_to_live(MAX_ANSWER_TTL)
+            .build();
         Self {
             exchanges: DashMap::new(),
             len: AtomicUsize::new(0),
@@ -168,6 +193,9 @@ impl MemoryStore {
             changes,
             housekeeping: Mutex::new(()),
             created_since_purge: AtomicUsize::new(0),
+            answers,
+            flight_locks: Mutex::new(HashMap::new()),
+            flights,
         }
     }
 
@@ -545,10 +573,69 @@ impl Store for MemoryStore {
     fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.changes.subscribe()
     }
+
+    async fn put_answer(&self, key: &str, bytes: &[u8], ttl: Duration) -> Result<(), StoreError> {
+        if bytes.len() > MAX_ANSWER_BYTES || ttl.is_zero() {
+            return Ok(());
+        }
+        let now = self.now();
+        let answer = Answer {
+            bytes: Arc::from(bytes),
+            expires_at: now.floor.saturating_add(ms(ttl.min(MAX_ANSWER_TTL))),
+        };
+        self.answers.insert(key.to_owned(), answer);
+        Ok(())
+    }
+
+    async fn get_answer(&self, key: &str) -> Result<Option<(Vec<u8>, Duration)>, StoreError> {
+        let Some(answer) = self.answers.get(key) else {
+            return Ok(None);
+        };
+        let now = self.now();
+        if answer.expires_at <= now.floor {
+            self.answers.invalidate(key);
+            return Ok(None);
+        }
+        let left = Duration::from_millis(answer.expires_at - now.floor);
+        Ok(Some((answer.bytes.to_vec(), left)))
+    }
+
+    async fn lead_flight(&self, key: &str, lock_ttl: Duration) -> Result<bool, StoreError> {
+        let now = self.now();
+        let mut locks = self.flight_locks.lock().unwrap_or_else(|e| e.into_inner());
+        if locks.get(key).is_some_and(|&until| until > now.floor) {
+            return Ok(false);
+        }
+        if locks.len() >= MAX_FLIGHTS {
+            locks.retain(|_, until| *until > now.floor);
+            if locks.len() >= MAX_FLIGHTS {
+                // Full of live locks: lead without one (the broker's own single flight still
+                // holds within the process).
+                return Ok(true);
+            }
+        }
+        let until = now.ceil.saturating_add(ms(lock_ttl.min(MAX_ANSWER_TTL)));
+        locks.insert(key.to_owned(), until);
+        Ok(true)
+    }
+
+    async fn end_flight(&self, key: &str) -> Result<(), StoreError> {
+        self.flight_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+        // No subscriber is not an error.
+        let _ = self.flights.send(Arc::from(key));
+        Ok(())
+    }
+
+    fn flights(&self) -> broadcast::Receiver<Arc<str>> {
+        self.flights.subscribe()
+    }
 }
 
-/// `exchange/digest` → its parts.
-fn parse_token(token: &str) -> Result<(String, u64), StoreError> {
+/// `exchange/digest` → its parts (the Redis store issues and reads the same tokens).
+pub(super) fn parse_token(token: &str) -> Result<(String, u64), StoreError> {
     let bad = || {
         let shown: String = proxy_broker_core::redact::redact_text(token)
             .chars()

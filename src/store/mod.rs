@@ -23,11 +23,39 @@
 //!   pub/sub), so watchers can move feeds off it.
 //! - Exchange ids arrive lower-cased; proxy URLs as handed out (they may hold a password: never
 //!   log them, and a shared store should key by a digest of the URL).
+//!
+//! # Shared upstream answers and single flight across replicas
+//! Fleet mode also shares what the broker's cache and single flight hold, so that a storm spread
+//! over the replicas makes one upstream call per key for the whole fleet:
+//! - [`Store::put_answer`] / [`Store::get_answer`]: an upstream answer (opaque bytes, e.g. an
+//!   encoded `ProxyResponse`) per cache key, with its TTL (at most [`MAX_ANSWER_TTL`]; answers
+//!   larger than [`MAX_ANSWER_BYTES`] are not kept). `get_answer` returns the remaining TTL.
+//! - [`Store::lead_flight`]: take the key's flight lock (Redis: `SET NX PX`). `true`: this broker
+//!   leads and calls upstream; `false`: another broker (or an earlier call) leads. The lock
+//!   expires after `lock_ttl`, so a leader that dies frees it.
+//! - [`Store::end_flight`]: the leader is done (after `put_answer` on success, or on failure): frees
+//!   its lock and announces the key on [`Store::flights`], on every broker.
+//! - **A follower** (a call for which `lead_flight` was `false`) subscribes to [`Store::flights`]
+//!   *before* calling `lead_flight`, then loops until its own deadline: on a `flights()` message
+//!   for its key, or every [`FLIGHT_POLL_INTERVAL`] (a missed message must not strand it), it
+//!   calls `get_answer`; an answer ends the wait; none after the flight ended means the leader
+//!   failed: it may try `lead_flight` itself or take its usual fallback. Keys are the broker's
+//!   cache keys (no secrets); a shared store keys them by digest too.
+//!
+//! The memory store implements these locally (bounded, expiring), so a single broker behaves as
+//! before: it always leads unless its own earlier call still holds the key.
 
+pub mod config;
+#[cfg(test)]
+mod conformance;
 pub mod memory;
+pub mod redis;
+pub mod resilient;
 pub mod window;
 
+pub use config::{BuiltStore, StoreConfig, build_store};
 pub use memory::MemoryStore;
+pub use resilient::StoreStatus;
 
 use std::fmt;
 use std::sync::Arc;
@@ -211,6 +239,14 @@ pub struct Page {
     pub next_page_token: Option<String>,
 }
 
+/// Largest answer [`Store::put_answer`] keeps (larger ones are dropped: the caller still has it).
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+/// Longest TTL of a shared answer or flight lock (longer ones are cut to it).
+pub const MAX_ANSWER_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How often a follower re-checks [`Store::get_answer`] while it waits for another broker's
+/// flight (besides waking on [`Store::flights`]).
+pub const FLIGHT_POLL_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Most rows in one page.
 pub const MAX_PAGE_SIZE: usize = 1000;
 /// Rows in a page when the caller asks for 0.
@@ -328,4 +364,23 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// The change feed. A receiver that falls behind gets `RecvError::Lagged` and should
     /// re-check the state of whatever it watches.
     fn subscribe(&self) -> broadcast::Receiver<Change>;
+
+    /// Keeps `bytes` as the answer for cache key `key` for `ttl` (at most [`MAX_ANSWER_TTL`]),
+    /// replacing any earlier one; answers over [`MAX_ANSWER_BYTES`] and a zero `ttl` are ignored.
+    async fn put_answer(&self, key: &str, bytes: &[u8], ttl: Duration) -> Result<(), StoreError>;
+
+    /// The answer kept for `key` and its remaining TTL, `None` when there is none (or it expired).
+    async fn get_answer(&self, key: &str) -> Result<Option<(Vec<u8>, Duration)>, StoreError>;
+
+    /// Takes the flight lock of `key` for `lock_ttl` if nobody holds it: `true` = this broker
+    /// leads the upstream call for the key. See the module docs for the follower's loop.
+    async fn lead_flight(&self, key: &str, lock_ttl: Duration) -> Result<bool, StoreError>;
+
+    /// Ends this broker's flight for `key` (answer stored or call failed): frees the lock if this
+    /// broker holds it, and announces `key` on [`Store::flights`] to every broker.
+    async fn end_flight(&self, key: &str) -> Result<(), StoreError>;
+
+    /// Keys whose flight ended, on whichever broker led it. A receiver that falls behind gets
+    /// `RecvError::Lagged`: its followers should re-check `get_answer`.
+    fn flights(&self) -> broadcast::Receiver<Arc<str>>;
 }

@@ -121,3 +121,4 @@ pub fn load(
 }
 
 pub mod ops;
+pub mod redis;

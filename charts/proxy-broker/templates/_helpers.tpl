@@ -55,6 +55,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "proxy-broker.configPath" -}}/etc/proxy-broker/broker.yaml{{- end }}
 {{- define "proxy-broker.secretsDir" -}}/etc/proxy-broker/secrets{{- end }}
 {{- define "proxy-broker.tlsDir" -}}/etc/proxy-broker/tls{{- end }}
+{{- define "proxy-broker.redisDir" -}}/etc/proxy-broker/redis{{- end }}
 
 {{/* Credential keys the chart knows, and the auth_credentials key each one's file path goes to. */}}
 {{- define "proxy-broker.credentialFileKeys" -}}
@@ -102,6 +103,7 @@ The configuration file: .Values.config plus the keys the chart owns.
   - server.auth_tokens_file when client tokens are mounted;
   - server.tls.* when tls.enabled;
   - server.reload: false when reload.enabled is false (true is the broker's default and is left out).
+  - store.* from the store values (store.redis.password_file when store.redis.existingSecret is set).
 Secrets or chart-owned keys written into .Values.config fail the render with the values key to use.
 */}}
 {{- define "proxy-broker.config" -}}
@@ -185,6 +187,31 @@ Secrets or chart-owned keys written into .Values.config fail the render with the
 {{- /* Hot reload. */}}
 {{- if not .Values.reload.enabled }}
 {{- $_ := set $server "reload" false }}
+{{- end }}
+
+{{- /* Brokering state store: rendered from the store values only. */}}
+{{- if hasKey $cfg "store" }}
+{{- fail "config.store is set by the chart: use the store values (store.backend, store.redis.url, ...)" }}
+{{- end }}
+{{- $st := .Values.store }}
+{{- if eq $st.backend "redis" }}
+{{- $r := $st.redis }}
+{{- if and (not $r.url) (not $r.urls) }}
+{{- fail "store.backend is redis: set store.redis.url (one server) or store.redis.urls with store.redis.cluster: true" }}
+{{- end }}
+{{- range $u := concat (list $r.url) $r.urls }}
+{{- if regexMatch "^[A-Za-z]+://[^/@]*:[^/@]*@" $u }}
+{{- fail "store.redis.url and store.redis.urls must not hold a password (it would be written to the ConfigMap): put it in a Secret and name it in store.redis.existingSecret" }}
+{{- end }}
+{{- end }}
+{{- $redis := dict "key_prefix" $r.keyPrefix "operation_timeout_ms" (int $r.operationTimeoutMs) }}
+{{- if $r.url }}{{- $_ := set $redis "url" $r.url }}{{- end }}
+{{- if $r.urls }}{{- $_ := set $redis "urls" $r.urls }}{{- end }}
+{{- if $r.cluster }}{{- $_ := set $redis "cluster" true }}{{- end }}
+{{- if $r.existingSecret }}
+{{- $_ := set $redis "password_file" (printf "%s/%s" (include "proxy-broker.redisDir" .) $r.passwordKey) }}
+{{- end }}
+{{- $_ := set $cfg "store" (dict "backend" "redis" "redis" $redis) }}
 {{- end }}
 
 {{- toYaml $cfg }}

@@ -1,0 +1,872 @@
+//! The conformance table: the same cases against every [`Store`] implementation — the memory
+//! store, the Redis store on a real `redis-server`, and the resilient fleet store around it —
+//! so the semantics in the module docs of [`crate::store`] hold whichever backend runs.
+//!
+//! Time: the caller's clock is a [`ManualClock`]; "advancing" it also moves the Redis stores'
+//! view of the server's clock (their test-only offset), so windows, bans and leases pass without
+//! waiting. Key expiry (a server TTL) and answer TTLs run on real time: those cases poll with a
+//! deadline.
+#![allow(clippy::unwrap_used)]
+
+#[path = "../../tests/common/redis.rs"]
+mod redis_server;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use proxy_broker_core::ConnectionType;
+use proxy_broker_core::embedded::EJECTION_BASE;
+use tokio::time::Instant;
+
+pub(crate) use self::redis_server::{RedisCluster, RedisServer};
+use super::memory::{BAN_MEMORY, DEFAULT_MAX_ENTRIES, FAILURE_MEMORY};
+use super::redis::{RedisStore, Target};
+use super::resilient::ResilientStore;
+use super::{
+    Attempt, BanLength, ChangeKind, DEFAULT_PAGE_SIZE, HandOut, MAX_ANSWER_BYTES, MAX_PAGE_SIZE, MemoryStore,
+    ProxyState, StateKey, Store,
+};
+use crate::brokering::settings::{Budget, MAX_BAN};
+use crate::clock::{Clock, ManualClock};
+
+const WS: ConnectionType = ConnectionType::Websocket;
+/// How far a Redis-backed deadline may be from the expected one (round trips, ms rounding).
+const SLOP: Duration = Duration::from_millis(300);
+/// Deadline for anything that happens on real time (key expiry, pub/sub delivery).
+const DEADLINE: Duration = Duration::from_secs(15);
+
+/// One store under test, with a second replica's view of the same state (`peer`: for the
+/// memory store, the store itself).
+pub(crate) struct Backend {
+    pub name: &'static str,
+    pub store: Arc<dyn Store>,
+    pub peer: Arc<dyn Store>,
+    pub clock: Arc<ManualClock>,
+    memory: Option<Arc<MemoryStore>>,
+    redis: Vec<Arc<RedisStore>>,
+    resilient: Vec<Arc<ResilientStore>>,
+}
+
+impl Backend {
+    fn memory() -> Self {
+        let clock = Arc::new(ManualClock::new());
+        let store = Arc::new(MemoryStore::new(DEFAULT_MAX_ENTRIES, clock.clone()));
+        Self {
+            name: "memory",
+            store: store.clone(),
+            peer: store.clone(),
+            clock,
+            memory: Some(store),
+            redis: Vec::new(),
+            resilient: Vec::new(),
+        }
+    }
+
+    pub(crate) async fn redis_store(
+        server: &RedisServer,
+        prefix: &str,
+        clock: Arc<ManualClock>,
+    ) -> RedisStore {
+        let client = ::redis::Client::open(server.url()).unwrap();
+        RedisStore::new(Target::Single(client), prefix, Duration::from_secs(2), clock).unwrap()
+    }
+
+    async fn redis(server: &RedisServer, prefix: String) -> Self {
+        let clock = Arc::new(ManualClock::new());
+        let store = Arc::new(Self::redis_store(server, &prefix, clock.clone()).await);
+        let peer = Arc::new(Self::redis_store(server, &prefix, clock.clone()).await);
+        Self {
+            name: "redis",
+            store: store.clone(),
+            peer: peer.clone(),
+            clock,
+            memory: None,
+            redis: vec![store, peer],
+            resilient: Vec::new(),
+        }
+    }
+
+    fn cluster_store(cluster: &RedisCluster, prefix: &str, clock: Arc<ManualClock>) -> RedisStore {
+        let urls = cluster.urls();
+        let client = ::redis::cluster::ClusterClientBuilder::new(urls.clone())
+            .build()
+            .unwrap();
+        let seeds = urls
+            .iter()
+            .map(|u| ::redis::Client::open(u.as_str()).unwrap())
+            .collect();
+        RedisStore::new(
+            Target::Cluster { client, seeds },
+            prefix,
+            Duration::from_secs(2),
+            clock,
+        )
+        .unwrap()
+    }
+
+    async fn cluster(cluster: &RedisCluster, prefix: String) -> Self {
+        let clock = Arc::new(ManualClock::new());
+        let store = Arc::new(Self::cluster_store(cluster, &prefix, clock.clone()));
+        let peer = Arc::new(Self::cluster_store(cluster, &prefix, clock.clone()));
+        Self {
+            name: "redis cluster",
+            store: store.clone(),
+            peer: peer.clone(),
+            clock,
+            memory: None,
+            redis: vec![store, peer],
+            resilient: Vec::new(),
+        }
+    }
+
+    async fn resilient(server: &RedisServer, prefix: String) -> Self {
+        let clock = Arc::new(ManualClock::new());
+        let make = |remote: RedisStore| {
+            Arc::new(ResilientStore::new(
+                remote,
+                Duration::from_secs(2),
+                clock.clone() as Arc<dyn Clock>,
+            ))
+        };
+        let store = make(Self::redis_store(server, &prefix, clock.clone()).await);
+        let peer = make(Self::redis_store(server, &prefix, clock.clone()).await);
+        Self {
+            name: "resilient(redis)",
+            store: store.clone(),
+            peer: peer.clone(),
+            clock,
+            memory: None,
+            redis: Vec::new(),
+            resilient: vec![store, peer],
+        }
+    }
+
+    /// Waits until every Redis store's change feed is connected (as a replica's is soon after
+    /// start), so a case sees the other replica's changes.
+    async fn subscribed(&self) {
+        let mut remotes: Vec<&RedisStore> = self.redis.iter().map(|r| &**r).collect();
+        remotes.extend(self.resilient.iter().map(|r| r.remote()));
+        for r in remotes {
+            eventually("the change feed connects", || async { r.is_subscribed() }).await;
+        }
+    }
+
+    /// Moves time forward for the caller and for the store.
+    fn advance(&self, by: Duration) {
+        self.clock.advance(by);
+        for r in &self.redis {
+            r.advance(by);
+        }
+        for r in &self.resilient {
+            r.remote().advance(by);
+        }
+    }
+
+    /// Lets idle entries go (the memory store purges on demand; Redis expires keys itself).
+    fn purge(&self) {
+        if let Some(m) = &self.memory {
+            m.purge();
+        }
+    }
+
+    fn now(&self) -> Instant {
+        self.clock.now()
+    }
+
+    async fn state(&self, proxy: &str, exchange: &str) -> Option<ProxyState> {
+        self.store.state(key(proxy, exchange)).await.unwrap()
+    }
+}
+
+fn key<'a>(proxy: &'a str, exchange: &'a str) -> StateKey<'a> {
+    StateKey { proxy, exchange }
+}
+
+fn hand_out(budget: Option<Budget>) -> HandOut {
+    HandOut {
+        connection_type: WS,
+        budget,
+        lease: Duration::from_secs(60),
+    }
+}
+
+#[track_caller]
+fn near(actual: Duration, want: Duration, what: &str) {
+    let diff = actual.abs_diff(want);
+    assert!(diff <= SLOP, "{what}: {actual:?}, expected {want:?} (± {SLOP:?})");
+}
+
+#[track_caller]
+fn near_instant(actual: Instant, want: Instant, what: &str) {
+    let diff = if actual > want {
+        actual - want
+    } else {
+        want - actual
+    };
+    assert!(diff <= SLOP, "{what}: {diff:?} apart");
+}
+
+/// Polls `check` until it holds, failing after [`DEADLINE`].
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The cases, one behaviour each.
+#[derive(Debug, Clone, Copy)]
+enum Case {
+    BudgetHoldsUnder200ConcurrentAttemptsAcrossReplicas,
+    FullWindowSaysWhenItFreesThenAdmits,
+    BudgetsCountPerExchangeAndConnectionType,
+    BansDoubleUpToTheCapAndAreForgottenAfterADay,
+    ShorterBanOrPenaltyNeverShortensARunningOne,
+    FeedbackForUnknownProxyCreatesNothingUnlessAsked,
+    FailuresCountUntilSuccessEjectionOrAnHour,
+    ReleaseEndsTheSoonestLeaseAndLeasesEnd,
+    ChangesArePublishedToEveryReplica,
+    ReplicasShareState,
+    ListingPagesThroughEveryEntryOnce,
+    BadPageTokenNamesTheField,
+    IdleEntriesExpire,
+    AnswersAreSharedAndExpire,
+    FlightsLeadOnceAndAnnounceTheirEnd,
+}
+
+const CASES: &[Case] = &[
+    Case::BudgetHoldsUnder200ConcurrentAttemptsAcrossReplicas,
+    Case::FullWindowSaysWhenItFreesThenAdmits,
+    Case::BudgetsCountPerExchangeAndConnectionType,
+    Case::BansDoubleUpToTheCapAndAreForgottenAfterADay,
+    Case::ShorterBanOrPenaltyNeverShortensARunningOne,
+    Case::FeedbackForUnknownProxyCreatesNothingUnlessAsked,
+    Case::FailuresCountUntilSuccessEjectionOrAnHour,
+    Case::ReleaseEndsTheSoonestLeaseAndLeasesEnd,
+    Case::ChangesArePublishedToEveryReplica,
+    Case::ReplicasShareState,
+    Case::ListingPagesThroughEveryEntryOnce,
+    Case::BadPageTokenNamesTheField,
+    Case::IdleEntriesExpire,
+    Case::AnswersAreSharedAndExpire,
+    Case::FlightsLeadOnceAndAnnounceTheirEnd,
+];
+
+async fn run_case(case: Case, b: &Backend) {
+    match case {
+        Case::BudgetHoldsUnder200ConcurrentAttemptsAcrossReplicas => budget_holds(b).await,
+        Case::FullWindowSaysWhenItFreesThenAdmits => window_frees(b).await,
+        Case::BudgetsCountPerExchangeAndConnectionType => budgets_per_exchange_and_type(b).await,
+        Case::BansDoubleUpToTheCapAndAreForgottenAfterADay => bans_double(b).await,
+        Case::ShorterBanOrPenaltyNeverShortensARunningOne => never_shortened(b).await,
+        Case::FeedbackForUnknownProxyCreatesNothingUnlessAsked => unknown_proxies(b).await,
+        Case::FailuresCountUntilSuccessEjectionOrAnHour => failures_and_ejections(b).await,
+        Case::ReleaseEndsTheSoonestLeaseAndLeasesEnd => leases(b).await,
+        Case::ChangesArePublishedToEveryReplica => changes_published(b).await,
+        Case::ReplicasShareState => replicas_share_state(b).await,
+        Case::ListingPagesThroughEveryEntryOnce => listing(b).await,
+        Case::BadPageTokenNamesTheField => bad_page_token(b).await,
+        Case::IdleEntriesExpire => idle_entries_expire(b).await,
+        Case::AnswersAreSharedAndExpire => answers(b).await,
+        Case::FlightsLeadOnceAndAnnounceTheirEnd => flights(b).await,
+    }
+}
+
+async fn budget_holds(b: &Backend) {
+    let budget = Some(Budget::new(25, 300));
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let s = if i % 2 == 0 {
+                b.store.clone()
+            } else {
+                b.peer.clone()
+            };
+            tokio::spawn(async move {
+                let attempt = s
+                    .try_attempt(key("http://p:1", "binance"), hand_out(budget))
+                    .await;
+                matches!(attempt, Ok(Attempt::Admitted { .. }))
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += usize::from(t.await.unwrap());
+    }
+    assert_eq!(admitted, 25);
+    let st = b.state("http://p:1", "binance").await.unwrap();
+    assert_eq!(st.hand_outs, 25);
+    assert_eq!(st.live_leases, 25);
+    assert_eq!(st.websocket.unwrap().used, 25);
+    assert_eq!(st.websocket.unwrap().budget, Budget::new(25, 300));
+}
+
+async fn window_frees(b: &Backend) {
+    let budget = Some(Budget::new(2, 10));
+    let k = key("http://p:1", "okx");
+    for _ in 0..2 {
+        let attempt = b.store.try_attempt(k, hand_out(budget)).await.unwrap();
+        assert!(matches!(attempt, Attempt::Admitted { .. }), "{attempt:?}");
+    }
+    b.advance(Duration::from_secs(4));
+    let Attempt::Exhausted { retry_after } = b.store.try_attempt(k, hand_out(budget)).await.unwrap() else {
+        panic!("admitted over budget");
+    };
+    near(retry_after, Duration::from_secs(6), "retry_after");
+    let frees_at = b
+        .state(k.proxy, k.exchange)
+        .await
+        .unwrap()
+        .websocket
+        .unwrap()
+        .frees_at
+        .unwrap();
+    near_instant(frees_at, b.now() + Duration::from_secs(6), "frees_at");
+    b.advance(retry_after + Duration::from_millis(5));
+    assert_eq!(
+        b.store.try_attempt(k, hand_out(budget)).await.unwrap(),
+        Attempt::Admitted { used: 1, budget }
+    );
+}
+
+async fn budgets_per_exchange_and_type(b: &Backend) {
+    let budget = Some(Budget::new(1, 60));
+    let p = "http://p:1";
+    let http = HandOut {
+        connection_type: ConnectionType::Http,
+        ..hand_out(budget)
+    };
+    // (row, key, hand-out, admitted)
+    let rows = [
+        ("first binance ws", key(p, "binance"), hand_out(budget), true),
+        ("second binance ws", key(p, "binance"), hand_out(budget), false),
+        ("bybit ws", key(p, "bybit"), hand_out(budget), true),
+        ("binance http", key(p, "binance"), http, true),
+    ];
+    for (row, k, h, admitted) in rows {
+        let attempt = b.store.try_attempt(k, h).await.unwrap();
+        assert_eq!(
+            matches!(attempt, Attempt::Admitted { .. }),
+            admitted,
+            "row {row}: {attempt:?}"
+        );
+    }
+}
+
+async fn bans_double(b: &Backend) {
+    let k = key("http://p:1", "binance");
+    let base = Duration::from_secs(120);
+    let cap = Duration::from_secs(600);
+    let length = BanLength::Doubling { base, cap };
+    // (row, expected ban length)
+    let rows = [
+        ("first", 120),
+        ("second doubles", 240),
+        ("third", 480),
+        ("capped", 600),
+        ("still capped", 600),
+    ];
+    for (row, secs) in rows {
+        let start = b.now();
+        let until = b.store.ban(k, length, true).await.unwrap().unwrap();
+        near(until - start, Duration::from_secs(secs), row);
+        assert!(
+            b.state(k.proxy, k.exchange).await.unwrap().banned_until.is_some(),
+            "{row}"
+        );
+        b.advance(Duration::from_secs(secs));
+    }
+    b.advance(BAN_MEMORY + Duration::from_millis(10));
+    let start = b.now();
+    let until = b.store.ban(k, length, true).await.unwrap().unwrap();
+    near(
+        until - start,
+        base,
+        "a ban a day after the last one is a first ban again",
+    );
+    assert_eq!(b.state(k.proxy, k.exchange).await.unwrap().ban_strikes, 1);
+}
+
+async fn never_shortened(b: &Backend) {
+    let k = key("http://p:1", "binance");
+    let long = b
+        .store
+        .ban(k, BanLength::Exactly(Duration::from_secs(600)), true)
+        .await
+        .unwrap();
+    let short = b
+        .store
+        .ban(k, BanLength::Exactly(Duration::from_secs(10)), true)
+        .await
+        .unwrap();
+    near_instant(short.unwrap(), long.unwrap(), "ban");
+    let long = b.store.penalise(k, Duration::from_secs(60), true).await.unwrap();
+    let short = b.store.penalise(k, Duration::from_secs(1), true).await.unwrap();
+    near_instant(short.unwrap(), long.unwrap(), "penalty");
+    let huge = b
+        .store
+        .ban(k, BanLength::Exactly(Duration::MAX), true)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(huge <= b.now() + MAX_BAN + SLOP, "a ban is at most a day");
+}
+
+async fn unknown_proxies(b: &Backend) {
+    let s = &b.store;
+    let k = key("http://stranger:1", "binance");
+    // (row, did the operation find an entry)
+    let rows = [
+        (
+            "ban",
+            s.ban(k, BanLength::Exactly(Duration::from_secs(1)), false)
+                .await
+                .unwrap()
+                .is_some(),
+        ),
+        (
+            "penalise",
+            s.penalise(k, Duration::from_secs(1), false)
+                .await
+                .unwrap()
+                .is_some(),
+        ),
+        ("failure", s.record_failure(k, false).await.unwrap().is_some()),
+        ("eject", s.eject(k, false).await.unwrap().is_some()),
+        ("lift", s.lift_ejection(k).await.unwrap()),
+        ("release", s.release(k).await.unwrap()),
+    ];
+    s.record_success(k).await.unwrap();
+    for (row, found) in rows {
+        assert!(!found, "row {row}");
+    }
+    assert_eq!(b.state(k.proxy, k.exchange).await, None);
+    assert_eq!(s.list(None, None, 0).await.unwrap().entries, vec![]);
+    assert_eq!(s.record_failure(k, true).await.unwrap(), Some(1));
+    assert_eq!(
+        b.state(k.proxy, k.exchange).await.unwrap().consecutive_failures,
+        1
+    );
+}
+
+async fn failures_and_ejections(b: &Backend) {
+    let s = &b.store;
+    let k = key("http://p:1", "kraken");
+    for n in 1..=3 {
+        assert_eq!(s.record_failure(k, true).await.unwrap(), Some(n));
+    }
+    s.record_success(k).await.unwrap();
+    assert_eq!(s.record_failure(k, true).await.unwrap(), Some(1));
+    b.advance(FAILURE_MEMORY);
+    assert_eq!(
+        s.record_failure(k, true).await.unwrap(),
+        Some(1),
+        "an hour of quiet forgets"
+    );
+    let first = s.eject(k, true).await.unwrap().unwrap();
+    near(first - b.now(), EJECTION_BASE, "first ejection");
+    let st = b.state(k.proxy, k.exchange).await.unwrap();
+    assert_eq!((st.consecutive_failures, st.ejections), (0, 1));
+    let second = s.eject(k, true).await.unwrap().unwrap();
+    near(second - b.now(), EJECTION_BASE * 2, "second ejection");
+    assert!(s.lift_ejection(k).await.unwrap());
+    assert!(!s.lift_ejection(k).await.unwrap(), "nothing left to lift");
+    let st = b.state(k.proxy, k.exchange).await.unwrap();
+    assert_eq!((st.ejected_until, st.ejections), (None, 1));
+}
+
+async fn leases(b: &Backend) {
+    let s = &b.store;
+    let k = key("http://p:1", "binance");
+    for secs in [30, 10, 20] {
+        let h = HandOut {
+            lease: Duration::from_secs(secs),
+            ..hand_out(None)
+        };
+        s.try_attempt(k, h).await.unwrap();
+    }
+    assert_eq!(b.state(k.proxy, k.exchange).await.unwrap().live_leases, 3);
+    assert!(s.release(k).await.unwrap());
+    b.advance(Duration::from_secs(25));
+    // The 10 s lease was released, the 20 s one ended: the 30 s one is left.
+    assert_eq!(b.state(k.proxy, k.exchange).await.unwrap().live_leases, 1);
+    b.advance(Duration::from_millis(5_010));
+    assert_eq!(b.state(k.proxy, k.exchange).await.unwrap().live_leases, 0);
+    assert!(!s.release(k).await.unwrap());
+    assert_eq!(b.state(k.proxy, k.exchange).await.unwrap().hand_outs, 3);
+}
+
+async fn changes_published(b: &Backend) {
+    let mut mine = b.store.subscribe();
+    let mut theirs = b.peer.subscribe();
+    let k = key("http://u:pw@p:1", "binance");
+    b.store
+        .ban(k, BanLength::Exactly(Duration::from_secs(5)), true)
+        .await
+        .unwrap();
+    b.store.penalise(k, Duration::from_secs(5), true).await.unwrap();
+    b.store.eject(k, true).await.unwrap();
+    b.store.lift_ejection(k).await.unwrap();
+    for (who, feed) in [("this replica", &mut mine), ("the other replica", &mut theirs)] {
+        let mut kinds = Vec::new();
+        for _ in 0..4 {
+            let change = tokio::time::timeout(DEADLINE, feed.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!((&*change.proxy, &*change.exchange), (k.proxy, "binance"), "{who}");
+            assert!(
+                !format!("{change:?}").contains("pw"),
+                "{who}: Debug shows the password"
+            );
+            kinds.push(change.kind);
+        }
+        assert!(matches!(kinds[0], ChangeKind::Banned(_)), "{who}: {kinds:?}");
+        assert!(matches!(kinds[1], ChangeKind::Penalised(_)), "{who}: {kinds:?}");
+        assert!(matches!(kinds[2], ChangeKind::Ejected(_)), "{who}: {kinds:?}");
+        assert_eq!(kinds[3], ChangeKind::Lifted, "{who}");
+        if let ChangeKind::Banned(until) = kinds[0] {
+            near_instant(until, b.now() + Duration::from_secs(5), who);
+        }
+    }
+    assert!(!format!("{:?}", b.store).contains("pw"));
+}
+
+async fn replicas_share_state(b: &Backend) {
+    let k = key("http://p:1", "bybit");
+    let until = b
+        .store
+        .ban(k, BanLength::Exactly(Duration::from_secs(60)), true)
+        .await
+        .unwrap()
+        .unwrap();
+    let seen = b.peer.state(k).await.unwrap().unwrap();
+    near_instant(
+        seen.banned_until.unwrap(),
+        until,
+        "the other replica's view of the ban",
+    );
+    assert_eq!(seen.ban_strikes, 1);
+    b.peer.record_failure(k, false).await.unwrap();
+    assert_eq!(
+        b.state(k.proxy, k.exchange).await.unwrap().consecutive_failures,
+        1
+    );
+}
+
+async fn listing(b: &Backend) {
+    let s = &b.store;
+    let h = hand_out(None);
+    let mut expected = HashSet::new();
+    for i in 0..57 {
+        let proxy = format!("http://user:secret{i}@p{i}:1");
+        let exchange = ["binance", "bybit", "okx"][i % 3];
+        s.try_attempt(key(&proxy, exchange), h).await.unwrap();
+        expected.insert((proxy, exchange.to_owned()));
+    }
+    for (filter, page_size) in [
+        (None, 10),
+        (Some("bybit"), 4),
+        (None, 0),
+        (None, 5000),
+        (Some("kraken"), 3),
+    ] {
+        let mut seen = HashSet::new();
+        let mut token: Option<String> = None;
+        let mut last_order: Option<String> = None;
+        loop {
+            let page = b.peer.list(filter, token.as_deref(), page_size).await.unwrap();
+            let most = match page_size {
+                0 => DEFAULT_PAGE_SIZE,
+                n => n.min(MAX_PAGE_SIZE),
+            };
+            assert!(page.entries.len() <= most);
+            for row in page.entries {
+                assert!(
+                    seen.insert((row.proxy.to_string(), row.exchange.to_string())),
+                    "listed twice"
+                );
+                assert!(!format!("{row:?}").contains("secret"), "Debug shows the password");
+                assert_eq!(row.state.live_leases, 1);
+                let order = format!(
+                    "{},{:016x}",
+                    row.exchange,
+                    crate::brokering::sticky::digest64(&[row.proxy.as_bytes()])
+                );
+                assert!(last_order.as_ref().is_none_or(|l| *l < order), "out of order");
+                last_order = Some(order);
+            }
+            match page.next_page_token {
+                Some(t) => {
+                    assert!(
+                        !t.contains("secret") && !t.contains("p1"),
+                        "token {t} holds a URL"
+                    );
+                    token = Some(t);
+                }
+                None => break,
+            }
+        }
+        let want: HashSet<_> = expected
+            .iter()
+            .filter(|(_, x)| filter.is_none_or(|f| f == x))
+            .cloned()
+            .collect();
+        assert_eq!(seen, want, "filter {filter:?}, page size {page_size}");
+    }
+}
+
+async fn bad_page_token(b: &Backend) {
+    for token in [
+        "nonsense",
+        "binance/xyz",
+        "binance/0123456789abcdefg",
+        "/",
+        "http://u:pw@h:1",
+    ] {
+        let err = b.store.list(None, Some(token), 10).await.unwrap_err().to_string();
+        assert!(
+            err.starts_with("page_token: ") && err.contains("not a page token"),
+            "{err}"
+        );
+        assert!(!err.contains("pw"), "{err}");
+    }
+}
+
+async fn idle_entries_expire(b: &Backend) {
+    let leased = key("http://leased:1", "binance");
+    let penalised = key("http://penalised:1", "binance");
+    let banned = key("http://banned:1", "binance");
+    let short = HandOut {
+        lease: Duration::from_millis(300),
+        ..hand_out(None)
+    };
+    b.store.try_attempt(leased, short).await.unwrap();
+    b.store
+        .penalise(penalised, Duration::from_millis(300), true)
+        .await
+        .unwrap();
+    b.store
+        .ban(banned, BanLength::Exactly(Duration::from_millis(300)), true)
+        .await
+        .unwrap();
+    for k in [leased, penalised] {
+        eventually("an idle entry goes", || async {
+            b.purge();
+            b.state(k.proxy, k.exchange).await.is_none()
+        })
+        .await;
+    }
+    b.purge();
+    let st = b.state(banned.proxy, banned.exchange).await;
+    assert_eq!(
+        st.map(|s| (s.banned_until, s.ban_strikes)),
+        Some((None, 1)),
+        "a past ban is remembered for a day (its repeat doubles)"
+    );
+}
+
+async fn answers(b: &Backend) {
+    let s = &b.store;
+    s.put_answer("binance/websocket/eu", b"answer-1", Duration::from_secs(60))
+        .await
+        .unwrap();
+    for who in [&b.store, &b.peer] {
+        let (bytes, left) = who.get_answer("binance/websocket/eu").await.unwrap().unwrap();
+        assert_eq!(bytes, b"answer-1");
+        assert!(
+            left <= Duration::from_secs(60) && left > Duration::from_secs(58),
+            "{left:?}"
+        );
+    }
+    s.put_answer("binance/websocket/eu", b"answer-2", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        b.peer
+            .get_answer("binance/websocket/eu")
+            .await
+            .unwrap()
+            .unwrap()
+            .0,
+        b"answer-2"
+    );
+    // (row, key, bytes, ttl): none of these is kept
+    let big = vec![7u8; MAX_ANSWER_BYTES + 1];
+    let rows: [(&str, &str, &[u8], Duration); 2] = [
+        ("too large", "big", &big, Duration::from_secs(60)),
+        ("no ttl", "zero", b"x", Duration::ZERO),
+    ];
+    for (row, k, bytes, ttl) in rows {
+        s.put_answer(k, bytes, ttl).await.unwrap();
+        assert_eq!(s.get_answer(k).await.unwrap(), None, "row {row}");
+    }
+    assert_eq!(s.get_answer("never").await.unwrap(), None);
+    s.put_answer("short", b"x", Duration::from_millis(200))
+        .await
+        .unwrap();
+    eventually("an answer expires", || async {
+        s.get_answer("short").await.unwrap().is_none()
+    })
+    .await;
+}
+
+async fn flights(b: &Backend) {
+    let mut ended = b.peer.flights();
+    let k = "binance/websocket/";
+    assert!(
+        b.store.lead_flight(k, Duration::from_secs(30)).await.unwrap(),
+        "first leads"
+    );
+    assert!(
+        !b.store.lead_flight(k, Duration::from_secs(30)).await.unwrap(),
+        "held"
+    );
+    assert!(
+        !b.peer.lead_flight(k, Duration::from_secs(30)).await.unwrap(),
+        "held fleet-wide"
+    );
+    b.store.end_flight(k).await.unwrap();
+    let key = tokio::time::timeout(DEADLINE, ended.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&*key, k);
+    assert!(
+        b.peer.lead_flight(k, Duration::from_secs(30)).await.unwrap(),
+        "free again"
+    );
+    b.peer.end_flight(k).await.unwrap();
+    // A leader that dies frees the lock when it expires.
+    assert!(
+        b.store
+            .lead_flight("orphan", Duration::from_millis(200))
+            .await
+            .unwrap()
+    );
+    eventually("an orphaned lock expires", || async {
+        b.peer
+            .lead_flight("orphan", Duration::from_secs(30))
+            .await
+            .unwrap()
+    })
+    .await;
+}
+
+/// Runs every case on a fresh backend from `make`, and fails naming each failed case.
+async fn conform<F, Fut>(make: F)
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Backend>,
+{
+    let mut failed = Vec::new();
+    for (i, &case) in CASES.iter().enumerate() {
+        let backend = Arc::new(make(i).await);
+        backend.subscribed().await;
+        let name = backend.name;
+        let b = backend.clone();
+        let run = tokio::spawn(async move { run_case(case, &b).await });
+        if let Err(e) = run.await {
+            failed.push(format!("{name}: {case:?}: {e}"));
+        }
+    }
+    assert!(failed.is_empty(), "failed cases:\n{}", failed.join("\n"));
+}
+
+static PREFIXES: AtomicUsize = AtomicUsize::new(0);
+
+fn prefix() -> String {
+    format!("t{}:", PREFIXES.fetch_add(1, Ordering::Relaxed))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_memory_store_conforms() {
+    conform(|_| async { Backend::memory() }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_redis_store_conforms() {
+    let server = RedisServer::start();
+    conform(|_| Backend::redis(&server, prefix())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_redis_store_conforms_on_a_redis_cluster() {
+    let cluster = RedisCluster::start(3);
+    conform(|_| Backend::cluster(&cluster, prefix())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_resilient_store_conforms_while_redis_is_up() {
+    let server = RedisServer::start();
+    conform(|_| Backend::resilient(&server, prefix())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_redis_key_expires_and_no_key_name_holds_a_proxy_url() {
+    let server = RedisServer::start();
+    let b = Backend::redis(&server, "ttl:".to_owned()).await;
+    let k = key("http://user:secret-pw@proxy-host.example:3128", "binance");
+    b.store
+        .try_attempt(k, hand_out(Some(Budget::new(5, 60))))
+        .await
+        .unwrap();
+    b.store
+        .try_attempt(
+            k,
+            HandOut {
+                connection_type: ConnectionType::Http,
+                ..hand_out(Some(Budget::new(5, 60)))
+            },
+        )
+        .await
+        .unwrap();
+    b.store
+        .ban(k, BanLength::Exactly(Duration::from_secs(60)), true)
+        .await
+        .unwrap();
+    b.store.record_failure(k, true).await.unwrap();
+    b.store
+        .put_answer("binance/websocket/", b"a", Duration::from_secs(60))
+        .await
+        .unwrap();
+    b.store
+        .lead_flight("binance/websocket/", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let mut conn = ::redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = ::redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // entry, two windows, leases, index, answer, flight lock
+    assert_eq!(keys.len(), 7, "{keys:?}");
+    for name in keys {
+        assert!(name.starts_with("ttl:"), "{name} is outside the key prefix");
+        assert!(
+            !name.contains("secret") && !name.contains("proxy-host"),
+            "{name} holds the URL"
+        );
+        let ttl: i64 = ::redis::cmd("PTTL")
+            .arg(&name)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(ttl > 0, "{name} has no TTL ({ttl})");
+    }
+}
