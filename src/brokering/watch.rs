@@ -516,6 +516,15 @@ struct Told {
     lease_end: Instant,
 }
 
+/// An answer's source for comparing answers: a cached upstream answer is the upstream's answer.
+fn same_origin(source: i32) -> i32 {
+    if source == pb::ProxySource::Cache as i32 {
+        pb::ProxySource::Upstream as i32
+    } else {
+        source
+    }
+}
+
 struct Watch<A> {
     registration: Registration,
     exchange: Box<str>,
@@ -533,7 +542,7 @@ impl<A> Watch<A> {
         let Some(told) = &self.told else { return true };
         let proxy = self.registration.filed.as_ref().map_or("", |(_, p)| &**p);
         proxy != answer.proxy_url
-            || told.source != answer.source
+            || same_origin(told.source) != same_origin(answer.source)
             || told.fallback_policy != answer.fallback_policy
             || told.strategy != answer.strategy
     }
@@ -915,6 +924,64 @@ mod tests {
         assert!(s.next().await.is_none());
         drop(s);
         assert_eq!(f.watchers.stats().watchers, 0);
+    }
+
+    #[tokio::test]
+    async fn a_re_check_counts_only_real_changes_of_the_answer() {
+        let f = fixture(10);
+        let told = pb::ProxyResponse {
+            proxy_url: "socks5://a:1".into(),
+            strategy: "round_robin".into(),
+            source: pb::ProxySource::Upstream.into(),
+            fallback_policy: pb::FallbackPolicy::EmbeddedFallback.into(),
+            ttl_seconds: 300,
+            ..Default::default()
+        };
+        let mut w = Watch {
+            registration: f.watchers.register().unwrap(),
+            exchange: "binance".into(),
+            ask: (),
+            first: None,
+            told: None,
+            self_wakes: 0,
+            ended: false,
+        };
+        w.adopt(&told, None).await;
+        let with = |change: fn(&mut pb::ProxyResponse)| {
+            let mut a = told.clone();
+            change(&mut a);
+            a
+        };
+        // (row, the new answer, whether it differs)
+        let rows = [
+            ("identical", told.clone(), false),
+            ("another TTL and lease", with(|a| a.ttl_seconds = 60), false),
+            (
+                "from the cache now",
+                with(|a| a.source = pb::ProxySource::Cache.into()),
+                false,
+            ),
+            (
+                "another proxy",
+                with(|a| a.proxy_url = "socks5://b:1".into()),
+                true,
+            ),
+            ("direct now", with(|a| a.proxy_url.clear()), true),
+            (
+                "embedded now",
+                with(|a| a.source = pb::ProxySource::Embedded.into()),
+                true,
+            ),
+            (
+                "another policy",
+                with(|a| a.fallback_policy = pb::FallbackPolicy::Fail.into()),
+                true,
+            ),
+            ("another strategy", with(|a| a.strategy = "random".into()), true),
+        ];
+        for (row, answer, differs) in rows {
+            assert_eq!(w.differs(&answer), differs, "{row}");
+        }
     }
 
     #[test]
