@@ -36,7 +36,7 @@ use crate::metrics::Metrics;
 use crate::pb;
 use crate::request::{Feedback, Lookup};
 use crate::state::{Delegation, State};
-use crate::store::{Change, MemoryStore, Store};
+use crate::store::{BuiltStore, Change, Store, StoreStatus, build_store};
 use crate::upstream::Failure;
 
 pub use crate::cache::STALE_ANSWER_TTL;
@@ -44,8 +44,6 @@ pub use crate::state::ReloadSummary;
 
 /// Retry hint sent when too many upstream lookups are in flight.
 const FLIGHTS_FULL_RETRY: Duration = Duration::from_secs(1);
-/// Most (proxy, exchange) entries the in-process brokering store keeps.
-pub const MAX_STATE_ENTRIES: usize = 100_000;
 
 /// The engine, keeping each upstream answer ready to send with its candidate.
 pub type Engine = Brokering<Arc<Cached>>;
@@ -60,6 +58,8 @@ pub struct Broker {
     metrics: Arc<Metrics>,
     reloads: watch::Sender<u64>,
     ejections: AtomicU64,
+    /// Whether the state store is reachable (`proxy_broker_store_up`).
+    store_status: StoreStatus,
     /// Open `WatchProxy` streams; started by the first one.
     watchers: std::sync::OnceLock<crate::brokering::watch::Watchers>,
 }
@@ -83,8 +83,8 @@ enum RefillError {
 }
 
 impl Broker {
-    /// A broker for a validated configuration, on the real clock, with the in-process state
-    /// store. Must run inside a Tokio runtime (the feedback worker is spawned). Fails when
+    /// A broker for a validated configuration, on the real clock, with the state store its
+    /// `store:` block names (in-process by default; Redis for fleet mode). Must run inside a Tokio runtime (the feedback worker is spawned). Fails when
     /// credential files cannot be read.
     pub fn new(config: BrokerConfig) -> Result<Self, proxy_broker_core::ConfigError> {
         Self::with_clock(config, Arc::new(SystemClock))
@@ -95,8 +95,8 @@ impl Broker {
         config: BrokerConfig,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, proxy_broker_core::ConfigError> {
-        let store = Arc::new(MemoryStore::new(MAX_STATE_ENTRIES, clock.clone()));
-        Self::with_store(config, clock, store)
+        let built = build_store(&config.store, clock.clone())?;
+        Self::with_built_store(config, clock, built)
     }
 
     /// As [`Broker::with_clock`], on a given brokering state store (on the same clock).
@@ -104,6 +104,15 @@ impl Broker {
         config: BrokerConfig,
         clock: Arc<dyn Clock>,
         store: Arc<dyn Store>,
+    ) -> Result<Self, proxy_broker_core::ConfigError> {
+        let status = StoreStatus::up();
+        Self::with_built_store(config, clock, BuiltStore { store, status })
+    }
+
+    fn with_built_store(
+        config: BrokerConfig,
+        clock: Arc<dyn Clock>,
+        BuiltStore { store, status }: BuiltStore,
     ) -> Result<Self, proxy_broker_core::ConfigError> {
         let metrics = Arc::new(Metrics::new());
         let state = State::build(config, None, &clock, &metrics)?;
@@ -121,6 +130,7 @@ impl Broker {
             metrics,
             reloads: watch::Sender::new(0),
             ejections: AtomicU64::new(0),
+            store_status: status,
             watchers: std::sync::OnceLock::new(),
         })
     }
@@ -222,6 +232,7 @@ impl Broker {
     /// Refreshes gauges from live state, then renders the metrics text.
     pub fn render_metrics(&self) -> String {
         self.state.load().refresh_gauges(&self.metrics);
+        self.metrics.store_up.set(self.store_status.gauge_value());
         self.metrics.set_exchange_outages(
             self.brokering
                 .exchanges()

@@ -89,7 +89,7 @@ pub struct ReloadSummary {
     /// Upstream settings or credential files changed (cache and candidates dropped, breakers
     /// reset).
     pub upstreams_changed: bool,
-    /// `server.*` settings that only take effect on restart changed.
+    /// `server.*` settings (or the `store:` block) that only take effect on restart changed.
     pub restart_needed: bool,
 }
 
@@ -115,7 +115,8 @@ impl ReloadSummary {
                 || a.http2_keepalive_timeout_seconds != b.http2_keepalive_timeout_seconds
                 || a.request_body_timeout_seconds != b.request_body_timeout_seconds
                 || a.request_timeout_seconds != b.request_timeout_seconds
-                || a.reflection != b.reflection,
+                || a.reflection != b.reflection
+                || old.store != new.store,
         }
     }
 }

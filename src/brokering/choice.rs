@@ -168,7 +168,7 @@ pub async fn choose<P: Clone>(store: &dyn Store, input: Choose<'_, P>) -> Result
         now,
     } = input;
     let urls: Vec<&str> = members.iter().map(|m| &*m.url).collect();
-    let states = store.states(exchange, &urls).await?;
+    let states = store.choice_states(exchange, &urls).await?;
     let clean = ProxyState::default();
     let state = |i: usize| states.get(i).and_then(Option::as_ref).unwrap_or(&clean);
     let ejected = counted_ejections(members.len(), max_ejection_percent, |i| {

@@ -309,6 +309,18 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Snapshots of `proxies` for `exchange`, in order (`None`: no entry, i.e. a clean slate).
     async fn states(&self, exchange: &str, proxies: &[&str]) -> Result<Vec<Option<ProxyState>>, StoreError>;
 
+    /// Snapshots for choosing among candidates on the hot path: as [`Store::states`], or a
+    /// replica-local view that a shared store keeps current from its change feed (bans,
+    /// penalties, ejections) and that may under-count fleet-wide windows, since
+    /// [`Store::try_attempt`] checks the budget on its own anyway.
+    async fn choice_states(
+        &self,
+        exchange: &str,
+        proxies: &[&str],
+    ) -> Result<Vec<Option<ProxyState>>, StoreError> {
+        self.states(exchange, proxies).await
+    }
+
     /// The snapshot of one (proxy, exchange), `None` when there is no entry.
     async fn state(&self, key: StateKey<'_>) -> Result<Option<ProxyState>, StoreError> {
         Ok(self.states(key.exchange, &[key.proxy]).await?.pop().flatten())
@@ -383,4 +395,12 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Keys whose flight ended, on whichever broker led it. A receiver that falls behind gets
     /// `RecvError::Lagged`: its followers should re-check `get_answer`.
     fn flights(&self) -> broadcast::Receiver<Arc<str>>;
+
+    /// Whether other brokers see this store's answers and flights (a shared store). The broker
+    /// skips [`Store::put_answer`], [`Store::get_answer`] and [`Store::lead_flight`] when not:
+    /// its own cache and single flight already do that work in one process, and keeping every
+    /// answer twice would double the memory of a large cache.
+    fn shares_answers(&self) -> bool {
+        false
+    }
 }

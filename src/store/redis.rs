@@ -948,6 +948,10 @@ impl Store for RedisStore {
     fn flights(&self) -> broadcast::Receiver<Arc<str>> {
         self.inner.flights.subscribe()
     }
+
+    fn shares_answers(&self) -> bool {
+        true
+    }
 }
 
 impl RedisStore {

@@ -382,6 +382,11 @@ async fn remote_flights(shared: Arc<Shared>, mut feed: broadcast::Receiver<Arc<s
 impl Store for ResilientStore {
     async fn try_attempt(&self, key: StateKey<'_>, hand_out: HandOut) -> Result<Attempt, StoreError> {
         let s = &self.shared;
+        if hand_out.budget.is_none() {
+            // Nothing to check fleet-wide: the hand-out and its lease are this replica's (as in an
+            // outage), so a cache hit for an exchange without a budget costs no Redis round-trip.
+            return s.local.try_attempt(key, hand_out).await;
+        }
         match s.remote(s.remote.try_attempt(key, hand_out)).await {
             Outcome::Done(attempt) => {
                 if matches!(attempt, Attempt::Admitted { .. }) {
@@ -402,6 +407,19 @@ impl Store for ResilientStore {
             Outcome::Refused(e) => Err(e),
             Outcome::Local => s.local.states(exchange, proxies).await,
         }
+    }
+
+    /// From the local mirror: it holds this replica's own state plus every ban, penalty and
+    /// ejection the fleet published (the change feed is mirrored into it), so choosing among
+    /// candidates costs no Redis round-trip. Its window counts are this replica's share only;
+    /// the fleet-wide check is [`Store::try_attempt`]'s script, which refuses a hand-out over
+    /// budget whatever this snapshot said (the engine then tries the next candidate).
+    async fn choice_states(
+        &self,
+        exchange: &str,
+        proxies: &[&str],
+    ) -> Result<Vec<Option<ProxyState>>, StoreError> {
+        self.shared.local.states(exchange, proxies).await
     }
 
     async fn ban(
@@ -567,6 +585,10 @@ impl Store for ResilientStore {
 
     fn flights(&self) -> broadcast::Receiver<Arc<str>> {
         self.shared.flights.subscribe()
+    }
+
+    fn shares_answers(&self) -> bool {
+        true
     }
 }
 
