@@ -347,15 +347,28 @@ impl Broker {
         {
             return Ok(hit);
         }
+        let store = self.brokering.store();
+        let shared = store.shares_answers();
+        if shared
+            && let Some(hit) = d.shared_answer(&**store, &key, lookup).await
+            && !exclude.iter().any(|u| **u == *hit.proxy_url())
+        {
+            // Another replica's answer (now in this replica's cache too).
+            return Ok(hit);
+        }
         let ticket = d.flights.join(&key, || {
             let permit = d.flight_permits.clone().try_acquire_owned().ok()?;
             let (d, key, lookup) = (d.clone(), key.clone(), with_exclude(lookup, &exclude));
+            let store = shared.then(|| store.clone());
             // The lookup stays in the trace of the call that started it (its upstream requests
             // carry that call's traceparent), though it outlives the call if need be.
             let span = tracing::Span::current();
             Some(
                 async move {
-                    let fetched = d.fetch(key, &lookup).await;
+                    let fetched = match store {
+                        Some(store) => d.fetch_shared(&*store, key, &lookup, &exclude).await,
+                        None => d.fetch(key, &lookup).await,
+                    };
                     drop(permit);
                     fetched
                 }

@@ -18,7 +18,8 @@ use crate::feedback::FeedbackQueue;
 use crate::flight::Flights;
 use crate::metrics::Metrics;
 use crate::request::Lookup;
-use crate::upstream::{Budget, Failure, Upstreams};
+use crate::store::{FLIGHT_POLL_INTERVAL, Store};
+use crate::upstream::{Answer, Budget, Failure, Upstreams, parse_answer};
 
 /// The result of one upstream lookup, shared by every caller waiting for it.
 pub type Fetched = Result<Arc<Cached>, Arc<Vec<Failure>>>;
@@ -242,6 +243,12 @@ impl Delegation {
     /// candidate has headroom, so a fresh cached answer is not what it needs); `lookup` carries
     /// the `exclude_proxies` the engine sent.
     pub async fn fetch(&self, key: CacheKey, lookup: &Lookup) -> Fetched {
+        self.fetch_answer(lookup)
+            .await
+            .map(|(answer, endpoint)| self.cache.insert(key, &answer, endpoint))
+    }
+
+    async fn fetch_answer(&self, lookup: &Lookup) -> Result<(Answer, Arc<str>), Arc<Vec<Failure>>> {
         let budget = Budget {
             until: Instant::now() + self.flight_timeout,
             set_by_caller: false,
@@ -254,11 +261,146 @@ impl Delegation {
                     .get(index)
                     .map_or_else(|| Arc::from("?"), |e| e.name.clone());
                 self.served_by.insert(answer.proxy_url.clone(), index);
-                Ok(self.cache.insert(key, &answer, endpoint))
+                Ok((answer, endpoint))
             }
             Err(failures) => Err(Arc::new(failures)),
         }
     }
+
+    /// As [`Delegation::fetch`], once for the whole fleet when `store` is shared: the broker that
+    /// takes the key's flight lock asks upstream and publishes the answer; the others wait for
+    /// it (until this lookup's budget) and take it from the store. A published answer naming a
+    /// proxy in `exclude` does not help a broker that needs another: it then asks upstream
+    /// itself. When the store fails, each broker asks on its own (as with one broker).
+    pub async fn fetch_shared(
+        &self,
+        store: &dyn Store,
+        key: CacheKey,
+        lookup: &Lookup,
+        exclude: &[Arc<str>],
+    ) -> Fetched {
+        let name = flight_name(lookup);
+        let until = Instant::now() + self.flight_timeout;
+        let lock_ttl = self.flight_timeout + Duration::from_secs(1);
+        let mut ended = store.flights();
+        for _ in 0..MAX_FLIGHT_ROUNDS {
+            match store.lead_flight(&name, lock_ttl).await {
+                Ok(false) => {
+                    // Another broker asks upstream: wait for its answer.
+                    loop {
+                        if let Some(hit) = self.shared_answer(store, &key, lookup).await {
+                            if exclude.iter().any(|u| **u == *hit.proxy_url()) {
+                                break;
+                            }
+                            return Ok(hit);
+                        }
+                        let woke = tokio::select! {
+                            () = tokio::time::sleep_until(until) => None,
+                            m = ended.recv() => match m {
+                                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                                    // No announcements any more: poll.
+                                    tokio::time::sleep(FLIGHT_POLL_INTERVAL).await;
+                                    Some(Ok(Arc::from("")))
+                                }
+                                m => Some(m),
+                            },
+                            () = tokio::time::sleep(FLIGHT_POLL_INTERVAL) => Some(Ok(Arc::from(""))),
+                        };
+                        match woke {
+                            None => return self.fetch(key, lookup).await,
+                            Some(Ok(k)) if *k == *name => {
+                                // Its flight ended: take its answer, or lead the next round.
+                                if let Some(hit) = self.shared_answer(store, &key, lookup).await
+                                    && !exclude.iter().any(|u| **u == *hit.proxy_url())
+                                {
+                                    return Ok(hit);
+                                }
+                                break;
+                            }
+                            Some(_) => {}
+                        }
+                    }
+                }
+                Ok(true) | Err(_) => {
+                    let fetched = self.fetch_answer(lookup).await;
+                    let result = match fetched {
+                        Ok((answer, endpoint)) => {
+                            let bytes = shared_form(&answer, &endpoint);
+                            let ttl = Duration::from_secs(u64::from(answer.ttl_seconds));
+                            if let Err(e) = store.put_answer(&name, &bytes, ttl).await {
+                                tracing::debug!(error = %e, "upstream answer not shared");
+                            }
+                            Ok(self.cache.insert(key, &answer, endpoint))
+                        }
+                        Err(failures) => Err(failures),
+                    };
+                    let _ = store.end_flight(&name).await;
+                    return result;
+                }
+            }
+        }
+        self.fetch(key, lookup).await
+    }
+
+    /// Another broker's answer for `key` from the store, validated as an upstream answer is and
+    /// cached here (the near-cache: later hits cost no store round-trip).
+    pub async fn shared_answer(
+        &self,
+        store: &dyn Store,
+        key: &CacheKey,
+        lookup: &Lookup,
+    ) -> Option<Arc<Cached>> {
+        let (bytes, left) = store.get_answer(&flight_name(lookup)).await.ok()??;
+        let (answer, endpoint) = from_shared_form(&bytes, left)?;
+        Some(self.cache.insert(key.clone(), &answer, endpoint))
+    }
+}
+
+/// Most rounds of "follow another broker's flight, then try to lead" one lookup makes.
+const MAX_FLIGHT_ROUNDS: usize = 3;
+
+/// The key of a lookup's shared answer and flight: exchange, connection type and region (no
+/// caller input beyond what the cache key holds, so nothing secret).
+fn flight_name(lookup: &Lookup) -> String {
+    format!(
+        "{}/{}/{}",
+        lookup.exchange_id.to_ascii_lowercase(),
+        lookup.connection_type,
+        lookup.region.as_deref().unwrap_or("")
+    )
+}
+
+/// An answer as other brokers read it: the upstream contract's JSON without `ttl_seconds` (the
+/// store keeps the TTL), plus the endpoint that gave it.
+fn shared_form(answer: &Answer, endpoint: &str) -> Vec<u8> {
+    let policy = match answer.fallback_policy {
+        crate::pb::FallbackPolicy::DirectConnection => "direct_connection",
+        crate::pb::FallbackPolicy::Fail => "fail",
+        _ => "embedded_fallback",
+    };
+    serde_json::json!({
+        "answer": {
+            "proxy_url": answer.proxy_url,
+            "strategy": answer.strategy,
+            "fallback_policy": policy,
+            "metadata": answer.metadata,
+        },
+        "endpoint": endpoint,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// A shared answer, checked by the same rules as an upstream's (the store could hold anything).
+fn from_shared_form(bytes: &[u8], left: Duration) -> Option<(Answer, Arc<str>)> {
+    let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let endpoint = value.get("endpoint")?.as_str()?;
+    // An endpoint name is a configured URL; anything longer is not one of ours.
+    let endpoint: Arc<str> = Arc::from(endpoint.get(..endpoint.len().min(2048))?);
+    let body = serde_json::to_vec(value.get("answer")?).ok()?;
+    let ttl = u32::try_from(left.as_secs().max(1)).unwrap_or(u32::MAX);
+    let answer = parse_answer(&body, ttl).ok()?;
+    Some((answer, endpoint))
 }
 
 /// The proxy settings without `external_service`: what the embedded candidates are built from.
