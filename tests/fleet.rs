@@ -4,7 +4,8 @@
 //! `WatchProxy` streams); a connection-attempt budget holds across replicas; Redis killed in the
 //! middle of a load fails no call and `proxy_broker_store_up` follows it down and back up (state
 //! shared again afterwards); the store password never reaches logs, admin output or metrics; a
-//! storm spread over the replicas makes one upstream call per key.
+//! storm spread over the replica processes makes one upstream call per key (with and without a
+//! budget), and the other replica then answers from its cache.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -685,6 +686,83 @@ async fn store_up_is_0_while_redis_cannot_be_used_even_on_an_idle_replica() {
             if !within(PROMPT, || async { replica.store_up().await == 1.0 }).await {
                 wrong.push(format!("{row}: store_up not back to 1 within {PROMPT:?}"));
             }
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+/// Keys of the single-flight storm: exchanges without a budget, and exchanges with a (large)
+/// configured budget, whose hand-outs are counted in Redis.
+const UNBUDGETED: [&str; 10] = [
+    "plain0", "plain1", "plain2", "plain3", "plain4", "plain5", "plain6", "plain7", "plain8", "plain9",
+];
+const BUDGETED: [&str; 10] = [
+    "budg0", "budg1", "budg2", "budg3", "budg4", "budg5", "budg6", "budg7", "budg8", "budg9",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_split_over_two_replica_processes_makes_one_upstream_call_per_key() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start_with(Arc::new(|body: &Value| {
+        let exchange = body["exchange_id"].as_str().unwrap_or("x");
+        Reply::answer(&format!("socks5://{exchange}.fleet:1080")).after(Duration::from_millis(200))
+    }))
+    .await;
+    let budgets: String = BUDGETED
+        .iter()
+        .map(|e| format!("    {e}:\n      websocket: {{ attempts: 1000000, per_seconds: 60 }}\n"))
+        .collect();
+    let config = ConfigDir::new(&fleet_yaml(
+        &upstream,
+        &redis.url(),
+        "fleet-flight:",
+        &format!("    operation_timeout_ms: {PATIENT_STORE_MS}"),
+        &format!("  exchanges:\n{budgets}"),
+    ));
+    let fleet = replicas(&config, 2, &[]).await;
+    let mut wrong = Vec::new();
+    for (row, keys) in [("no budget", UNBUDGETED), ("a budget", BUDGETED)] {
+        let calls: Vec<_> = (0..200)
+            .map(|i| {
+                let mut client = fleet[i % 2].client();
+                let exchange = keys[(i / 2) % keys.len()];
+                tokio::spawn(async move {
+                    let answer = client.request_proxy(websocket(exchange)).await;
+                    (exchange, answer)
+                })
+            })
+            .collect();
+        let mut errors = Vec::new();
+        for call in calls {
+            let (exchange, answer) = call.await.unwrap();
+            match answer {
+                Ok(answer) => assert_eq!(
+                    answer.get_ref().proxy_url,
+                    format!("socks5://{exchange}.fleet:1080"),
+                    "{row}"
+                ),
+                Err(status) => errors.push(status),
+            }
+        }
+        let per_key: Vec<usize> = keys.iter().map(|k| upstream.requests_for(k)).collect();
+        if !errors.is_empty() || per_key.iter().any(|&n| n != 1) {
+            wrong.push(format!(
+                "{row}: {} errors (first {:?}), upstream calls per key {per_key:?} (want one each)",
+                errors.len(),
+                errors.first()
+            ));
+        }
+        // Afterwards both replicas answer every key from their cache.
+        for replica in &fleet {
+            for key in keys {
+                replica.ask(key).await.unwrap();
+            }
+        }
+        let after: Vec<usize> = keys.iter().map(|k| upstream.requests_for(k)).collect();
+        if after != per_key {
+            wrong.push(format!(
+                "{row}: hits after the storm asked upstream: {per_key:?} → {after:?}"
+            ));
         }
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
