@@ -20,7 +20,7 @@ use clap::Parser;
 use proxy_broker_client::pb::ProxySource;
 use tonic::transport::Channel;
 
-use super::fleet_redis::{CountingRelay, RedisServer};
+use super::fleet_redis::{CountingRelay, RedisServer, StoreUpWatch};
 use super::{Ctx, progress};
 use crate::broker::{Broker, BrokerCommand, cpu_ticks_of};
 use crate::config::{ConfigSpec, exchange_id};
@@ -188,6 +188,16 @@ struct StormRun {
     recorder: Recorder,
     upstream_calls: u64,
     wall: Duration,
+    store_down_seen: bool,
+}
+
+/// The metrics addresses of `brokers`.
+fn metrics_addrs(brokers: &[Broker]) -> Vec<std::net::SocketAddr> {
+    brokers.iter().map(|b| b.metrics_addr).collect()
+}
+
+fn yes_no(b: bool) -> String {
+    if b { "yes".into() } else { "no".into() }
 }
 
 async fn storm(ctx: &Ctx, a: &FleetArgs, redis: &RedisServer) -> anyhow::Result<Table> {
@@ -213,14 +223,17 @@ async fn storm(ctx: &Ctx, a: &FleetArgs, redis: &RedisServer) -> anyhow::Result<
         for run in ["cold storm", "same storm, warm"] {
             progress(&format!("fleet: storm, {mode}, {run} ({} calls)", rpcs.len()));
             let before = upstream.counters.requests();
+            let watch = StoreUpWatch::start(metrics_addrs(&brokers))?;
             let started = Instant::now();
             let recorder = batch(&channels, rpcs.clone(), usize::MAX, deadline).await;
+            let wall = started.elapsed();
             runs.push(StormRun {
                 mode,
                 run,
-                wall: started.elapsed(),
+                wall,
                 upstream_calls: upstream.counters.requests() - before,
                 recorder,
+                store_down_seen: watch.finish(),
             });
         }
         stop_all(brokers).await;
@@ -243,6 +256,7 @@ async fn storm(ctx: &Ctx, a: &FleetArgs, redis: &RedisServer) -> anyhow::Result<
             "wall time",
             "p50",
             "p99",
+            "store_up 0 seen",
         ],
     );
     for r in &mut runs {
@@ -257,6 +271,11 @@ async fn storm(ctx: &Ctx, a: &FleetArgs, redis: &RedisServer) -> anyhow::Result<
             ms(r.wall),
             ms(s.p50),
             ms(s.p99),
+            if r.mode.starts_with("memory") {
+                "n/a".into()
+            } else {
+                yes_no(r.store_down_seen)
+            },
         ]);
     }
     table
@@ -296,7 +315,7 @@ async fn round_trips(ctx: &Ctx, a: &FleetArgs, redis: &RedisServer) -> anyhow::R
         ..UpstreamOptions::default()
     })
     .await?;
-    let relay = CountingRelay::start(redis.addr).await?;
+    let relay = CountingRelay::start(redis.addr)?;
     let spec = ConfigSpec::delegation(vec![upstream.url.clone()]);
     let cmd = command(&ctx.broker, Some(&relay.url()), "bench-rt:", a);
     let brokers = start_all(&cmd, &spec, a.replicas, None).await?;
@@ -348,6 +367,8 @@ async fn round_trips(ctx: &Ctx, a: &FleetArgs, redis: &RedisServer) -> anyhow::R
             "request",
             "calls",
             "errors",
+            "upstream calls",
+            "store_up 0 seen",
             "commands sent by the brokers per call",
             "commands run by Redis per call",
             "most run (per call)",
@@ -360,9 +381,13 @@ async fn round_trips(ctx: &Ctx, a: &FleetArgs, redis: &RedisServer) -> anyhow::R
         }
         let (total0, stats0) = redis.command_counts().await?;
         let sent0 = relay.commands();
+        let upstream0 = upstream.counters.requests();
         let calls = kind.rpcs.len();
+        let watch = StoreUpWatch::start(metrics_addrs(&brokers))?;
         let recorder = batch(&channels, kind.rpcs, kind.concurrency, timeout).await;
+        let store_down_seen = watch.finish();
         let sent = relay.commands() - sent0;
+        let upstream_calls = upstream.counters.requests() - upstream0;
         let (total1, stats1) = redis.command_counts().await?;
         // The two INFO commands of each reading are counted by Redis too.
         let run = total1.saturating_sub(total0).saturating_sub(2);
@@ -382,6 +407,8 @@ async fn round_trips(ctx: &Ctx, a: &FleetArgs, redis: &RedisServer) -> anyhow::R
             kind.name.to_owned(),
             count(calls as u64),
             count(recorder.errors()),
+            count(upstream_calls),
+            yes_no(store_down_seen),
             format!("{:.2}", sent as f64 / calls as f64),
             format!("{:.2}", run as f64 / calls as f64),
             if top.is_empty() {
@@ -446,6 +473,7 @@ struct Round {
     p99: Duration,
     server_us_per_call: f64,
     sources: String,
+    store_down_seen: bool,
 }
 
 async fn memory_vs_fleet(
@@ -539,6 +567,9 @@ async fn memory_vs_fleet(
                 ));
                 let broker = if mode == Mode::Memory { &memory } else { &fleet };
                 let server0 = broker.cpu_ticks()?;
+                let watch = (mode == Mode::Fleet)
+                    .then(|| StoreUpWatch::start(vec![broker.metrics_addr]))
+                    .transpose()?;
                 let started = Instant::now();
                 let mut recorder = closed_loop(
                     &channels[mode.name()],
@@ -550,6 +581,7 @@ async fn memory_vs_fleet(
                 )
                 .await;
                 let wall = started.elapsed().as_secs_f64();
+                let store_down_seen = watch.is_some_and(StoreUpWatch::finish);
                 let server_s = (broker.cpu_ticks()? - server0) as f64 / ctx.clock_ticks as f64;
                 let summary = summarize(&mut recorder.micros);
                 rounds.push(Round {
@@ -562,6 +594,7 @@ async fn memory_vs_fleet(
                     p99: summary.p99,
                     server_us_per_call: server_s * 1e6 / recorder.calls().max(1) as f64,
                     sources: recorder.sources_text(),
+                    store_down_seen,
                 });
             }
         }
@@ -674,6 +707,7 @@ async fn memory_vs_fleet(
             "p99",
             "broker CPU per call",
             "answers by source",
+            "store_up 0 seen",
         ],
     );
     for r in &rounds {
@@ -687,6 +721,10 @@ async fn memory_vs_fleet(
             ms(r.p99),
             format!("{:.1} µs", r.server_us_per_call),
             r.sources.clone(),
+            match r.mode {
+                Mode::Memory => "n/a".into(),
+                Mode::Fleet => yes_no(r.store_down_seen),
+            },
         ]);
     }
     Ok(vec![summary, detail])
