@@ -84,6 +84,26 @@ pub struct FleetArgs {
     /// `store.redis.operation_timeout_ms` of the fleet replicas (default: the broker's, 50).
     #[arg(long)]
     pub operation_timeout_ms: Option<u32>,
+    /// `attempts` of the budgeted exchange's WebSocket budget.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub budget_attempts: u32,
+    /// `per_seconds` of the budgeted exchange's WebSocket budget.
+    #[arg(long, default_value_t = 60)]
+    pub budget_per_seconds: u32,
+    /// Parts to run (comma-separated): storm, round-trips, rounds.
+    #[arg(long, value_delimiter = ',', default_value = "storm,round-trips,rounds")]
+    pub parts: Vec<Part>,
+}
+
+/// A part of the scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// The storm split over the replicas.
+    Storm,
+    /// Redis round-trips per request.
+    RoundTrips,
+    /// Memory vs fleet rounds (throughput, latency).
+    Rounds,
 }
 
 /// The exchange with a (large) configured WebSocket budget: every hand-out is a check-and-count.
@@ -98,11 +118,11 @@ fn command(base: &BrokerCommand, redis_url: Option<&str>, key_prefix: &str, a: &
     let exchange = BUDGETED.to_uppercase();
     cmd.env.push((
         format!("PROXY_BROKER_BROKERING__EXCHANGES__{exchange}__WEBSOCKET__ATTEMPTS"),
-        "1000000".into(),
+        a.budget_attempts.to_string(),
     ));
     cmd.env.push((
         format!("PROXY_BROKER_BROKERING__EXCHANGES__{exchange}__WEBSOCKET__PER_SECONDS"),
-        "60".into(),
+        a.budget_per_seconds.to_string(),
     ));
     if let Some(url) = redis_url {
         cmd.env
@@ -161,8 +181,17 @@ async fn stop_all(brokers: Vec<Broker>) {
 /// Runs the scenario.
 pub async fn run(ctx: &Ctx, a: &FleetArgs) -> anyhow::Result<Vec<Table>> {
     let redis = RedisServer::start(&a.redis_server).await?;
-    let mut tables = vec![storm(ctx, a, &redis).await?];
-    tables.push(round_trips(ctx, a, &redis).await?);
+    let mut tables = Vec::new();
+    if a.parts.contains(&Part::Storm) {
+        tables.push(storm(ctx, a, &redis).await?);
+    }
+    if a.parts.contains(&Part::RoundTrips) {
+        tables.push(round_trips(ctx, a, &redis).await?);
+    }
+    if !a.parts.contains(&Part::Rounds) {
+        redis.stop().await;
+        return Ok(tables);
+    }
     let pin = !a.no_pin && nproc() >= 2;
     let restore = if pin {
         let original = current_affinity()?;
@@ -680,8 +709,10 @@ async fn memory_vs_fleet(
             round.as_secs_f64()
         ))
         .note(format!(
-            "bench: brokering.exchanges.bench.websocket {{attempts: 1000000, per_seconds: 60}}; kucoin: no budget \
+            "bench: brokering.exchanges.bench.websocket {{attempts: {}, per_seconds: {}}}; kucoin: no budget \
              (no built-in one); the fleet replica's store: Redis {} on loopback, operation_timeout_ms {}",
+            a.budget_attempts,
+            a.budget_per_seconds,
             redis.addr,
             a.operation_timeout_ms.map_or("50 (default)".into(), |t| t.to_string())
         ))
