@@ -141,6 +141,14 @@ fn command(base: &BrokerCommand, redis_url: Option<&str>, key_prefix: &str, a: &
     cmd
 }
 
+/// The key of call `i` when calls go to the replicas in turn (call i on replica i mod
+/// `replicas`, see [`interleaved`]): runs of `replicas` consecutive calls share a key, so every
+/// key is asked of every replica. (`i % keys` would send key k only to replica k mod `replicas`
+/// whenever `replicas` divides `keys`, and no flight would ever cross replicas.)
+fn spread_key(i: usize, replicas: usize, keys: usize) -> usize {
+    (i / replicas.max(1)) % keys.max(1)
+}
+
 /// Starts `n` brokers with `cmd` on `spec`.
 async fn start_all(
     cmd: &BrokerCommand,
@@ -247,7 +255,7 @@ async fn storm(ctx: &Ctx, a: &FleetArgs, redis: &RedisServer) -> anyhow::Result<
         let brokers = start_all(&cmd, &spec, a.replicas, None).await?;
         let channels = interleaved(&brokers, a.connections).await?;
         let rpcs: Vec<Rpc> = (0..a.calls)
-            .map(|i| Rpc::request_proxy(exchange_id(prefix, i % keys)))
+            .map(|i| Rpc::request_proxy(exchange_id(prefix, spread_key(i, a.replicas, keys))))
             .collect();
         for run in ["cold storm", "same storm, warm"] {
             progress(&format!("fleet: storm, {mode}, {run} ({} calls)", rpcs.len()));
@@ -310,7 +318,7 @@ async fn storm(ctx: &Ctx, a: &FleetArgs, redis: &RedisServer) -> anyhow::Result<
     table
         .note(format!(
             "{} HTTP/2 connections alternating over the replicas, every call started at once with a {} s deadline; \
-             keys fleet000000.. / memory000000.. (no budget); each mode on fresh replicas; Redis {} on loopback, \
+             keys fleet000000.. / memory000000.. (no budget), each asked of every replica; each mode on fresh replicas; Redis {} on loopback, \
              persistence off; operation_timeout_ms {}",
             a.connections,
             deadline.as_secs(),
@@ -368,7 +376,7 @@ async fn round_trips(ctx: &Ctx, a: &FleetArgs, redis: &RedisServer) -> anyhow::R
         Kind {
             name: "storm over cold keys (one upstream call per key)",
             rpcs: (0..n.max(cold_keys))
-                .map(|i| Rpc::request_proxy(exchange_id("rt", i % cold_keys)))
+                .map(|i| Rpc::request_proxy(exchange_id("rt", spread_key(i, a.replicas, cold_keys))))
                 .collect(),
             concurrency: usize::MAX,
             warm: Vec::new(),
@@ -759,4 +767,24 @@ async fn memory_vs_fleet(
         ]);
     }
     Ok(vec![summary, detail])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_of_the_storm_is_asked_of_every_replica() {
+        // (replicas, keys, calls)
+        for (replicas, keys, calls) in [(2, 100, 10_000), (2, 10, 200), (3, 100, 1_000), (1, 7, 70)] {
+            let mut seen = vec![std::collections::BTreeSet::new(); keys];
+            for i in 0..calls {
+                seen[spread_key(i, replicas, keys)].insert(i % replicas);
+            }
+            assert!(
+                seen.iter().all(|r| r.len() == replicas),
+                "{replicas} replicas, {keys} keys: {seen:?}"
+            );
+        }
+    }
 }
