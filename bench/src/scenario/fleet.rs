@@ -293,6 +293,7 @@ async fn storm(ctx: &Ctx, a: &FleetArgs, redis: &RedisServer) -> anyhow::Result<
             "wall time",
             "p50",
             "p99",
+            "answers by source",
             "store_up 0 seen",
         ],
     );
@@ -308,6 +309,7 @@ async fn storm(ctx: &Ctx, a: &FleetArgs, redis: &RedisServer) -> anyhow::Result<
             ms(r.wall),
             ms(s.p50),
             ms(s.p99),
+            r.recorder.sources_text(),
             if r.mode.starts_with("memory") {
                 "n/a".into()
             } else {
