@@ -166,7 +166,8 @@ impl Broker {
         self.brokering.subscribe()
     }
 
-    /// A counter bumped by every applied reload (for `WatchProxy`: the answer may have changed).
+    /// A counter bumped by every applied reload that changes the `proxy:` or `brokering:` block
+    /// (for `WatchProxy`: the answer may have changed).
     pub fn reloads(&self) -> watch::Receiver<u64> {
         self.reloads.subscribe()
     }
@@ -224,8 +225,14 @@ impl Broker {
             &next.config.proxy,
             next.ejection(),
         );
+        // Watchers ask again only when what answers are made of changed: each re-ask counts a
+        // connection attempt, so a reload of, say, log settings must not spend the fleet's budgets.
+        let answers_changed =
+            current.config.proxy != next.config.proxy || current.config.brokering != next.config.brokering;
         self.state.store(Arc::new(next));
-        self.reloads.send_modify(|n| *n += 1);
+        if answers_changed {
+            self.reloads.send_modify(|n| *n += 1);
+        }
         Ok(summary)
     }
 
