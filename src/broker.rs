@@ -36,8 +36,6 @@ pub use crate::cache::STALE_ANSWER_TTL;
 /// already in the cache (filled by a flight that finished just before this one started).
 type Fetched = Result<(Arc<Cached>, bool), Arc<Vec<Failure>>>;
 
-/// Most bytes of proxy URLs remembered for routing feedback to the endpoint that served them.
-const SERVED_BY_BYTES: u64 = 16 << 20;
 /// Most bytes of proxy URLs with failure counts (outlier detection).
 const FAILURE_COUNT_BYTES: u64 = 8 << 20;
 /// How long a failure count is kept without a new report.
@@ -58,8 +56,6 @@ pub struct Delegation {
     flight_permits_total: i64,
     /// The budget of one detached lookup (the broker's own per-call limit).
     flight_timeout: Duration,
-    /// Which endpoint handed out each proxy URL (for routing feedback); bounded in bytes.
-    served_by: moka::sync::Cache<String, usize>,
     /// Feedback forwarding.
     pub feedback: FeedbackQueue,
     /// The `external_service` block and credential-file contents this was built from.
@@ -115,7 +111,6 @@ impl std::fmt::Debug for Delegation {
             .field("cache_entries", &self.cache.len())
             .field("flights", &self.flights.len())
             .field("flight_permits_total", &self.flight_permits_total)
-            .field("served_by_entries", &self.served_by.entry_count())
             .finish_non_exhaustive()
     }
 }
@@ -358,7 +353,7 @@ impl Broker {
             .get_or_create(&vec![("success", feedback.success.to_string())])
             .inc();
         if let Some(d) = &state.delegation {
-            let served_by = feedback.proxy_url.as_ref().and_then(|u| d.served_by.get(u));
+            let served_by = feedback.proxy_url.as_ref().and_then(|u| d.cache.served_by(u));
             d.feedback.enqueue(Outgoing {
                 served_by,
                 body: d.upstreams.wire_feedback(feedback),
@@ -501,14 +496,6 @@ fn build_state(
                         let limit = Duration::from_secs(config.server.request_timeout_seconds.unsigned_abs());
                         limit - limit / 10
                     },
-                    served_by: moka::sync::Cache::builder()
-                        .weigher(|url: &String, _: &usize| weight(url))
-                        .max_capacity(SERVED_BY_BYTES)
-                        .time_to_live(
-                            crate::cache::MAX_TTL.mul_f64(1.1)
-                                + Duration::from_secs(ext.stale_if_error_seconds.unsigned_abs()),
-                        )
-                        .build(),
                     feedback: FeedbackQueue::start(
                         upstreams.clone(),
                         usize::try_from(ext.feedback_queue_size).unwrap_or(10_000),
@@ -550,8 +537,7 @@ impl Delegation {
                     .endpoints()
                     .get(index)
                     .map_or_else(|| Arc::from("?"), |e| e.name.clone());
-                self.served_by.insert(answer.proxy_url.clone(), index);
-                Ok((self.cache.insert(key, &answer, endpoint), false))
+                Ok((self.cache.insert(key, &answer, endpoint, index), false))
             }
             Err(failures) => Err(Arc::new(failures)),
         }
