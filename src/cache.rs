@@ -28,7 +28,7 @@
 //! entry, in a `hashbrown` table) behind a few mutexes costs ≈ 40 bytes, and the proxy index is
 //! one `HashMap` bucket per proxy. A hit takes one shard mutex briefly; misses are rarer.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
@@ -47,9 +47,9 @@ use crate::json::{json_to_struct, json_to_value};
 use crate::pb;
 use crate::upstream::Answer;
 
-/// Distinct metadata objects shared between entries (more are stored per entry).
+/// Distinct (strategy, metadata) pairs shared between entries (more are stored per entry).
 const METADATA_SHARED: u64 = 10_000;
-/// Distinct `strategy` strings shared between entries (more are stored per entry).
+/// Distinct strategies of answers without metadata shared between entries (more are stored per entry).
 const STRATEGIES_SHARED: usize = 1024;
 
 /// TTL handed out with a stale answer (at most; less when the stale window ends sooner).
@@ -105,64 +105,131 @@ impl CacheKey {
     }
 }
 
-/// A key as an entry keeps it: exchange and region in one allocation (a [`CacheKey`] is 56
-/// bytes plus one allocation per string).
-#[derive(PartialEq, Eq)]
-struct Key {
-    /// The exchange, then the region.
-    text: Box<str>,
-    exchange_len: u32,
-    has_region: bool,
-    connection_type: ConnectionTypeKey,
+/// Longest exchange id plus region kept inside an entry without an allocation of its own.
+const INLINE_KEY: usize = 20;
+const HAS_REGION: u8 = 1;
+const WEBSOCKET: u8 = 2;
+
+/// A key as an entry keeps it, in 24 bytes: the exchange and region (one after the other) inline
+/// when they fit in [`INLINE_KEY`] bytes (most keys), else in one allocation. A [`CacheKey`] is
+/// 56 bytes and one allocation per string. Compared, ordered and hashed as [`Parts`].
+enum Key {
+    Inline {
+        len: u8,
+        /// Where the exchange ends.
+        split: u8,
+        flags: u8,
+        bytes: [u8; INLINE_KEY],
+    },
+    Heap {
+        text: Box<str>,
+        split: u32,
+        flags: u8,
+    },
 }
 
 impl Key {
     fn new(key: &CacheKey) -> Self {
         let region = key.region.as_deref();
-        Self {
-            text: [key.exchange.as_str(), region.unwrap_or("")]
+        let flags = if region.is_some() { HAS_REGION } else { 0 }
+            | match key.connection_type {
+                ConnectionTypeKey::Http => 0,
+                ConnectionTypeKey::Websocket => WEBSOCKET,
+            };
+        let (exchange, region) = (key.exchange.as_bytes(), region.unwrap_or("").as_bytes());
+        let len = exchange.len() + region.len();
+        if let (Ok(len_u8), Ok(split)) = (u8::try_from(len), u8::try_from(exchange.len()))
+            && len <= INLINE_KEY
+        {
+            let mut bytes = [0; INLINE_KEY];
+            bytes[..exchange.len()].copy_from_slice(exchange);
+            bytes[exchange.len()..len].copy_from_slice(region);
+            return Key::Inline {
+                len: len_u8,
+                split,
+                flags,
+                bytes,
+            };
+        }
+        Key::Heap {
+            text: [key.exchange.as_str(), key.region.as_deref().unwrap_or("")]
                 .concat()
                 .into_boxed_str(),
-            exchange_len: u32::try_from(key.exchange.len()).unwrap_or(u32::MAX),
-            has_region: region.is_some(),
-            connection_type: key.connection_type,
+            split: u32::try_from(exchange.len()).unwrap_or(u32::MAX),
+            flags,
         }
     }
 
-    fn split(&self) -> usize {
-        usize::try_from(self.exchange_len)
-            .unwrap_or(usize::MAX)
-            .min(self.text.len())
+    /// The text, where the exchange ends in it, and the flags.
+    fn raw(&self) -> (&[u8], usize, u8) {
+        match self {
+            Key::Inline {
+                len,
+                split,
+                flags,
+                bytes,
+            } => (
+                bytes.get(..usize::from(*len)).unwrap_or_default(),
+                usize::from(*split),
+                *flags,
+            ),
+            Key::Heap { text, split, flags } => (
+                text.as_bytes(),
+                usize::try_from(*split).unwrap_or(usize::MAX),
+                *flags,
+            ),
+        }
     }
 
-    fn exchange(&self) -> &str {
-        self.text.get(..self.split()).unwrap_or_default()
-    }
-
-    fn region(&self) -> Option<&str> {
-        self.has_region
-            .then(|| self.text.get(self.split()..).unwrap_or_default())
-    }
-
-    /// What it is compared, ordered and hashed by: [`CacheKey`]'s fields, borrowed.
     fn parts(&self) -> Parts<'_> {
-        (self.exchange(), self.connection_type, self.region())
+        let (text, split, flags) = self.raw();
+        let split = split.min(text.len());
+        let connection_type = if flags & WEBSOCKET == 0 {
+            ConnectionTypeKey::Http
+        } else {
+            ConnectionTypeKey::Websocket
+        };
+        let (exchange, region) = text.split_at(split);
+        (
+            exchange,
+            connection_type,
+            (flags & HAS_REGION != 0).then_some(region),
+        )
+    }
+
+    fn exchange(&self) -> &[u8] {
+        self.parts().0
     }
 
     fn to_cache_key(&self) -> CacheKey {
+        // Both parts were copied from `str`s and split where the first ended: valid UTF-8.
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        let (exchange, connection_type, region) = self.parts();
         CacheKey {
-            exchange: self.exchange().to_owned(),
-            connection_type: self.connection_type,
-            region: self.region().map(str::to_owned),
+            exchange: text(exchange),
+            connection_type,
+            region: region.map(text),
         }
     }
 }
 
-/// A key's fields borrowed, in [`CacheKey`]'s order (so tuple order is `CacheKey`'s order).
-type Parts<'a> = (&'a str, ConnectionTypeKey, Option<&'a str>);
+/// A key's fields borrowed as bytes, in [`CacheKey`]'s order: tuple order is `CacheKey`'s order
+/// (UTF-8 bytes order as their strings do), and both sides hash these.
+type Parts<'a> = (&'a [u8], ConnectionTypeKey, Option<&'a [u8]>);
 
 fn parts(key: &CacheKey) -> Parts<'_> {
-    (key.exchange.as_str(), key.connection_type, key.region.as_deref())
+    (
+        key.exchange.as_bytes(),
+        key.connection_type,
+        key.region.as_deref().map(str::as_bytes),
+    )
+}
+
+/// The parts of an answer most entries share (one per strategy and metadata).
+struct Extras {
+    strategy: Box<str>,
+    /// The metadata with `stale: false`.
+    metadata: prost_types::Struct,
 }
 
 /// One cached answer. `Debug` masks the proxy's userinfo.
@@ -171,11 +238,9 @@ pub struct Cached {
     key: Key,
     /// The proxy handed out (one allocation per proxy, shared with the proxy index).
     proxy_url: Arc<str>,
-    /// How the upstream chose it (interned).
-    strategy: Arc<str>,
-    /// Its metadata (`stale` false), shared by every entry with the same metadata: most
-    /// upstreams attach the same few fields to every answer, and a `Struct` costs ~600 bytes.
-    metadata: Arc<prost_types::Struct>,
+    /// Strategy and metadata, shared by every entry with the same: most upstreams attach the
+    /// same few fields to every answer, and a `Struct` costs ~600 bytes.
+    extras: Arc<Extras>,
     /// The endpoint that gave it.
     pub endpoint: Arc<str>,
     /// Served as fresh until then.
@@ -221,10 +286,10 @@ impl Cached {
     fn response(&self) -> pb::ProxyResponse {
         pb::ProxyResponse {
             proxy_url: self.proxy_url.to_string(),
-            strategy: self.strategy.to_string(),
+            strategy: self.extras.strategy.to_string(),
             ttl_seconds: self.ttl_seconds,
             fallback_policy: self.fallback_policy,
-            metadata: Some(prost_types::Struct::clone(&self.metadata)),
+            metadata: Some(self.extras.metadata.clone()),
             source: pb::ProxySource::Cache.into(),
             upstream_endpoint: self.endpoint.to_string(),
             lease_expires_at: None,
@@ -275,7 +340,7 @@ impl Hash for Slot {
 
 impl PartialEq for Slot {
     fn eq(&self, other: &Self) -> bool {
-        self.0.key == other.0.key
+        self.0.key.parts() == other.0.key.parts()
     }
 }
 
@@ -398,12 +463,11 @@ pub struct AnswerCache {
     /// Entries in all shards.
     count: AtomicUsize,
     max_entries: usize,
-    /// Metadata shared between entries, by its encoding.
-    metadata: moka::sync::Cache<Vec<u8>, Arc<prost_types::Struct>>,
-    /// The metadata of answers without any (most), shared without encoding it.
-    no_metadata: Arc<prost_types::Struct>,
-    /// `strategy` strings shared between entries (at most [`STRATEGIES_SHARED`]).
-    strategies: Mutex<HashSet<Arc<str>>>,
+    /// Strategy and metadata shared between entries, by their encoding.
+    extras: moka::sync::Cache<Vec<u8>, Arc<Extras>>,
+    /// The same for answers without metadata (most), by strategy, without encoding anything;
+    /// at most [`STRATEGIES_SHARED`].
+    plain: Mutex<HashMap<Box<str>, Arc<Extras>>>,
     stale_window: Duration,
     clock: Arc<dyn Clock>,
 }
@@ -449,23 +513,18 @@ impl AnswerCache {
             .collect();
         let index = (0..n).map(|_| Mutex::new(HashTable::new())).collect();
         let lifetime = MAX_TTL.mul_f64(1.1) + stale_window + Duration::from_secs(60);
-        let metadata = moka::sync::Cache::builder()
+        let extras = moka::sync::Cache::builder()
             .max_capacity(METADATA_SHARED)
             .time_to_live(lifetime)
             .build();
-        let mut no_metadata = prost_types::Struct::default();
-        no_metadata
-            .fields
-            .insert("stale".into(), json_to_value(&false.into()));
         Self {
             shards,
             index,
             hasher,
             count: AtomicUsize::new(0),
             max_entries,
-            metadata,
-            no_metadata: Arc::new(no_metadata),
-            strategies: Mutex::new(HashSet::new()),
+            extras,
+            plain: Mutex::new(HashMap::new()),
             stale_window,
             clock,
         }
@@ -577,30 +636,35 @@ impl AnswerCache {
         self.get(key, now).filter(|c| now >= c.fresh_until)
     }
 
-    /// The shared copy of `strategy` (a new one when the shared set is full).
-    fn strategy(&self, strategy: &str) -> Arc<str> {
-        let mut shared = lock(&self.strategies);
-        if let Some(s) = shared.get(strategy) {
-            return s.clone();
-        }
-        let s: Arc<str> = Arc::from(strategy);
-        if shared.len() < STRATEGIES_SHARED {
-            shared.insert(s.clone());
-        }
-        s
-    }
-
-    /// The shared copy of `answer`'s metadata with `stale: false`.
-    fn metadata(&self, answer: &Answer) -> Arc<prost_types::Struct> {
+    /// The shared strategy and metadata (with `stale: false`) of `answer`.
+    fn extras(&self, answer: &Answer) -> Arc<Extras> {
+        let build = |metadata: &serde_json::Map<String, serde_json::Value>| {
+            let mut metadata = json_to_struct(metadata);
+            metadata
+                .fields
+                .insert("stale".into(), json_to_value(&false.into()));
+            Extras {
+                strategy: answer.strategy.as_str().into(),
+                metadata,
+            }
+        };
         if answer.metadata.is_empty() {
-            return self.no_metadata.clone();
+            let mut plain = lock(&self.plain);
+            if let Some(e) = plain.get(answer.strategy.as_str()) {
+                return e.clone();
+            }
+            let e = Arc::new(build(&answer.metadata));
+            if plain.len() < STRATEGIES_SHARED {
+                plain.insert(answer.strategy.as_str().into(), e.clone());
+            }
+            return e;
         }
-        let mut metadata = json_to_struct(&answer.metadata);
-        metadata
-            .fields
-            .insert("stale".into(), json_to_value(&false.into()));
-        self.metadata
-            .get_with(metadata.encode_to_vec(), || Arc::new(metadata))
+        let extras = build(&answer.metadata);
+        let mut encoding = Vec::with_capacity(extras.metadata.encoded_len() + answer.strategy.len() + 8);
+        encoding.extend_from_slice(&(answer.strategy.len() as u64).to_le_bytes());
+        encoding.extend_from_slice(answer.strategy.as_bytes());
+        extras.metadata.encode_raw(&mut encoding);
+        self.extras.get_with(encoding, || Arc::new(extras))
     }
 
     /// Stores `answer` from endpoint number `endpoint_index` named `endpoint`; its lifetime is its
@@ -623,8 +687,7 @@ impl AnswerCache {
         let cached = Arc::new(Cached {
             key: Key::new(&key),
             proxy_url,
-            strategy: self.strategy(&answer.strategy),
-            metadata: self.metadata(answer),
+            extras: self.extras(answer),
             endpoint,
             fresh_until: now + jittered,
             stale_until: now + jittered + self.stale_window,
@@ -739,7 +802,7 @@ impl AnswerCache {
     /// Drops the entries of one exchange (case-insensitive). Returns how many.
     pub fn invalidate_exchange(&self, exchange: &str) -> usize {
         let exchange = exchange.to_lowercase();
-        self.remove_where(|c| c.key.exchange() == exchange)
+        self.remove_where(|c| c.key.exchange() == exchange.as_bytes())
     }
 
     /// Drops every entry. Returns how many.
@@ -786,7 +849,7 @@ impl AnswerCache {
                     .map(|slot| &slot.0)
                     .filter(|c| {
                         now < c.stale_until
-                            && (exchange.is_empty() || c.key.exchange() == exchange)
+                            && (exchange.is_empty() || c.key.exchange() == exchange.as_bytes())
                             && after.is_none_or(|a| c.key.parts() > a)
                     })
                     .cloned(),
@@ -956,6 +1019,52 @@ mod tests {
         assert_eq!(cache.len(), 5000, "inside the stale window");
         clock.advance(Duration::from_secs(60) + SWEEP_EVERY);
         assert_eq!((cache.len(), cache.indexed_proxies()), (0, 0));
+    }
+
+    #[test]
+    fn keys_of_any_shape_are_kept_apart_and_given_back_unchanged() {
+        let (_, cache) = cache(100, 60);
+        let long = "x".repeat(64);
+        // (row, exchange, connection type, region): inline and heap keys, splits that would
+        // collide if the exchange's end were not kept, no region vs an empty one.
+        let rows: &[(&str, &str, ConnectionType, Option<&str>)] = &[
+            ("short", "binance", ConnectionType::Http, None),
+            ("websocket", "binance", ConnectionType::Websocket, None),
+            (
+                "20 bytes inline",
+                "binance",
+                ConnectionType::Http,
+                Some("eu-west-1abc"),
+            ),
+            (
+                "21 bytes on the heap",
+                "binance",
+                ConnectionType::Http,
+                Some("eu-west-1abcd"),
+            ),
+            ("split a|bc", "a", ConnectionType::Http, Some("bc")),
+            ("split ab|c", "ab", ConnectionType::Http, Some("c")),
+            ("empty region", "ab", ConnectionType::Http, Some("")),
+            ("no region", "ab", ConnectionType::Http, None),
+            ("non-ASCII region", "kraken", ConnectionType::Http, Some("région")),
+            ("long exchange", &long, ConnectionType::Websocket, Some("us")),
+        ];
+        for (i, (_, exchange, ct, region)) in rows.iter().enumerate() {
+            let url = format!("socks5://p{i}:1");
+            cache.insert(
+                CacheKey::new(exchange, *ct, *region),
+                &answer_for(&url, 300),
+                Arc::from("e"),
+                i,
+            );
+        }
+        assert_eq!(cache.len(), rows.len(), "every key is its own");
+        for (i, (row, exchange, ct, region)) in rows.iter().enumerate() {
+            let key = CacheKey::new(exchange, *ct, *region);
+            let hit = cache.fresh(&key).unwrap_or_else(|| panic!("{row}: not found"));
+            assert_eq!(hit.key(), key, "{row}");
+            assert_eq!(hit.proxy_url(), format!("socks5://p{i}:1"), "{row}");
+        }
     }
 
     #[test]
