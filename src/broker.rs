@@ -348,10 +348,7 @@ impl Broker {
     /// reports (evicting cached answers that hold it and skipping it in embedded pools).
     pub fn report_feedback(&self, feedback: &Feedback) {
         let state = self.state.load_full();
-        self.metrics
-            .feedback
-            .get_or_create(&vec![("success", feedback.success.to_string())])
-            .inc();
+        self.metrics.count_feedback(feedback.success);
         if let Some(d) = &state.delegation {
             let served_by = feedback.proxy_url.as_ref().and_then(|u| d.cache.served_by(u));
             d.feedback.enqueue(Outgoing {
@@ -361,7 +358,10 @@ impl Broker {
         }
         let Some(url) = &feedback.proxy_url else { return };
         if feedback.success {
-            self.failures.invalidate(url.as_str());
+            // A lookup first: most successes have no count to clear, and removal costs more.
+            if self.failures.contains_key(url.as_str()) {
+                self.failures.invalidate(url.as_str());
+            }
             return;
         }
         state.embedded.release(url);
