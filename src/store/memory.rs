@@ -1,9 +1,11 @@
 //! The in-process [`Store`]: per-(proxy, exchange) state in sharded maps, bounded and expiring.
 //!
-//! - **Layout**: exchange → proxy → entry, both levels [`DashMap`]s (sharded locks), each entry
-//!   behind its own mutex. An operation takes a shard's read lock at each level and the entry's
-//!   mutex, briefly; no lock is global and none is held across an `.await`. Lock order is always
-//!   exchange map → proxy map → entry.
+//! - **Layout**: (exchange, proxy) → entry in one [`DashMap`] (sharded locks), each entry behind
+//!   its own mutex. An operation takes a shard's read lock and the entry's mutex, briefly; no lock
+//!   is global and none is held across an `.await`. Lock order is always map shard → entry. (A
+//!   map per exchange, as before, cost ≈ 2 KB per exchange in empty shards: with one proxy per
+//!   exchange, 2.2 KB per entry; one map costs the entry and its key.) Lookups borrow the key's
+//!   strings ([`Pair`]): no allocation for an entry that exists.
 //! - **Budgets** are exact sliding windows ([`super::window`], which says why not GCRA or a fixed
 //!   window), one per (proxy, exchange, connection type), holding at most the budget's attempts.
 //! - **Expiry**: an entry is idle once its windows are empty, its leases ended, its penalty
@@ -19,9 +21,11 @@
 //!   (leases capped at [`MAX_LEASES`] per entry).
 //! - **Time**: the broker's [`Clock`], in whole milliseconds since the store was created.
 
+use std::borrow::Borrow;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -60,7 +64,7 @@ const MIN_CREATIONS_PER_PURGE: usize = 256;
 
 /// The in-process store. See the module docs.
 pub struct MemoryStore {
-    exchanges: DashMap<Arc<str>, DashMap<Arc<str>, Mutex<Entry>>>,
+    entries: DashMap<StoreKey, Mutex<Entry>>,
     len: AtomicUsize,
     max_entries: usize,
     clock: Arc<dyn Clock>,
@@ -77,6 +81,68 @@ impl fmt::Debug for MemoryStore {
             .field("entries", &self.len())
             .field("max_entries", &self.max_entries)
             .finish_non_exhaustive()
+    }
+}
+
+/// What an entry is kept under.
+#[derive(Clone, PartialEq, Eq)]
+struct StoreKey {
+    exchange: Arc<str>,
+    proxy: Arc<str>,
+}
+
+/// An (exchange, proxy) pair however its strings are held, so that the map can be searched with
+/// a [`StateKey`]'s borrowed strings (the trait-object form of a borrowed composite key).
+trait Pair {
+    fn exchange(&self) -> &str;
+    fn proxy(&self) -> &str;
+}
+
+impl Pair for StoreKey {
+    fn exchange(&self) -> &str {
+        &self.exchange
+    }
+
+    fn proxy(&self) -> &str {
+        &self.proxy
+    }
+}
+
+impl Pair for StateKey<'_> {
+    fn exchange(&self) -> &str {
+        self.exchange
+    }
+
+    fn proxy(&self) -> &str {
+        self.proxy
+    }
+}
+
+impl Hash for dyn Pair + '_ {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.exchange().hash(state);
+        self.proxy().hash(state);
+    }
+}
+
+impl PartialEq for dyn Pair + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.exchange() == other.exchange() && self.proxy() == other.proxy()
+    }
+}
+
+impl Eq for dyn Pair + '_ {}
+
+/// Hashes as its [`Pair`] does (the map relies on it).
+impl Hash for StoreKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        (self as &dyn Pair).hash(state);
+    }
+}
+
+impl<'a> Borrow<dyn Pair + 'a> for StoreKey {
+    fn borrow(&self) -> &(dyn Pair + 'a) {
+        self
     }
 }
 
@@ -160,7 +226,7 @@ impl MemoryStore {
     pub fn new(max_entries: usize, clock: Arc<dyn Clock>) -> Self {
         let (changes, _) = broadcast::channel(CHANGE_FEED_CAPACITY);
         Self {
-            exchanges: DashMap::new(),
+            entries: DashMap::new(),
             len: AtomicUsize::new(0),
             max_entries: max_entries.max(1),
             epoch: clock.now(),
@@ -210,8 +276,7 @@ impl MemoryStore {
     /// Runs `f` on the entry of `key` if there is one.
     fn existing<R>(&self, key: StateKey<'_>, f: impl FnOnce(&mut Entry, Now) -> R) -> Option<R> {
         let now = self.now();
-        let proxies = self.exchanges.get(key.exchange)?;
-        let entry = proxies.get(key.proxy)?;
+        let entry = self.entries.get(&key as &dyn Pair)?;
         let mut e = lock(&entry);
         e.last_touch = now.floor;
         Some(f(&mut e, now))
@@ -219,9 +284,7 @@ impl MemoryStore {
 
     /// Runs `f` on the entry of `key`, creating it if need be.
     fn upsert<R>(&self, key: StateKey<'_>, f: impl FnOnce(&mut Entry, Now) -> R) -> R {
-        if let Some(proxies) = self.exchanges.get(key.exchange)
-            && let Some(entry) = proxies.get(key.proxy)
-        {
+        if let Some(entry) = self.entries.get(&key as &dyn Pair) {
             let now = self.now();
             let mut e = lock(&entry);
             e.last_touch = now.floor;
@@ -229,13 +292,12 @@ impl MemoryStore {
         }
         self.make_room();
         let now = self.now();
-        let proxies = self
-            .exchanges
-            .entry(Arc::from(key.exchange))
-            .or_default()
-            .downgrade();
-        let entry = match proxies.entry(Arc::from(key.proxy)) {
-            MapEntry::Occupied(o) => o.into_ref(),
+        let stored = StoreKey {
+            exchange: Arc::from(key.exchange),
+            proxy: Arc::from(key.proxy),
+        };
+        let entry = match self.entries.entry(stored) {
+            MapEntry::Occupied(o) => o.into_ref().downgrade(),
             MapEntry::Vacant(v) => {
                 self.len.fetch_add(1, Ordering::Relaxed);
                 self.created_since_purge.fetch_add(1, Ordering::Relaxed);
@@ -243,6 +305,7 @@ impl MemoryStore {
                     digest: digest64(&[key.proxy.as_bytes()]),
                     ..Entry::default()
                 }))
+                .downgrade()
             }
         };
         let mut e = lock(&entry);
@@ -289,34 +352,27 @@ impl MemoryStore {
         self.created_since_purge.store(0, Ordering::Relaxed);
         let now = self.now();
         let mut removed = 0;
-        for proxies in self.exchanges.iter() {
-            proxies.retain(|_, e| {
-                let keep = !lock(e).is_idle(now);
-                removed += usize::from(!keep);
-                keep
-            });
-        }
-        self.exchanges.retain(|_, proxies| !proxies.is_empty());
+        self.entries.retain(|_, e| {
+            let keep = !lock(e).is_idle(now);
+            removed += usize::from(!keep);
+            keep
+        });
         self.len.fetch_sub(removed.min(self.len()), Ordering::Relaxed);
         removed
     }
 
     fn evict_least_recent(&self, count: usize) {
-        let mut all: Vec<(u64, Arc<str>, Arc<str>)> = Vec::with_capacity(self.len());
-        for proxies in self.exchanges.iter() {
-            for e in proxies.iter() {
-                all.push((lock(e.value()).last_touch, proxies.key().clone(), e.key().clone()));
-            }
+        let mut all: Vec<(u64, StoreKey)> = Vec::with_capacity(self.len());
+        for e in self.entries.iter() {
+            all.push((lock(e.value()).last_touch, e.key().clone()));
         }
         if all.len() > count {
-            all.select_nth_unstable_by_key(count, |(touched, _, _)| *touched);
+            all.select_nth_unstable_by_key(count, |(touched, _)| *touched);
             all.truncate(count);
         }
         let mut removed = 0;
-        for (_, exchange, proxy) in all {
-            if let Some(proxies) = self.exchanges.get(&exchange)
-                && proxies.remove(&proxy).is_some()
-            {
+        for (_, key) in all {
+            if self.entries.remove(&key).is_some() {
                 removed += 1;
             }
         }
@@ -503,29 +559,28 @@ impl Store for MemoryStore {
         };
         let now = self.now();
         let mut rows: Vec<((Arc<str>, u64), Listed)> = Vec::new();
-        for proxies in self.exchanges.iter() {
-            if exchange.is_some_and(|x| x != &**proxies.key()) {
+        for e in self.entries.iter() {
+            let key = e.key();
+            if exchange.is_some_and(|x| x != &*key.exchange) {
                 continue;
             }
-            for e in proxies.iter() {
-                let mut entry = lock(e.value());
-                let order = (proxies.key().clone(), entry.digest);
-                if after
-                    .as_ref()
-                    .is_some_and(|(x, d)| (&*order.0, order.1) <= (x.as_str(), *d))
-                {
-                    continue;
-                }
-                let state = self.snapshot(&mut entry, now);
-                rows.push((
-                    order,
-                    Listed {
-                        proxy: e.key().clone(),
-                        exchange: proxies.key().clone(),
-                        state,
-                    },
-                ));
+            let mut entry = lock(e.value());
+            let order = (key.exchange.clone(), entry.digest);
+            if after
+                .as_ref()
+                .is_some_and(|(x, d)| (&*order.0, order.1) <= (x.as_str(), *d))
+            {
+                continue;
             }
+            let state = self.snapshot(&mut entry, now);
+            rows.push((
+                order,
+                Listed {
+                    proxy: key.proxy.clone(),
+                    exchange: key.exchange.clone(),
+                    state,
+                },
+            ));
         }
         let more = rows.len() > limit;
         if more {
@@ -847,7 +902,7 @@ mod tests {
         tokio::time::advance(BAN_MEMORY).await;
         assert_eq!(s.purge(), 1);
         assert!(s.is_empty());
-        assert!(s.exchanges.is_empty(), "empty exchange maps go too");
+        assert!(s.entries.is_empty(), "the map is empty too");
     }
 
     #[tokio::test(start_paused = true)]
