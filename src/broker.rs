@@ -286,7 +286,7 @@ impl Broker {
                 let cached = self.refill(&d, key, lookup, exclude).await?;
                 Ok(Some(Offer {
                     url: cached.proxy_url().to_owned(),
-                    ttl: Duration::from_secs(u64::from(cached.response.ttl_seconds))
+                    ttl: Duration::from_secs(u64::from(cached.ttl_seconds()))
                         .min(cached.fresh_until.saturating_duration_since(d.cache.now())),
                     weight: 1.0,
                     payload: cached,
@@ -519,10 +519,7 @@ impl Broker {
     /// exchange is in an outage). A failure also ends the proxy's soonest lease.
     pub async fn report_feedback(&self, feedback: &Feedback) {
         let state = self.state.load_full();
-        self.metrics
-            .feedback
-            .get_or_create(&vec![("success", feedback.success.to_string())])
-            .inc();
+        self.metrics.count_feedback(feedback.success);
         if let Some(d) = &state.delegation {
             let served_by = feedback.proxy_url.as_ref().and_then(|u| d.served_by(u));
             d.feedback.enqueue(Outgoing {
