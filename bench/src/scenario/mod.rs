@@ -4,6 +4,8 @@
 mod big_answer;
 mod feedback_urls;
 mod firehose;
+mod fleet;
+mod fleet_redis;
 mod hedge;
 mod hit_vs_health;
 mod memory;
@@ -20,6 +22,7 @@ use crate::table::Table;
 pub use big_answer::BigAnswerArgs;
 pub use feedback_urls::FeedbackUrlsArgs;
 pub use firehose::FirehoseArgs;
+pub use fleet::FleetArgs;
 pub use hedge::HedgeArgs;
 pub use hit_vs_health::HitVsHealthArgs;
 pub use memory::MemoryArgs;
@@ -63,6 +66,10 @@ pub enum Scenario {
     Firehose(FirehoseArgs),
     /// RSS of 10,000 idle WatchProxy streams (bytes per idle watcher).
     Watchers(WatchersArgs),
+    /// Fleet mode (issue 10): replicas sharing a real redis-server against memory replicas — the storm
+    /// split over them, cache-hit throughput, a budgeted hand-out's added latency, Redis round-trips
+    /// per request.
+    Fleet(FleetArgs),
     /// Every scenario with its defaults.
     All,
 }
@@ -92,6 +99,7 @@ pub async fn run(ctx: &Ctx, scenario: &Scenario) -> bool {
         Scenario::Startup1000(a) => report("startup-1000", startup::run(ctx, a).await),
         Scenario::Firehose(a) => report("firehose", firehose::run(ctx, a).await),
         Scenario::Watchers(a) => report("watchers", watchers::run(ctx, a).await),
+        Scenario::Fleet(a) => report("fleet", fleet::run(ctx, a).await),
         Scenario::All => {
             report("hit-vs-health", hit_vs_health::run(ctx, &defaults()).await);
             report("storm", storm::run(ctx, &defaults()).await);
@@ -103,6 +111,7 @@ pub async fn run(ctx: &Ctx, scenario: &Scenario) -> bool {
             report("startup-1000", startup::run(ctx, &defaults()).await);
             report("firehose", firehose::run(ctx, &defaults()).await);
             report("watchers", watchers::run(ctx, &defaults()).await);
+            report("fleet", fleet::run(ctx, &defaults()).await);
         }
     }
     ok
@@ -136,5 +145,7 @@ mod tests {
         let _: FirehoseArgs = defaults();
         let w: WatchersArgs = defaults();
         assert_eq!((w.watchers, w.connections), (10_000, 50));
+        let f: FleetArgs = defaults();
+        assert_eq!((f.replicas, f.calls, f.keys), (2, 10_000, 100));
     }
 }
