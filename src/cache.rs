@@ -56,7 +56,8 @@ const STRATEGIES_SHARED: usize = 1024;
 pub const STALE_ANSWER_TTL: u64 = 60;
 
 /// Longest lifetime of a cached answer.
-pub const MAX_TTL: Duration = Duration::from_secs(3600);
+pub const MAX_TTL: Duration = Duration::from_secs(MAX_TTL_SECONDS as u64);
+const MAX_TTL_SECONDS: u32 = 3600;
 
 /// Most shards of the entries.
 pub const MAX_SHARDS: usize = 16;
@@ -243,13 +244,17 @@ pub struct Cached {
     extras: Arc<Extras>,
     /// The endpoint that gave it.
     pub endpoint: Arc<str>,
+    /// When the upstream's answer arrived.
+    pub fetched_at: Instant,
     /// Served as fresh until then.
     pub fresh_until: Instant,
-    /// Served as stale (upstreams failing) until then.
-    pub stale_until: Instant,
-    /// The answer's TTL, capped at [`MAX_TTL`].
-    ttl_seconds: u32,
-    fallback_policy: i32,
+    /// Served as stale (upstreams failing) for this long after `fresh_until` (milliseconds;
+    /// [`Cached::stale_until`]). Small fields, so that an entry stays one 128-byte allocation.
+    stale_ms: u32,
+    /// The answer's TTL, capped at [`MAX_TTL`] (so it fits).
+    ttl_seconds: u16,
+    /// [`pb::FallbackPolicy`] (a handful of values).
+    fallback_policy: u8,
 }
 
 impl std::fmt::Debug for Cached {
@@ -261,7 +266,7 @@ impl std::fmt::Debug for Cached {
             )
             .field("endpoint", &self.endpoint)
             .field("fresh_until", &self.fresh_until)
-            .field("stale_until", &self.stale_until)
+            .field("stale_until", &self.stale_until())
             .finish_non_exhaustive()
     }
 }
@@ -271,6 +276,16 @@ impl Cached {
     pub fn remaining_ttl(&self, now: Instant) -> u32 {
         let left = self.fresh_until.saturating_duration_since(now);
         u32::try_from(left.as_secs() + u64::from(left.subsec_nanos() > 0)).unwrap_or(u32::MAX)
+    }
+
+    /// Served as stale (upstreams failing) until then.
+    pub fn stale_until(&self) -> Instant {
+        self.fresh_until + Duration::from_millis(u64::from(self.stale_ms))
+    }
+
+    /// The answer's TTL (capped at [`MAX_TTL`]).
+    pub fn ttl_seconds(&self) -> u32 {
+        u32::from(self.ttl_seconds)
     }
 
     /// The proxy URL handed out.
@@ -287,8 +302,8 @@ impl Cached {
         pb::ProxyResponse {
             proxy_url: self.proxy_url.to_string(),
             strategy: self.extras.strategy.to_string(),
-            ttl_seconds: self.ttl_seconds,
-            fallback_policy: self.fallback_policy,
+            ttl_seconds: self.ttl_seconds(),
+            fallback_policy: i32::from(self.fallback_policy),
             metadata: Some(self.extras.metadata.clone()),
             source: pb::ProxySource::Cache.into(),
             upstream_endpoint: self.endpoint.to_string(),
@@ -319,7 +334,7 @@ impl Cached {
     /// stopgap so the feed asks again soon, but does not hammer the broker.
     pub fn stale_response(&self, now: Instant) -> pb::ProxyResponse {
         let mut response = self.response();
-        let left = self.stale_until.saturating_duration_since(now).as_secs();
+        let left = self.stale_until().saturating_duration_since(now).as_secs();
         response.ttl_seconds = u32::try_from(left.clamp(1, STALE_ANSWER_TTL)).unwrap_or(1);
         if let Some(m) = response.metadata.as_mut() {
             m.fields.insert("stale".into(), json_to_value(&true.into()));
@@ -469,6 +484,8 @@ pub struct AnswerCache {
     /// at most [`STRATEGIES_SHARED`].
     plain: Mutex<HashMap<Box<str>, Arc<Extras>>>,
     stale_window: Duration,
+    /// `stale_window` in milliseconds (at most `u32::MAX`: 49 days, past the configurable 1 day).
+    stale_ms: u32,
     clock: Arc<dyn Clock>,
 }
 
@@ -526,6 +543,7 @@ impl AnswerCache {
             extras,
             plain: Mutex::new(HashMap::new()),
             stale_window,
+            stale_ms: u32::try_from(stale_window.as_millis()).unwrap_or(u32::MAX),
             clock,
         }
     }
@@ -588,7 +606,7 @@ impl AnswerCache {
         shard.next_sweep = now + SWEEP_EVERY;
         let mut gone = Vec::new();
         shard.map.retain(|slot, ()| {
-            let keep = now < slot.0.stale_until;
+            let keep = now < slot.0.stale_until();
             if !keep {
                 gone.push(slot.0.clone());
             }
@@ -611,7 +629,7 @@ impl AnswerCache {
             return None;
         };
         let entry = slot.key().0.clone();
-        if now < entry.stale_until {
+        if now < entry.stale_until() {
             slot.to_back();
             return Some(entry);
         }
@@ -689,12 +707,11 @@ impl AnswerCache {
             proxy_url,
             extras: self.extras(answer),
             endpoint,
+            fetched_at: now,
             fresh_until: now + jittered,
-            stale_until: now + jittered + self.stale_window,
-            ttl_seconds: answer
-                .ttl_seconds
-                .min(u32::try_from(MAX_TTL.as_secs()).unwrap_or(u32::MAX)),
-            fallback_policy: answer.fallback_policy.into(),
+            stale_ms: self.stale_ms,
+            ttl_seconds: u16::try_from(answer.ttl_seconds.min(MAX_TTL_SECONDS)).unwrap_or(u16::MAX),
+            fallback_policy: u8::try_from(i32::from(answer.fallback_policy)).unwrap_or_default(),
         });
         let wanted = parts(&key);
         let hash = self.hash_key(wanted);
@@ -723,7 +740,7 @@ impl AnswerCache {
         // never evicts the entry just stored; other shards make room below.
         while (self.count.load(Ordering::Relaxed).saturating_sub(gone.len()) > self.max_entries
             && shard.map.len() > 1)
-            || shard.map.front().is_some_and(|(s, ())| s.0.stale_until <= now)
+            || shard.map.front().is_some_and(|(s, ())| s.0.stale_until() <= now)
         {
             match shard.map.pop_front() {
                 Some((slot, ())) => gone.push(slot.0),
@@ -848,7 +865,7 @@ impl AnswerCache {
                     .keys()
                     .map(|slot| &slot.0)
                     .filter(|c| {
-                        now < c.stale_until
+                        now < c.stale_until()
                             && (exchange.is_empty() || c.key.exchange() == exchange.as_bytes())
                             && after.is_none_or(|a| c.key.parts() > a)
                     })
@@ -929,6 +946,18 @@ mod tests {
         let clock = Arc::new(ManualClock::new());
         let cache = AnswerCache::new(max_entries, Duration::from_secs(stale), clock.clone());
         (clock, cache)
+    }
+
+    #[test]
+    fn an_entry_stays_within_its_size_budget() {
+        // 104 bytes + the Arc's two counters = 120, one 128-byte malloc chunk; the key inline.
+        assert!(
+            std::mem::size_of::<Cached>() <= 104,
+            "{}",
+            std::mem::size_of::<Cached>()
+        );
+        assert_eq!(std::mem::size_of::<Key>(), 24);
+        assert_eq!(std::mem::size_of::<Proxy>(), 16);
     }
 
     #[test]
