@@ -8,7 +8,9 @@
 //!   least recently used end of its shard, and by a sweep of each shard at most every
 //!   [`SWEEP_EVERY`] (run by inserts and by [`AnswerCache::len`], which the metrics call).
 //!   Freshness is decided by the broker's [`Clock`] on every read.
-//! - Bound: at most `cache_max_entries`, least recently used evicted first. The entries are split
+//! - Bound: at most `cache_max_entries` (an insert makes room in its own shard, else in others
+//!   it can lock without waiting, so inserts racing each other may leave a few more until the
+//!   next insert), least recently used evicted first. The entries are split
 //!   into up to [`MAX_SHARDS`] shards (each its own mutex and LRU list) of at least
 //!   [`MIN_SHARD_ENTRIES`] entries, so LRU order is exact below 2,048 entries and per shard above.
 //! - Each entry keeps the parts of its answer (the proxy URL shared with the proxy index, the
@@ -1030,6 +1032,68 @@ mod tests {
         cache.insert(key(3), &answer(300), Arc::from("e"), 0);
         let kept: Vec<u8> = (0..4).filter(|&k| cache.fresh(&key(k)).is_some()).collect();
         assert_eq!(kept, [0, 2, 3], "1 was the least recently used");
+    }
+
+    /// Entries the proxy index points at, each checked to be the one its shard holds.
+    fn indexed_entries(cache: &AnswerCache) -> usize {
+        let mut n = 0;
+        for index in &cache.index {
+            for proxy in lock(index).iter() {
+                let entries = match proxy {
+                    Proxy::One { entry, .. } => vec![entry.clone()],
+                    Proxy::Many(h) => h.entries.iter().map(|e| e.0.clone()).collect(),
+                };
+                for entry in entries {
+                    assert_eq!(&entry.proxy_url, proxy.url(), "indexed under its own URL");
+                    let held = cache.fresh(&entry.key()).expect("an indexed entry is cached");
+                    assert!(Arc::ptr_eq(&held, &entry), "the index points at the live entry");
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    #[test]
+    fn concurrent_inserts_reads_and_ejections_keep_the_count_and_the_index_exact() {
+        let (_, cache) = cache(3000, 60);
+        assert_eq!(cache.shards.len(), 2);
+        std::thread::scope(|scope| {
+            for t in 0..4u64 {
+                let cache = &cache;
+                scope.spawn(move || {
+                    let mut rng = rand::rng();
+                    for i in 0..20_000u64 {
+                        let k = rand::Rng::random_range(&mut rng, 0..6000u32);
+                        let key = CacheKey::new(&format!("x{k}"), ConnectionType::Http, None);
+                        let proxy = format!("socks5://p{}:1", rand::Rng::random_range(&mut rng, 0..500u32));
+                        match (i + t) % 10 {
+                            0 => {
+                                cache.evict_proxy(&proxy);
+                            }
+                            1..=4 => {
+                                cache.fresh(&key);
+                            }
+                            _ => {
+                                cache.insert(key, &answer_for(&proxy, 300), Arc::from("e"), 0);
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let len = cache.len();
+        assert_eq!(
+            cache.count.load(Ordering::Relaxed),
+            len,
+            "the count is the shards' sum"
+        );
+        assert!(len <= 3000 + 8, "{len} entries for a cap of 3,000");
+        assert_eq!(
+            indexed_entries(&cache),
+            len,
+            "every entry indexed once, nothing else"
+        );
     }
 
     #[test]
