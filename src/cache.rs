@@ -8,7 +8,9 @@
 //!   least recently used end of its shard, and by a sweep of each shard at most every
 //!   [`SWEEP_EVERY`] (run by inserts and by [`AnswerCache::len`], which the metrics call).
 //!   Freshness is decided by the broker's [`Clock`] on every read.
-//! - Bound: at most `cache_max_entries`, least recently used evicted first. The entries are split
+//! - Bound: at most `cache_max_entries` (an insert makes room in its own shard, else in others
+//!   it can lock without waiting, so inserts racing each other may leave a few more until the
+//!   next insert), least recently used evicted first. The entries are split
 //!   into up to [`MAX_SHARDS`] shards (each its own mutex and LRU list) of at least
 //!   [`MIN_SHARD_ENTRIES`] entries, so LRU order is exact below 2,048 entries and per shard above.
 //! - Each entry keeps the parts of its answer (the proxy URL shared with the proxy index, the
@@ -56,7 +58,8 @@ const STRATEGIES_SHARED: usize = 1024;
 pub const STALE_ANSWER_TTL: u64 = 60;
 
 /// Longest lifetime of a cached answer.
-pub const MAX_TTL: Duration = Duration::from_secs(3600);
+pub const MAX_TTL: Duration = Duration::from_secs(MAX_TTL_SECONDS as u64);
+const MAX_TTL_SECONDS: u32 = 3600;
 
 /// Most shards of the entries.
 pub const MAX_SHARDS: usize = 16;
@@ -247,11 +250,13 @@ pub struct Cached {
     pub fetched_at: Instant,
     /// Served as fresh until then.
     pub fresh_until: Instant,
-    /// Served as stale (upstreams failing) until then.
-    pub stale_until: Instant,
-    /// The answer's TTL, capped at [`MAX_TTL`].
-    ttl_seconds: u32,
-    fallback_policy: i32,
+    /// Served as stale (upstreams failing) for this long after `fresh_until` (milliseconds;
+    /// [`Cached::stale_until`]). Small fields, so that an entry stays one 128-byte allocation.
+    stale_ms: u32,
+    /// The answer's TTL, capped at [`MAX_TTL`] (so it fits).
+    ttl_seconds: u16,
+    /// [`pb::FallbackPolicy`] (a handful of values).
+    fallback_policy: u8,
 }
 
 impl std::fmt::Debug for Cached {
@@ -263,7 +268,7 @@ impl std::fmt::Debug for Cached {
             )
             .field("endpoint", &self.endpoint)
             .field("fresh_until", &self.fresh_until)
-            .field("stale_until", &self.stale_until)
+            .field("stale_until", &self.stale_until())
             .finish_non_exhaustive()
     }
 }
@@ -275,9 +280,14 @@ impl Cached {
         u32::try_from(left.as_secs() + u64::from(left.subsec_nanos() > 0)).unwrap_or(u32::MAX)
     }
 
-    /// The answer's TTL in seconds (capped at [`MAX_TTL`]).
+    /// Served as stale (upstreams failing) until then.
+    pub fn stale_until(&self) -> Instant {
+        self.fresh_until + Duration::from_millis(u64::from(self.stale_ms))
+    }
+
+    /// The answer's TTL (capped at [`MAX_TTL`]).
     pub fn ttl_seconds(&self) -> u32 {
-        self.ttl_seconds
+        u32::from(self.ttl_seconds)
     }
 
     /// The proxy URL handed out.
@@ -294,8 +304,8 @@ impl Cached {
         pb::ProxyResponse {
             proxy_url: self.proxy_url.to_string(),
             strategy: self.extras.strategy.to_string(),
-            ttl_seconds: self.ttl_seconds,
-            fallback_policy: self.fallback_policy,
+            ttl_seconds: self.ttl_seconds(),
+            fallback_policy: i32::from(self.fallback_policy),
             metadata: Some(self.extras.metadata.clone()),
             source: pb::ProxySource::Cache.into(),
             upstream_endpoint: self.endpoint.to_string(),
@@ -326,7 +336,7 @@ impl Cached {
     /// stopgap so the feed asks again soon, but does not hammer the broker.
     pub fn stale_response(&self, now: Instant) -> pb::ProxyResponse {
         let mut response = self.response();
-        let left = self.stale_until.saturating_duration_since(now).as_secs();
+        let left = self.stale_until().saturating_duration_since(now).as_secs();
         response.ttl_seconds = u32::try_from(left.clamp(1, STALE_ANSWER_TTL)).unwrap_or(1);
         if let Some(m) = response.metadata.as_mut() {
             m.fields.insert("stale".into(), json_to_value(&true.into()));
@@ -476,6 +486,8 @@ pub struct AnswerCache {
     /// at most [`STRATEGIES_SHARED`].
     plain: Mutex<HashMap<Box<str>, Arc<Extras>>>,
     stale_window: Duration,
+    /// `stale_window` in milliseconds (at most `u32::MAX`: 49 days, past the configurable 1 day).
+    stale_ms: u32,
     clock: Arc<dyn Clock>,
 }
 
@@ -533,6 +545,7 @@ impl AnswerCache {
             extras,
             plain: Mutex::new(HashMap::new()),
             stale_window,
+            stale_ms: u32::try_from(stale_window.as_millis()).unwrap_or(u32::MAX),
             clock,
         }
     }
@@ -595,7 +608,7 @@ impl AnswerCache {
         shard.next_sweep = now + SWEEP_EVERY;
         let mut gone = Vec::new();
         shard.map.retain(|slot, ()| {
-            let keep = now < slot.0.stale_until;
+            let keep = now < slot.0.stale_until();
             if !keep {
                 gone.push(slot.0.clone());
             }
@@ -618,7 +631,7 @@ impl AnswerCache {
             return None;
         };
         let entry = slot.key().0.clone();
-        if now < entry.stale_until {
+        if now < entry.stale_until() {
             slot.to_back();
             return Some(entry);
         }
@@ -698,11 +711,9 @@ impl AnswerCache {
             endpoint,
             fetched_at: now,
             fresh_until: now + jittered,
-            stale_until: now + jittered + self.stale_window,
-            ttl_seconds: answer
-                .ttl_seconds
-                .min(u32::try_from(MAX_TTL.as_secs()).unwrap_or(u32::MAX)),
-            fallback_policy: answer.fallback_policy.into(),
+            stale_ms: self.stale_ms,
+            ttl_seconds: u16::try_from(answer.ttl_seconds.min(MAX_TTL_SECONDS)).unwrap_or(u16::MAX),
+            fallback_policy: u8::try_from(i32::from(answer.fallback_policy)).unwrap_or_default(),
         });
         let wanted = parts(&key);
         let hash = self.hash_key(wanted);
@@ -731,7 +742,7 @@ impl AnswerCache {
         // never evicts the entry just stored; other shards make room below.
         while (self.count.load(Ordering::Relaxed).saturating_sub(gone.len()) > self.max_entries
             && shard.map.len() > 1)
-            || shard.map.front().is_some_and(|(s, ())| s.0.stale_until <= now)
+            || shard.map.front().is_some_and(|(s, ())| s.0.stale_until() <= now)
         {
             match shard.map.pop_front() {
                 Some((slot, ())) => gone.push(slot.0),
@@ -856,7 +867,7 @@ impl AnswerCache {
                     .keys()
                     .map(|slot| &slot.0)
                     .filter(|c| {
-                        now < c.stale_until
+                        now < c.stale_until()
                             && (exchange.is_empty() || c.key.exchange() == exchange.as_bytes())
                             && after.is_none_or(|a| c.key.parts() > a)
                     })
@@ -940,6 +951,18 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_stays_within_its_size_budget() {
+        // 104 bytes + the Arc's two counters = 120, one 128-byte malloc chunk; the key inline.
+        assert!(
+            std::mem::size_of::<Cached>() <= 104,
+            "{}",
+            std::mem::size_of::<Cached>()
+        );
+        assert_eq!(std::mem::size_of::<Key>(), 24);
+        assert_eq!(std::mem::size_of::<Proxy>(), 16);
+    }
+
+    #[test]
     fn ejecting_a_proxy_drops_exactly_the_entries_holding_it() {
         let (_, cache) = cache(100, 60);
         // (key, proxy)
@@ -1009,6 +1032,68 @@ mod tests {
         cache.insert(key(3), &answer(300), Arc::from("e"), 0);
         let kept: Vec<u8> = (0..4).filter(|&k| cache.fresh(&key(k)).is_some()).collect();
         assert_eq!(kept, [0, 2, 3], "1 was the least recently used");
+    }
+
+    /// Entries the proxy index points at, each checked to be the one its shard holds.
+    fn indexed_entries(cache: &AnswerCache) -> usize {
+        let mut n = 0;
+        for index in &cache.index {
+            for proxy in lock(index).iter() {
+                let entries = match proxy {
+                    Proxy::One { entry, .. } => vec![entry.clone()],
+                    Proxy::Many(h) => h.entries.iter().map(|e| e.0.clone()).collect(),
+                };
+                for entry in entries {
+                    assert_eq!(&entry.proxy_url, proxy.url(), "indexed under its own URL");
+                    let held = cache.fresh(&entry.key()).expect("an indexed entry is cached");
+                    assert!(Arc::ptr_eq(&held, &entry), "the index points at the live entry");
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    #[test]
+    fn concurrent_inserts_reads_and_ejections_keep_the_count_and_the_index_exact() {
+        let (_, cache) = cache(3000, 60);
+        assert_eq!(cache.shards.len(), 2);
+        std::thread::scope(|scope| {
+            for t in 0..4u64 {
+                let cache = &cache;
+                scope.spawn(move || {
+                    let mut rng = rand::rng();
+                    for i in 0..20_000u64 {
+                        let k = rand::Rng::random_range(&mut rng, 0..6000u32);
+                        let key = CacheKey::new(&format!("x{k}"), ConnectionType::Http, None);
+                        let proxy = format!("socks5://p{}:1", rand::Rng::random_range(&mut rng, 0..500u32));
+                        match (i + t) % 10 {
+                            0 => {
+                                cache.evict_proxy(&proxy);
+                            }
+                            1..=4 => {
+                                cache.fresh(&key);
+                            }
+                            _ => {
+                                cache.insert(key, &answer_for(&proxy, 300), Arc::from("e"), 0);
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let len = cache.len();
+        assert_eq!(
+            cache.count.load(Ordering::Relaxed),
+            len,
+            "the count is the shards' sum"
+        );
+        assert!(len <= 3000 + 8, "{len} entries for a cap of 3,000");
+        assert_eq!(
+            indexed_entries(&cache),
+            len,
+            "every entry indexed once, nothing else"
+        );
     }
 
     #[test]
