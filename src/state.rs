@@ -269,44 +269,31 @@ impl Delegation {
     ) -> Fetched {
         let name = flight_name(lookup);
         let until = Instant::now() + self.flight_timeout;
-        let lock_ttl = self.flight_timeout + Duration::from_secs(1);
+        let lock_ttl = FLIGHT_LOCK_TTL.min(self.flight_timeout);
         let mut ended = store.flights();
-        for _ in 0..MAX_FLIGHT_ROUNDS {
+        loop {
+            if Instant::now() >= until {
+                return self.fetch(key, lookup).await;
+            }
             match store.lead_flight(&name, lock_ttl).await {
                 Ok(false) => {
-                    // Another broker asks upstream: wait for its answer.
-                    loop {
-                        if let Some(hit) = self.shared_answer(store, &key, lookup).await {
-                            if exclude.iter().any(|u| **u == *hit.proxy_url()) {
-                                break;
+                    // Another broker asks upstream: take its answer once published. The lock is
+                    // tried again at every look, so a leader that died (or could not publish)
+                    // holds its followers up for the lock's short TTL at most.
+                    if let Some(hit) = self.shared_answer(store, &key, lookup).await
+                        && !exclude.iter().any(|u| **u == *hit.proxy_url())
+                    {
+                        return Ok(hit);
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep_until(until) => {}
+                        m = ended.recv() => {
+                            if matches!(m, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                                // No announcements any more: poll.
+                                tokio::time::sleep(FLIGHT_POLL_INTERVAL).await;
                             }
-                            return Ok(hit);
                         }
-                        let woke = tokio::select! {
-                            () = tokio::time::sleep_until(until) => None,
-                            m = ended.recv() => match m {
-                                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                                    // No announcements any more: poll.
-                                    tokio::time::sleep(FLIGHT_POLL_INTERVAL).await;
-                                    Some(Ok(Arc::from("")))
-                                }
-                                m => Some(m),
-                            },
-                            () = tokio::time::sleep(FLIGHT_POLL_INTERVAL) => Some(Ok(Arc::from(""))),
-                        };
-                        match woke {
-                            None => return self.fetch(key, lookup).await,
-                            Some(Ok(k)) if *k == *name => {
-                                // Its flight ended: take its answer, or lead the next round.
-                                if let Some(hit) = self.shared_answer(store, &key, lookup).await
-                                    && !exclude.iter().any(|u| **u == *hit.proxy_url())
-                                {
-                                    return Ok(hit);
-                                }
-                                break;
-                            }
-                            Some(_) => {}
-                        }
+                        () = tokio::time::sleep(FLIGHT_POLL_INTERVAL) => {}
                     }
                 }
                 Ok(true) | Err(_) => {
@@ -327,7 +314,6 @@ impl Delegation {
                 }
             }
         }
-        self.fetch(key, lookup).await
     }
 
     /// Another broker's answer for `key` from the store, validated as an upstream answer is and
@@ -351,8 +337,10 @@ impl Delegation {
     }
 }
 
-/// Most rounds of "follow another broker's flight, then try to lead" one lookup makes.
-const MAX_FLIGHT_ROUNDS: usize = 3;
+/// How long a broker's flight lock holds other brokers back. Short, so that a leader that dies
+/// (or cannot publish) strands nobody for long; the cost is that an upstream answering slower
+/// than this may be asked once more by another broker.
+const FLIGHT_LOCK_TTL: Duration = Duration::from_secs(3);
 
 /// The key of a lookup's shared answer and flight: exchange, connection type and region (no
 /// caller input beyond what the cache key holds, so nothing secret).
