@@ -5,7 +5,9 @@
 //! middle of a load fails no call and `proxy_broker_store_up` follows it down and back up (state
 //! shared again afterwards); the store password never reaches logs, admin output or metrics; a
 //! storm spread over the replica processes makes one upstream call per key (with and without a
-//! budget), and the other replica then answers from its cache.
+//! budget), and the other replica then answers from its cache; callers following another
+//! replica's flight are not stranded when that leader dies or cannot reach Redis to publish;
+//! `proxy_broker_store_up` says 0 whenever Redis cannot be used, also on an idle replica.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -762,6 +764,125 @@ async fn a_storm_split_over_two_replica_processes_makes_one_upstream_call_per_ke
         if after != per_key {
             wrong.push(format!(
                 "{row}: hits after the storm asked upstream: {per_key:?} → {after:?}"
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+/// How the leader of a flight fails to tell the fleet it is done.
+enum LeaderTrouble {
+    /// The leading replica is killed (SIGKILL) while its upstream request is in flight.
+    Killed,
+    /// Redis stops answering (`CLIENT PAUSE 3000 ALL`) long enough for the leader's store breaker
+    /// to open before its answer arrives, so its `put_answer` and `end_flight` never reach Redis
+    /// (they are answered from its local state); then Redis answers again.
+    RedisPausedAsItPublishes,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_on_another_replica_are_not_stranded_when_the_leader_cannot_finish_its_flight() {
+    let mut wrong = Vec::new();
+    for (row, trouble) in [
+        ("the leader replica is killed", LeaderTrouble::Killed),
+        (
+            "Redis pauses as the leader publishes",
+            LeaderTrouble::RedisPausedAsItPublishes,
+        ),
+    ] {
+        let redis = RedisServer::start();
+        let upstream = Upstream::start_with(Arc::new(|body: &Value| {
+            let exchange = body["exchange_id"].as_str().unwrap_or("x");
+            Reply::answer(&format!("socks5://{exchange}.fleet:1080"))
+        }))
+        .await;
+        // The default operation timeout (50 ms) and request timeout (30 s).
+        let config = ConfigDir::new(&fleet_yaml(&upstream, &redis.url(), "fleet-stranded:", "", ""));
+        let mut fleet = replicas(&config, 2, &[]).await;
+        upstream.hold();
+        // Replica A leads the flight for `stranded`: its upstream request is held.
+        let mut on_a = fleet[0].client();
+        let leader_call = tokio::spawn(async move { on_a.request_proxy(websocket("stranded")).await });
+        eventually(&format!("{row}: A's upstream request"), PROMPT, || async {
+            (upstream.requests_for("stranded") == 1).then_some(())
+        })
+        .await;
+        // Feeds on replica B ask for the same key, each with a 10 s deadline: they follow A.
+        let followers: Vec<_> = (0..5)
+            .map(|_| {
+                let mut client = fleet[1].client();
+                tokio::spawn(async move {
+                    let mut request = tonic::Request::new(websocket("stranded"));
+                    request.set_timeout(Duration::from_secs(10));
+                    client.request_proxy(request).await
+                })
+            })
+            .collect();
+        // Let B's calls reach their flight (a settle, not a bound: nothing is asserted on it).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        match trouble {
+            LeaderTrouble::Killed => {
+                fleet[0].process.signal("KILL");
+                let _ = fleet[0].process.wait_exit(PROMPT).await;
+                upstream.release();
+            }
+            LeaderTrouble::RedisPausedAsItPublishes => {
+                let paused = std::process::Command::new("redis-cli")
+                    .args([
+                        "-p",
+                        &redis.addr.port().to_string(),
+                        "CLIENT",
+                        "PAUSE",
+                        "3000",
+                        "ALL",
+                    ])
+                    .output()
+                    .expect("redis-cli (Debian's redis-tools)");
+                assert!(paused.status.success(), "{paused:?}");
+                // Calls on A that need the store (cold keys: a shared-answer read each) fail
+                // against the paused Redis and open A's store breaker.
+                let others: Vec<_> = (0..5)
+                    .map(|i| {
+                        let mut client = fleet[0].client();
+                        tokio::spawn(
+                            async move { client.request_proxy(websocket(&format!("other{i}"))).await },
+                        )
+                    })
+                    .collect();
+                eventually(&format!("{row}: store_up 0 on A"), PROMPT, || async {
+                    (fleet[0].store_up().await == 0.0).then_some(())
+                })
+                .await;
+                upstream.release();
+                for other in others {
+                    let _ = other.await;
+                }
+                let led = leader_call.await.unwrap();
+                assert_eq!(
+                    led.map(|r| r.into_inner().proxy_url).ok().as_deref(),
+                    Some("socks5://stranded.fleet:1080"),
+                    "{row}: the leader's own call"
+                );
+            }
+        }
+        let mut outcomes = Vec::new();
+        for follower in followers {
+            outcomes.push(match follower.await.unwrap() {
+                Ok(answer) => answer.into_inner().proxy_url,
+                Err(status) => format!("{:?}: {}", status.code(), status.message()),
+            });
+        }
+        // A feed asking B afterwards (5 s deadline) gets it too.
+        let mut request = tonic::Request::new(websocket("stranded"));
+        request.set_timeout(Duration::from_secs(5));
+        outcomes.push(match fleet[1].client().request_proxy(request).await {
+            Ok(answer) => answer.into_inner().proxy_url,
+            Err(status) => format!("later call: {:?}: {}", status.code(), status.message()),
+        });
+        if outcomes.iter().any(|o| o != "socks5://stranded.fleet:1080") {
+            wrong.push(format!(
+                "{row}: B's callers got {outcomes:?} (upstream asked {} times)",
+                upstream.requests_for("stranded")
             ));
         }
     }

@@ -20,7 +20,7 @@ use clap::Parser;
 use proxy_broker_client::pb::ProxySource;
 use tonic::transport::Channel;
 
-use super::fleet_redis::{CountingRelay, RedisServer};
+use super::fleet_redis::{CountingRelay, RedisServer, StoreUpWatch};
 use super::{Ctx, progress};
 use crate::broker::{Broker, BrokerCommand, cpu_ticks_of};
 use crate::config::{ConfigSpec, exchange_id};
@@ -84,6 +84,26 @@ pub struct FleetArgs {
     /// `store.redis.operation_timeout_ms` of the fleet replicas (default: the broker's, 50).
     #[arg(long)]
     pub operation_timeout_ms: Option<u32>,
+    /// `attempts` of the budgeted exchange's WebSocket budget.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub budget_attempts: u32,
+    /// `per_seconds` of the budgeted exchange's WebSocket budget.
+    #[arg(long, default_value_t = 60)]
+    pub budget_per_seconds: u32,
+    /// Parts to run (comma-separated): storm, round-trips, rounds.
+    #[arg(long, value_delimiter = ',', default_value = "storm,round-trips,rounds")]
+    pub parts: Vec<Part>,
+}
+
+/// A part of the scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// The storm split over the replicas.
+    Storm,
+    /// Redis round-trips per request.
+    RoundTrips,
+    /// Memory vs fleet rounds (throughput, latency).
+    Rounds,
 }
 
 /// The exchange with a (large) configured WebSocket budget: every hand-out is a check-and-count.
@@ -98,11 +118,11 @@ fn command(base: &BrokerCommand, redis_url: Option<&str>, key_prefix: &str, a: &
     let exchange = BUDGETED.to_uppercase();
     cmd.env.push((
         format!("PROXY_BROKER_BROKERING__EXCHANGES__{exchange}__WEBSOCKET__ATTEMPTS"),
-        "1000000".into(),
+        a.budget_attempts.to_string(),
     ));
     cmd.env.push((
         format!("PROXY_BROKER_BROKERING__EXCHANGES__{exchange}__WEBSOCKET__PER_SECONDS"),
-        "60".into(),
+        a.budget_per_seconds.to_string(),
     ));
     if let Some(url) = redis_url {
         cmd.env
@@ -119,6 +139,14 @@ fn command(base: &BrokerCommand, redis_url: Option<&str>, key_prefix: &str, a: &
         }
     }
     cmd
+}
+
+/// The key of call `i` when calls go to the replicas in turn (call i on replica i mod
+/// `replicas`, see [`interleaved`]): runs of `replicas` consecutive calls share a key, so every
+/// key is asked of every replica. (`i % keys` would send key k only to replica k mod `replicas`
+/// whenever `replicas` divides `keys`, and no flight would ever cross replicas.)
+fn spread_key(i: usize, replicas: usize, keys: usize) -> usize {
+    (i / replicas.max(1)) % keys.max(1)
 }
 
 /// Starts `n` brokers with `cmd` on `spec`.
@@ -161,8 +189,17 @@ async fn stop_all(brokers: Vec<Broker>) {
 /// Runs the scenario.
 pub async fn run(ctx: &Ctx, a: &FleetArgs) -> anyhow::Result<Vec<Table>> {
     let redis = RedisServer::start(&a.redis_server).await?;
-    let mut tables = vec![storm(ctx, a, &redis).await?];
-    tables.push(round_trips(ctx, a, &redis).await?);
+    let mut tables = Vec::new();
+    if a.parts.contains(&Part::Storm) {
+        tables.push(storm(ctx, a, &redis).await?);
+    }
+    if a.parts.contains(&Part::RoundTrips) {
+        tables.push(round_trips(ctx, a, &redis).await?);
+    }
+    if !a.parts.contains(&Part::Rounds) {
+        redis.stop().await;
+        return Ok(tables);
+    }
     let pin = !a.no_pin && nproc() >= 2;
     let restore = if pin {
         let original = current_affinity()?;
@@ -188,6 +225,16 @@ struct StormRun {
     recorder: Recorder,
     upstream_calls: u64,
     wall: Duration,
+    store_down_seen: bool,
+}
+
+/// The metrics addresses of `brokers`.
+fn metrics_addrs(brokers: &[Broker]) -> Vec<std::net::SocketAddr> {
+    brokers.iter().map(|b| b.metrics_addr).collect()
+}
+
+fn yes_no(b: bool) -> String {
+    if b { "yes".into() } else { "no".into() }
 }
 
 async fn storm(ctx: &Ctx, a: &FleetArgs, redis: &RedisServer) -> anyhow::Result<Table> {
@@ -208,19 +255,22 @@ async fn storm(ctx: &Ctx, a: &FleetArgs, redis: &RedisServer) -> anyhow::Result<
         let brokers = start_all(&cmd, &spec, a.replicas, None).await?;
         let channels = interleaved(&brokers, a.connections).await?;
         let rpcs: Vec<Rpc> = (0..a.calls)
-            .map(|i| Rpc::request_proxy(exchange_id(prefix, i % keys)))
+            .map(|i| Rpc::request_proxy(exchange_id(prefix, spread_key(i, a.replicas, keys))))
             .collect();
         for run in ["cold storm", "same storm, warm"] {
             progress(&format!("fleet: storm, {mode}, {run} ({} calls)", rpcs.len()));
             let before = upstream.counters.requests();
+            let watch = StoreUpWatch::start(metrics_addrs(&brokers))?;
             let started = Instant::now();
             let recorder = batch(&channels, rpcs.clone(), usize::MAX, deadline).await;
+            let wall = started.elapsed();
             runs.push(StormRun {
                 mode,
                 run,
-                wall: started.elapsed(),
+                wall,
                 upstream_calls: upstream.counters.requests() - before,
                 recorder,
+                store_down_seen: watch.finish(),
             });
         }
         stop_all(brokers).await;
@@ -243,6 +293,8 @@ async fn storm(ctx: &Ctx, a: &FleetArgs, redis: &RedisServer) -> anyhow::Result<
             "wall time",
             "p50",
             "p99",
+            "answers by source",
+            "store_up 0 seen",
         ],
     );
     for r in &mut runs {
@@ -257,12 +309,18 @@ async fn storm(ctx: &Ctx, a: &FleetArgs, redis: &RedisServer) -> anyhow::Result<
             ms(r.wall),
             ms(s.p50),
             ms(s.p99),
+            r.recorder.sources_text(),
+            if r.mode.starts_with("memory") {
+                "n/a".into()
+            } else {
+                yes_no(r.store_down_seen)
+            },
         ]);
     }
     table
         .note(format!(
             "{} HTTP/2 connections alternating over the replicas, every call started at once with a {} s deadline; \
-             keys fleet000000.. / memory000000.. (no budget); each mode on fresh replicas; Redis {} on loopback, \
+             keys fleet000000.. / memory000000.. (no budget), each asked of every replica; each mode on fresh replicas; Redis {} on loopback, \
              persistence off; operation_timeout_ms {}",
             a.connections,
             deadline.as_secs(),
@@ -296,7 +354,7 @@ async fn round_trips(ctx: &Ctx, a: &FleetArgs, redis: &RedisServer) -> anyhow::R
         ..UpstreamOptions::default()
     })
     .await?;
-    let relay = CountingRelay::start(redis.addr).await?;
+    let relay = CountingRelay::start(redis.addr)?;
     let spec = ConfigSpec::delegation(vec![upstream.url.clone()]);
     let cmd = command(&ctx.broker, Some(&relay.url()), "bench-rt:", a);
     let brokers = start_all(&cmd, &spec, a.replicas, None).await?;
@@ -320,7 +378,7 @@ async fn round_trips(ctx: &Ctx, a: &FleetArgs, redis: &RedisServer) -> anyhow::R
         Kind {
             name: "storm over cold keys (one upstream call per key)",
             rpcs: (0..n.max(cold_keys))
-                .map(|i| Rpc::request_proxy(exchange_id("rt", i % cold_keys)))
+                .map(|i| Rpc::request_proxy(exchange_id("rt", spread_key(i, a.replicas, cold_keys))))
                 .collect(),
             concurrency: usize::MAX,
             warm: Vec::new(),
@@ -348,6 +406,8 @@ async fn round_trips(ctx: &Ctx, a: &FleetArgs, redis: &RedisServer) -> anyhow::R
             "request",
             "calls",
             "errors",
+            "upstream calls",
+            "store_up 0 seen",
             "commands sent by the brokers per call",
             "commands run by Redis per call",
             "most run (per call)",
@@ -360,9 +420,13 @@ async fn round_trips(ctx: &Ctx, a: &FleetArgs, redis: &RedisServer) -> anyhow::R
         }
         let (total0, stats0) = redis.command_counts().await?;
         let sent0 = relay.commands();
+        let upstream0 = upstream.counters.requests();
         let calls = kind.rpcs.len();
+        let watch = StoreUpWatch::start(metrics_addrs(&brokers))?;
         let recorder = batch(&channels, kind.rpcs, kind.concurrency, timeout).await;
+        let store_down_seen = watch.finish();
         let sent = relay.commands() - sent0;
+        let upstream_calls = upstream.counters.requests() - upstream0;
         let (total1, stats1) = redis.command_counts().await?;
         // The two INFO commands of each reading are counted by Redis too.
         let run = total1.saturating_sub(total0).saturating_sub(2);
@@ -382,6 +446,8 @@ async fn round_trips(ctx: &Ctx, a: &FleetArgs, redis: &RedisServer) -> anyhow::R
             kind.name.to_owned(),
             count(calls as u64),
             count(recorder.errors()),
+            count(upstream_calls),
+            yes_no(store_down_seen),
             format!("{:.2}", sent as f64 / calls as f64),
             format!("{:.2}", run as f64 / calls as f64),
             if top.is_empty() {
@@ -446,6 +512,7 @@ struct Round {
     p99: Duration,
     server_us_per_call: f64,
     sources: String,
+    store_down_seen: bool,
 }
 
 async fn memory_vs_fleet(
@@ -539,6 +606,9 @@ async fn memory_vs_fleet(
                 ));
                 let broker = if mode == Mode::Memory { &memory } else { &fleet };
                 let server0 = broker.cpu_ticks()?;
+                let watch = (mode == Mode::Fleet)
+                    .then(|| StoreUpWatch::start(vec![broker.metrics_addr]))
+                    .transpose()?;
                 let started = Instant::now();
                 let mut recorder = closed_loop(
                     &channels[mode.name()],
@@ -550,6 +620,7 @@ async fn memory_vs_fleet(
                 )
                 .await;
                 let wall = started.elapsed().as_secs_f64();
+                let store_down_seen = watch.is_some_and(StoreUpWatch::finish);
                 let server_s = (broker.cpu_ticks()? - server0) as f64 / ctx.clock_ticks as f64;
                 let summary = summarize(&mut recorder.micros);
                 rounds.push(Round {
@@ -562,6 +633,7 @@ async fn memory_vs_fleet(
                     p99: summary.p99,
                     server_us_per_call: server_s * 1e6 / recorder.calls().max(1) as f64,
                     sources: recorder.sources_text(),
+                    store_down_seen,
                 });
             }
         }
@@ -647,8 +719,10 @@ async fn memory_vs_fleet(
             round.as_secs_f64()
         ))
         .note(format!(
-            "bench: brokering.exchanges.bench.websocket {{attempts: 1000000, per_seconds: 60}}; kucoin: no budget \
+            "bench: brokering.exchanges.bench.websocket {{attempts: {}, per_seconds: {}}}; kucoin: no budget \
              (no built-in one); the fleet replica's store: Redis {} on loopback, operation_timeout_ms {}",
+            a.budget_attempts,
+            a.budget_per_seconds,
             redis.addr,
             a.operation_timeout_ms.map_or("50 (default)".into(), |t| t.to_string())
         ))
@@ -674,6 +748,7 @@ async fn memory_vs_fleet(
             "p99",
             "broker CPU per call",
             "answers by source",
+            "store_up 0 seen",
         ],
     );
     for r in &rounds {
@@ -687,7 +762,31 @@ async fn memory_vs_fleet(
             ms(r.p99),
             format!("{:.1} µs", r.server_us_per_call),
             r.sources.clone(),
+            match r.mode {
+                Mode::Memory => "n/a".into(),
+                Mode::Fleet => yes_no(r.store_down_seen),
+            },
         ]);
     }
     Ok(vec![summary, detail])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_of_the_storm_is_asked_of_every_replica() {
+        // (replicas, keys, calls)
+        for (replicas, keys, calls) in [(2, 100, 10_000), (2, 10, 200), (3, 100, 1_000), (1, 7, 70)] {
+            let mut seen = vec![std::collections::BTreeSet::new(); keys];
+            for i in 0..calls {
+                seen[spread_key(i, replicas, keys)].insert(i % replicas);
+            }
+            assert!(
+                seen.iter().all(|r| r.len() == replicas),
+                "{replicas} replicas, {keys} keys: {seen:?}"
+            );
+        }
+    }
 }

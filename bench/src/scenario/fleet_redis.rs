@@ -225,57 +225,51 @@ fn command_end(buf: &[u8], at: usize) -> Option<usize> {
     Some(pos)
 }
 
-/// A loopback TCP relay in front of Redis that counts the commands clients send through it.
+/// A loopback TCP relay in front of Redis that counts the commands clients send through it. It
+/// runs on a thread of its own (with its own single-threaded runtime), so a busy load generator
+/// does not delay the brokers' Redis traffic.
 #[derive(Debug)]
 pub struct CountingRelay {
     /// Where clients connect.
     pub addr: SocketAddr,
     commands: Arc<AtomicU64>,
-    task: JoinHandle<()>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl CountingRelay {
     /// Listens on a free loopback port and relays every connection to `redis`.
-    pub async fn start(redis: SocketAddr) -> anyhow::Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    pub fn start(redis: SocketAddr) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("building the relay's runtime")?;
         let commands = Arc::new(AtomicU64::new(0));
         let counter = commands.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let counter = counter.clone();
-                tokio::spawn(async move {
-                    let Ok(server) = TcpStream::connect(redis).await else {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("redis-relay".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
                         return;
                     };
-                    let _ = client.set_nodelay(true);
-                    let _ = server.set_nodelay(true);
-                    let (mut client_read, mut client_write) = client.into_split();
-                    let (mut server_read, mut server_write) = server.into_split();
-                    let upstream = async {
-                        let mut parser = CommandParser::default();
-                        let mut chunk = vec![0u8; 64 * 1024];
-                        loop {
-                            let n = match client_read.read(&mut chunk).await {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => n,
-                            };
-                            counter.fetch_add(parser.feed(&chunk[..n]), Ordering::Relaxed);
-                            if server_write.write_all(&chunk[..n]).await.is_err() {
-                                break;
-                            }
-                        }
-                        let _ = server_write.shutdown().await;
-                    };
-                    let downstream = async {
-                        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
-                        let _ = client_write.shutdown().await;
-                    };
-                    tokio::join!(upstream, downstream);
+                    tokio::select! {
+                        () = accept_loop(listener, redis, counter) => {}
+                        _ = stopped => {}
+                    }
                 });
-            }
-        });
-        Ok(Self { addr, commands, task })
+                // Dropping the runtime here ends every connection's task.
+            })?;
+        Ok(Self {
+            addr,
+            commands,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
     }
 
     /// `redis://<relay>/0`.
@@ -290,6 +284,101 @@ impl CountingRelay {
 }
 
 impl Drop for CountingRelay {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+async fn accept_loop(listener: tokio::net::TcpListener, redis: SocketAddr, counter: Arc<AtomicU64>) {
+    while let Ok((client, _)) = listener.accept().await {
+        tokio::spawn(relay(client, redis, counter.clone()));
+    }
+}
+
+/// Relays one client connection, counting its commands.
+async fn relay(client: TcpStream, redis: SocketAddr, counter: Arc<AtomicU64>) {
+    let Ok(server) = TcpStream::connect(redis).await else {
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let upstream = async {
+        let mut parser = CommandParser::default();
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            let n = match client_read.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            counter.fetch_add(parser.feed(&chunk[..n]), Ordering::Relaxed);
+            if server_write.write_all(&chunk[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = server_write.shutdown().await;
+    };
+    let downstream = async {
+        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+        let _ = client_write.shutdown().await;
+    };
+    tokio::join!(upstream, downstream);
+}
+
+/// Samples `proxy_broker_store_up` of some brokers every 100 ms and remembers whether any said 0.
+#[derive(Debug)]
+pub struct StoreUpWatch {
+    down_seen: Arc<std::sync::atomic::AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+/// Longest a [`StoreUpWatch`] samples.
+const WATCH_LIMIT: Duration = Duration::from_secs(600);
+
+impl StoreUpWatch {
+    /// Starts sampling the `/metrics` of `metrics_addrs`.
+    pub fn start(metrics_addrs: Vec<SocketAddr>) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder().no_proxy().build()?;
+        let down_seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = down_seen.clone();
+        let task = tokio::spawn(async move {
+            let started = Instant::now();
+            while started.elapsed() < WATCH_LIMIT {
+                for addr in &metrics_addrs {
+                    let text = match client
+                        .get(format!("http://{addr}/metrics"))
+                        .timeout(Duration::from_secs(5))
+                        .send()
+                        .await
+                    {
+                        Ok(response) => response.text().await.unwrap_or_default(),
+                        Err(_) => continue,
+                    };
+                    if crate::broker::metric_sum(&text, "proxy_broker_store_up") == Some(0.0) {
+                        seen.store(true, Ordering::Relaxed);
+                    }
+                }
+                // Sampling interval; WATCH_LIMIT bounds the loop.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        Ok(Self { down_seen, task })
+    }
+
+    /// Stops sampling; whether any broker said `proxy_broker_store_up 0`.
+    pub fn finish(self) -> bool {
+        self.task.abort();
+        self.down_seen.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for StoreUpWatch {
     fn drop(&mut self) {
         self.task.abort();
     }
