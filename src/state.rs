@@ -297,6 +297,14 @@ impl Delegation {
                     }
                 }
                 Ok(true) | Err(_) => {
+                    // The previous leader may have published and let go just before this broker
+                    // took the lock: look once more before asking upstream.
+                    if let Some(hit) = self.shared_answer(store, &key, lookup).await
+                        && !exclude.iter().any(|u| **u == *hit.proxy_url())
+                    {
+                        let _ = store.end_flight(&name).await;
+                        return Ok(hit);
+                    }
                     let fetched = self.fetch_answer(lookup).await;
                     let result = match fetched {
                         Ok((answer, endpoint, index)) => {
