@@ -166,7 +166,8 @@ impl Broker {
         self.brokering.subscribe()
     }
 
-    /// A counter bumped by every applied reload (for `WatchProxy`: the answer may have changed).
+    /// A counter bumped by every applied reload that changes the `proxy:` or `brokering:` block
+    /// (for `WatchProxy`: the answer may have changed).
     pub fn reloads(&self) -> watch::Receiver<u64> {
         self.reloads.subscribe()
     }
@@ -224,8 +225,14 @@ impl Broker {
             &next.config.proxy,
             next.ejection(),
         );
+        // Watchers ask again only when what answers are made of changed: each re-ask counts a
+        // connection attempt, so a reload of, say, log settings must not spend the fleet's budgets.
+        let answers_changed =
+            current.config.proxy != next.config.proxy || current.config.brokering != next.config.brokering;
         self.state.store(Arc::new(next));
-        self.reloads.send_modify(|n| *n += 1);
+        if answers_changed {
+            self.reloads.send_modify(|n| *n += 1);
+        }
         Ok(summary)
     }
 
@@ -279,7 +286,7 @@ impl Broker {
                 let cached = self.refill(&d, key, lookup, exclude).await?;
                 Ok(Some(Offer {
                     url: cached.proxy_url().to_owned(),
-                    ttl: Duration::from_secs(u64::from(cached.response.ttl_seconds))
+                    ttl: Duration::from_secs(u64::from(cached.ttl_seconds()))
                         .min(cached.fresh_until.saturating_duration_since(d.cache.now())),
                     weight: 1.0,
                     payload: cached,
@@ -512,10 +519,7 @@ impl Broker {
     /// exchange is in an outage). A failure also ends the proxy's soonest lease.
     pub async fn report_feedback(&self, feedback: &Feedback) {
         let state = self.state.load_full();
-        self.metrics
-            .feedback
-            .get_or_create(&vec![("success", feedback.success.to_string())])
-            .inc();
+        self.metrics.count_feedback(feedback.success);
         if let Some(d) = &state.delegation {
             let served_by = feedback.proxy_url.as_ref().and_then(|u| d.served_by(u));
             d.feedback.enqueue(Outgoing {

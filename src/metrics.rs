@@ -53,6 +53,9 @@ pub struct Metrics {
     pub coalesced: Counter,
     /// `proxy_broker_feedback_total{success}`.
     pub feedback: Family<Labels, Counter>,
+    /// Its two series (false, true), resolved on first use: a report then costs one atomic add,
+    /// without building a label set (see [`Metrics::count_feedback`]).
+    feedback_series: [std::sync::OnceLock<Counter>; 2],
     /// `proxy_broker_feedback_dropped_total`: reports dropped because the queue was full.
     pub feedback_dropped: Counter,
     /// `proxy_broker_ejections_total`.
@@ -75,6 +78,17 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts one feedback report in `proxy_broker_feedback_total{success}`.
+    pub fn count_feedback(&self, success: bool) {
+        self.feedback_series[usize::from(success)]
+            .get_or_init(|| {
+                self.feedback
+                    .get_or_create(&vec![("success", success.to_string())])
+                    .clone()
+            })
+            .inc();
+    }
+
     /// A fresh registry with every metric registered.
     pub fn new() -> Self {
         let mut registry = Registry::default();
@@ -88,6 +102,7 @@ impl Metrics {
             cache_hits: Counter::default(),
             coalesced: Counter::default(),
             feedback: Family::default(),
+            feedback_series: Default::default(),
             feedback_dropped: Counter::default(),
             ejections: Counter::default(),
             config_reloads: Family::default(),

@@ -24,9 +24,6 @@ use crate::upstream::{Answer, Budget, Failure, Upstreams, parse_answer};
 /// The result of one upstream lookup, shared by every caller waiting for it.
 pub type Fetched = Result<Arc<Cached>, Arc<Vec<Failure>>>;
 
-/// Most bytes of proxy URLs remembered for routing feedback to the endpoint that served them.
-const SERVED_BY_BYTES: u64 = 16 << 20;
-
 /// Upstream delegation state (present when `external_service` is on). `Debug` shows sizes,
 /// never the proxy URLs it holds.
 pub struct Delegation {
@@ -42,8 +39,6 @@ pub struct Delegation {
     pub flight_permits_total: i64,
     /// The budget of one detached lookup (the broker's own per-call limit).
     flight_timeout: Duration,
-    /// Which endpoint handed out each proxy URL (for routing feedback); bounded in bytes.
-    served_by: moka::sync::Cache<String, usize>,
     /// Feedback forwarding.
     pub feedback: FeedbackQueue,
     /// The `external_service` block and credential-file contents this was built from.
@@ -77,7 +72,6 @@ impl std::fmt::Debug for Delegation {
             .field("cache_entries", &self.cache.len())
             .field("flights", &self.flights.len())
             .field("flight_permits_total", &self.flight_permits_total)
-            .field("served_by_entries", &self.served_by.entry_count())
             .finish_non_exhaustive()
     }
 }
@@ -218,11 +212,6 @@ impl Delegation {
             flight_permits: upstreams.flight_permits().clone(),
             flight_permits_total: ext.upstream_max_in_flight_total,
             flight_timeout: limit - limit / 10,
-            served_by: moka::sync::Cache::builder()
-                .weigher(|url: &String, _: &usize| weight(url))
-                .max_capacity(SERVED_BY_BYTES)
-                .time_to_live(crate::cache::MAX_TTL.mul_f64(1.1) + stale_window)
-                .build(),
             feedback: FeedbackQueue::start(
                 upstreams.clone(),
                 usize::try_from(ext.feedback_queue_size).unwrap_or(10_000),
@@ -233,9 +222,9 @@ impl Delegation {
         })
     }
 
-    /// The endpoint that handed out `proxy_url`, if remembered.
+    /// The endpoint that handed out `proxy_url`, while an answer naming it is cached.
     pub fn served_by(&self, proxy_url: &str) -> Option<usize> {
-        self.served_by.get(proxy_url)
+        self.cache.served_by(proxy_url)
     }
 
     /// One upstream lookup for `key`, run on its own task: asks the endpoints under the broker's
@@ -245,10 +234,10 @@ impl Delegation {
     pub async fn fetch(&self, key: CacheKey, lookup: &Lookup) -> Fetched {
         self.fetch_answer(lookup)
             .await
-            .map(|(answer, endpoint)| self.cache.insert(key, &answer, endpoint))
+            .map(|(answer, endpoint, index)| self.cache.insert(key, &answer, endpoint, index))
     }
 
-    async fn fetch_answer(&self, lookup: &Lookup) -> Result<(Answer, Arc<str>), Arc<Vec<Failure>>> {
+    async fn fetch_answer(&self, lookup: &Lookup) -> Result<(Answer, Arc<str>, usize), Arc<Vec<Failure>>> {
         let budget = Budget {
             until: Instant::now() + self.flight_timeout,
             set_by_caller: false,
@@ -260,8 +249,7 @@ impl Delegation {
                     .endpoints()
                     .get(index)
                     .map_or_else(|| Arc::from("?"), |e| e.name.clone());
-                self.served_by.insert(answer.proxy_url.clone(), index);
-                Ok((answer, endpoint))
+                Ok((answer, endpoint, index))
             }
             Err(failures) => Err(Arc::new(failures)),
         }
@@ -281,56 +269,51 @@ impl Delegation {
     ) -> Fetched {
         let name = flight_name(lookup);
         let until = Instant::now() + self.flight_timeout;
-        let lock_ttl = self.flight_timeout + Duration::from_secs(1);
+        let lock_ttl = FLIGHT_LOCK_TTL.min(self.flight_timeout);
         let mut ended = store.flights();
-        for _ in 0..MAX_FLIGHT_ROUNDS {
+        loop {
+            if Instant::now() >= until {
+                return self.fetch(key, lookup).await;
+            }
             match store.lead_flight(&name, lock_ttl).await {
                 Ok(false) => {
-                    // Another broker asks upstream: wait for its answer.
-                    loop {
-                        if let Some(hit) = self.shared_answer(store, &key, lookup).await {
-                            if exclude.iter().any(|u| **u == *hit.proxy_url()) {
-                                break;
+                    // Another broker asks upstream: take its answer once published. The lock is
+                    // tried again at every look, so a leader that died (or could not publish)
+                    // holds its followers up for the lock's short TTL at most.
+                    if let Some(hit) = self.shared_answer(store, &key, lookup).await
+                        && !exclude.iter().any(|u| **u == *hit.proxy_url())
+                    {
+                        return Ok(hit);
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep_until(until) => {}
+                        m = ended.recv() => {
+                            if matches!(m, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                                // No announcements any more: poll.
+                                tokio::time::sleep(FLIGHT_POLL_INTERVAL).await;
                             }
-                            return Ok(hit);
                         }
-                        let woke = tokio::select! {
-                            () = tokio::time::sleep_until(until) => None,
-                            m = ended.recv() => match m {
-                                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                                    // No announcements any more: poll.
-                                    tokio::time::sleep(FLIGHT_POLL_INTERVAL).await;
-                                    Some(Ok(Arc::from("")))
-                                }
-                                m => Some(m),
-                            },
-                            () = tokio::time::sleep(FLIGHT_POLL_INTERVAL) => Some(Ok(Arc::from(""))),
-                        };
-                        match woke {
-                            None => return self.fetch(key, lookup).await,
-                            Some(Ok(k)) if *k == *name => {
-                                // Its flight ended: take its answer, or lead the next round.
-                                if let Some(hit) = self.shared_answer(store, &key, lookup).await
-                                    && !exclude.iter().any(|u| **u == *hit.proxy_url())
-                                {
-                                    return Ok(hit);
-                                }
-                                break;
-                            }
-                            Some(_) => {}
-                        }
+                        () = tokio::time::sleep(FLIGHT_POLL_INTERVAL) => {}
                     }
                 }
                 Ok(true) | Err(_) => {
+                    // The previous leader may have published and let go just before this broker
+                    // took the lock: look once more before asking upstream.
+                    if let Some(hit) = self.shared_answer(store, &key, lookup).await
+                        && !exclude.iter().any(|u| **u == *hit.proxy_url())
+                    {
+                        let _ = store.end_flight(&name).await;
+                        return Ok(hit);
+                    }
                     let fetched = self.fetch_answer(lookup).await;
                     let result = match fetched {
-                        Ok((answer, endpoint)) => {
+                        Ok((answer, endpoint, index)) => {
                             let bytes = shared_form(&answer, &endpoint);
                             let ttl = Duration::from_secs(u64::from(answer.ttl_seconds));
                             if let Err(e) = store.put_answer(&name, &bytes, ttl).await {
                                 tracing::debug!(error = %e, "upstream answer not shared");
                             }
-                            Ok(self.cache.insert(key, &answer, endpoint))
+                            Ok(self.cache.insert(key, &answer, endpoint, index))
                         }
                         Err(failures) => Err(failures),
                     };
@@ -339,7 +322,6 @@ impl Delegation {
                 }
             }
         }
-        self.fetch(key, lookup).await
     }
 
     /// Another broker's answer for `key` from the store, validated as an upstream answer is and
@@ -352,12 +334,21 @@ impl Delegation {
     ) -> Option<Arc<Cached>> {
         let (bytes, left) = store.get_answer(&flight_name(lookup)).await.ok()??;
         let (answer, endpoint) = from_shared_form(&bytes, left)?;
-        Some(self.cache.insert(key.clone(), &answer, endpoint))
+        // Feedback about it goes to the same endpoint here, when this replica has it too.
+        let index = self
+            .upstreams
+            .endpoints()
+            .iter()
+            .position(|e| *e.name == *endpoint)
+            .unwrap_or(usize::MAX);
+        Some(self.cache.insert(key.clone(), &answer, endpoint, index))
     }
 }
 
-/// Most rounds of "follow another broker's flight, then try to lead" one lookup makes.
-const MAX_FLIGHT_ROUNDS: usize = 3;
+/// How long a broker's flight lock holds other brokers back. Short, so that a leader that dies
+/// (or cannot publish) strands nobody for long; the cost is that an upstream answering slower
+/// than this may be asked once more by another broker.
+const FLIGHT_LOCK_TTL: Duration = Duration::from_secs(3);
 
 /// The key of a lookup's shared answer and flight: exchange, connection type and region (no
 /// caller input beyond what the cache key holds, so nothing secret).
@@ -423,9 +414,4 @@ fn credential_fingerprint(ext: &ExternalServiceConfig) -> u64 {
         }
     }
     h.finish()
-}
-
-/// The weight of a URL-keyed entry in a byte-bounded map (the key, plus a little for the entry).
-fn weight(url: &str) -> u32 {
-    u32::try_from(url.len().saturating_add(64)).unwrap_or(u32::MAX)
 }

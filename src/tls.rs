@@ -16,6 +16,12 @@
 //!   bounded by that timeout (and the process's file-descriptor limit), not by a count, so that a
 //!   crowd of stalled clients cannot lock out a real one. Without TLS the accepted TCP streams are
 //!   handed over as they are.
+//! - A failed accept that is about the server rather than one connection (out of file
+//!   descriptors, EMFILE/ENFILE, out of memory) fails again at once: [`Incoming`] logs it and
+//!   waits before the next accept (10 ms doubling to 1 s, [`AcceptBackoff`], as the metrics
+//!   listener does; back to 10 ms after an accept works) instead of spinning on a core. Handshakes
+//!   in progress still finish meanwhile. A connection that failed on its own (reset or aborted
+//!   before it was accepted) is skipped without waiting.
 //!
 //! Why not tonic's `ServerTlsConfig`: it takes an identity once, at start.
 //! Why reading the files on a handshake rather than watching them (`notify`): a read of two small
@@ -48,6 +54,7 @@ use tokio_stream::Stream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::config::TlsConfig;
+use crate::metrics::AcceptBackoff;
 
 /// Longest a client may take to finish its TLS handshake before the connection is closed.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -390,6 +397,9 @@ pub struct Incoming {
     tls: Option<ServerTls>,
     handshake_timeout: Duration,
     handshakes: JoinSet<Option<TlsStream<TcpStream>>>,
+    backoff: AcceptBackoff,
+    /// Set after a failed accept: no accept until it fires.
+    paused: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl fmt::Debug for Incoming {
@@ -410,6 +420,8 @@ impl Incoming {
             tls,
             handshake_timeout: HANDSHAKE_TIMEOUT,
             handshakes: JoinSet::new(),
+            backoff: AcceptBackoff::default(),
+            paused: None,
         }
     }
 
@@ -429,12 +441,37 @@ impl Stream for Incoming {
         // Whether the listener registered this task for wake-up (it did unless a full batch of
         // connections was accepted).
         let mut listener_pending = false;
+        if let Some(pause) = &mut this.paused {
+            match pause.as_mut().poll(cx) {
+                // Registered for wake-up when the pause ends.
+                Poll::Pending => listener_pending = true,
+                Poll::Ready(()) => this.paused = None,
+            }
+        }
         for _ in 0..ACCEPT_BATCH {
+            if listener_pending {
+                break;
+            }
             let (tcp, peer) = match this.listener.poll_accept(cx) {
-                Poll::Ready(Ok(accepted)) => accepted,
-                // As tonic's own listener stream: the error goes to the server, which logs it and
-                // goes on accepting.
-                Poll::Ready(Err(error)) => return Poll::Ready(Some(Err(error))),
+                Poll::Ready(Ok(accepted)) => {
+                    this.backoff.reset();
+                    accepted
+                }
+                Poll::Ready(Err(error)) if is_connection_error(&error) => {
+                    tracing::debug!(%error, "a connection failed before it was accepted");
+                    continue;
+                }
+                Poll::Ready(Err(error)) => {
+                    // Would fail again at once (tonic itself retries at once): wait first.
+                    let wait = this.backoff.next_wait();
+                    tracing::warn!(%error, retry_in_ms = wait.as_millis(), "accepting a connection failed");
+                    let mut pause = Box::pin(tokio::time::sleep(wait));
+                    if pause.as_mut().poll(cx).is_pending() {
+                        this.paused = Some(pause);
+                        listener_pending = true;
+                    }
+                    continue;
+                }
                 Poll::Pending => {
                     listener_pending = true;
                     break;
@@ -477,6 +514,15 @@ impl Stream for Incoming {
         }
         Poll::Pending
     }
+}
+
+/// Whether a failed accept is about that one connection (the next accept may well work), as
+/// hyper's own accept loop used to tell them apart.
+fn is_connection_error(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+    )
 }
 
 /// One accepted connection, plain TCP or TLS over TCP.

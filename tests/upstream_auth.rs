@@ -375,7 +375,13 @@ async fn token_api_key_and_proxy_passwords_never_appear_in_logs_admin_output_or_
     assert!(admin_bearer.contains("\"***\""), "{admin_bearer}");
 
     let text = logs.text();
-    assert!(text.contains("upstream failed"), "logs were captured:\n{text}");
+    // Sanity check that logs were captured: the endpoint failures show either in the flight's
+    // own "upstream failed" lines or in the summary the caller logs when it falls back (the
+    // flight's lines can be lost to tracing's per-thread capture when tests run in parallel).
+    assert!(
+        text.contains("upstream failed") || text.contains("no upstream answer"),
+        "logs were captured:\n{text}"
+    );
     assert!(text.contains("stale"), "{text}");
     assert!(
         text.contains("***@px.test"),

@@ -211,6 +211,33 @@ async fn a_reload_that_changes_an_answer_pushes_it_and_no_other() {
 }
 
 #[tokio::test]
+async fn a_reload_that_leaves_proxy_and_brokering_alone_spends_no_attempt() {
+    let r = start(POOLS).await;
+    let mut stream = watch(&r, ask("binance", ConnectionType::Websocket)).await;
+    let first = next(&mut stream).await;
+    let hand_outs = || async {
+        let rows = r
+            .broker
+            .brokering()
+            .list_proxies(Some("binance"), None, 100)
+            .await
+            .unwrap()
+            .entries;
+        rows.iter()
+            .find(|row| *row.proxy == *first.proxy_url)
+            .map(|row| row.state.hand_outs)
+    };
+    let before = hand_outs().await;
+    let reloaded = format!("server:\n  shutdown_grace_seconds: 7\n{POOLS}");
+    r.broker
+        .reload(common::load(Some(&reloaded), &[]).unwrap())
+        .unwrap();
+    assert_quiet("the watcher after a reload of server settings", &mut stream).await;
+    assert_eq!(hand_outs().await, before, "no re-ask, so no attempt counted");
+    r.server.stop().await;
+}
+
+#[tokio::test]
 async fn closed_streams_leave_the_registry() {
     let r = start(POOLS).await;
     let mut streams = Vec::new();

@@ -340,6 +340,8 @@ impl BrokerClient {
             success: result.is_ok(),
             latency: result.is_ok().then_some(latency),
             error: result.as_ref().err().map(ToString::to_string),
+            http_status: None,
+            retry_after: None,
         });
         result
     }

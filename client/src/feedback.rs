@@ -34,6 +34,12 @@ pub struct Feedback {
     pub latency: Option<Duration>,
     /// What went wrong (passwords are redacted and the text cut to 4 KiB before sending).
     pub error: Option<String>,
+    /// The exchange's HTTP status, when the failure was an HTTP answer (100..=599): 418 and 403
+    /// ban the proxy for this exchange, 451 for a day, 429 penalises it (see the broker's README,
+    /// "Feed-aware brokering").
+    pub http_status: Option<u16>,
+    /// The exchange's `Retry-After`, when it sent one (sent in whole seconds, rounded up).
+    pub retry_after: Option<Duration>,
 }
 
 impl fmt::Debug for Feedback {
@@ -45,6 +51,8 @@ impl fmt::Debug for Feedback {
             .field("success", &self.success)
             .field("latency", &self.latency)
             .field("error", &self.error.as_deref().map(redact_text))
+            .field("http_status", &self.http_status)
+            .field("retry_after", &self.retry_after)
             .finish()
     }
 }
@@ -84,8 +92,11 @@ impl Feedback {
                 .map(|e| truncate(&redact_text(e), MAX_ERROR_DETAILS_LEN)),
             timestamp: Some(prost_types::Timestamp::from(SystemTime::now())),
             client_id: client_id.to_owned(),
-            http_status: None,
-            retry_after_seconds: None,
+            http_status: self.http_status.map(u32::from),
+            retry_after_seconds: self.retry_after.map(|d| {
+                let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+                u32::try_from(secs).unwrap_or(u32::MAX)
+            }),
         }
     }
 }
@@ -199,6 +210,8 @@ mod tests {
             success: false,
             latency: None,
             error: Some(format!("via socks5://u:secret@p:1080: {}", "é".repeat(3000))),
+            http_status: None,
+            retry_after: None,
         };
         let wire = fb.to_pb("me");
         let details = wire.error_details.clone().unwrap();

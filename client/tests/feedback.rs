@@ -123,6 +123,8 @@ async fn report_is_fire_and_forget_even_when_the_broker_is_gone() {
             success: false,
             latency: None,
             error: Some("boom".into()),
+            http_status: None,
+            retry_after: None,
         });
     }
     assert!(

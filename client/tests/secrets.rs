@@ -102,6 +102,8 @@ async fn debug_and_errors_never_show_proxy_credentials_or_the_token() {
             success: false,
             latency: None,
             error: Some(format!("could not reach {url}")),
+            http_status: None,
+            retry_after: None,
         };
         // The URL is masked whole; the free-text error by the shared `redact_text`, which masks
         // passwords (and, with the whole-userinfo redactor, user names too).

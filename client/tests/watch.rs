@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use common::*;
 use futures_util::StreamExt;
-use proxy_broker_client::pb::ProxyFeedback;
 use proxy_broker_client::{
     Assignments, BrokerClient, ConnectionType, Error, LocalConfig, Resolved, Source, WatchOptions,
 };
@@ -78,22 +77,29 @@ fn url(r: &Resolved) -> String {
         .map_or_else(String::new, |p| p.as_str().to_owned())
 }
 
-fn ban(proxy_url: &str) -> ProxyFeedback {
-    ProxyFeedback {
-        proxy_url: proxy_url.into(),
-        exchange_id: "binance".into(),
-        connection_type: proxy_broker_client::pb::ConnectionType::Websocket.into(),
-        success: false,
-        http_status: Some(403),
-        client_id: "another-feed".into(),
-        ..Default::default()
-    }
-}
-
-/// Reports a ban of `proxy_url` for binance, as another feed would.
+/// Reports a ban of `proxy_url` for binance, as another feed would: through the client's own
+/// `report`, with the exchange's HTTP status.
 async fn report_ban(broker_url: &str, proxy_url: &str) {
     let other = client(broker_url).build().unwrap();
-    other.raw().report_feedback(ban(proxy_url)).await.unwrap();
+    other.report(proxy_broker_client::Feedback {
+        proxy_url: Some(proxy_url.into()),
+        exchange_id: "binance".into(),
+        connection_type: proxy_broker_client::ConnectionType::Websocket,
+        success: false,
+        latency: None,
+        error: Some("HTTP 403 from the exchange".into()),
+        http_status: Some(403),
+        retry_after: None,
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while other.feedback_stats().delivered == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ban report was not delivered"
+        );
+        // Poll interval; the deadline above bounds the wait.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 // --- Every new WebSocket connection asks the broker ------------------------------------------

@@ -63,6 +63,15 @@ pub fn check_exchange_id(id: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A URL shown redacted, computed only when displayed.
+struct Redacted<'a>(&'a str);
+
+impl std::fmt::Display for Redacted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redact_url(self.0))
+    }
+}
+
 /// Checks a proxy URL: at most [`MAX_PROXY_URL_LEN`] bytes, an allowed scheme, a host and a port.
 /// The error names the rule broken and never contains the userinfo (a too-long URL is not shown at
 /// all).
@@ -73,7 +82,8 @@ pub fn check_proxy_url(raw: &str) -> Result<Url, String> {
             raw.len()
         ));
     }
-    let shown = redact_url(raw);
+    // Redacted when an error message is written, not before: it parses the URL a second time.
+    let shown = Redacted(raw);
     if raw.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(format!(
             "'{shown}' contains whitespace or control characters (percent-encode them)"

@@ -10,10 +10,13 @@
 //! [`super::choice`] picks among them.
 
 use std::fmt;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use hashlink::LinkedHashMap;
+use hashlink::linked_hash_map::RawEntryMut;
 use proxy_broker_core::redact::redact_url;
 use proxy_broker_core::{ConnectionProxies, ConnectionType, ProxyConfig, ProxySettings, Strategy};
 use tokio::time::Instant;
@@ -293,6 +296,9 @@ impl<P: Clone> UpstreamSet<P> {
                 members.remove(oldest);
             }
         }
+        // Grown one at a time: most sets hold one or two candidates, and a first push would
+        // reserve room for four.
+        members.reserve_exact(1);
         members.push((self.added.fetch_add(1, Ordering::Relaxed), candidate));
         true
     }
@@ -315,18 +321,58 @@ impl<P: Clone> UpstreamSet<P> {
     }
 }
 
-/// Upstream candidate sets by key: bounded in keys (moka, LRU) and dropped after two idle hours
-/// (longer than any candidate lives); candidate expiry itself is decided on the broker's clock.
+/// How long an upstream candidate set may go unused before it is dropped (longer than any
+/// candidate lives).
+pub const SET_IDLE: Duration = Duration::from_secs(2 * 3600);
+/// Most shards of the candidate sets.
+const MAX_SHARDS: usize = 8;
+/// Fewest keys a shard is sized for (fewer shards below `MAX_SHARDS × MIN_SHARD_KEYS`).
+const MIN_SHARD_KEYS: u64 = 1024;
+
+/// A set and when it was last asked for.
+struct Held<P> {
+    set: Arc<UpstreamSet<P>>,
+    used: Instant,
+}
+
+struct SetShard<P> {
+    /// Least recently used first: the front is also the longest idle.
+    map: LinkedHashMap<CandidateKey, Held<P>, RandomState>,
+    capacity: usize,
+}
+
+impl<P> SetShard<P> {
+    /// Drops the sets idle for [`SET_IDLE`] (from the least recently used end).
+    fn expire(&mut self, now: Instant) {
+        while self
+            .map
+            .front()
+            .is_some_and(|(_, held)| held.used + SET_IDLE <= now)
+        {
+            self.map.pop_front();
+        }
+    }
+}
+
+/// Upstream candidate sets by key: at most `max_keys` keys (least recently used dropped first,
+/// per shard: up to [`MAX_SHARDS`] shards of at least 1,024 keys, so exact below 2,048), and a
+/// set unused for [`SET_IDLE`] is dropped; candidate expiry itself is decided on the broker's
+/// clock. Why not moka (as before): its bookkeeping cost ≈ 325 bytes per key; a linked hash map
+/// node is ≈ 100 bytes with its key.
 pub struct UpstreamCandidates<P> {
-    sets: moka::sync::Cache<CandidateKey, Arc<UpstreamSet<P>>>,
+    shards: Box<[Mutex<SetShard<P>>]>,
+    hasher: RandomState,
 }
 
 impl<P> fmt::Debug for UpstreamCandidates<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("UpstreamCandidates")
-            .field("keys", &self.sets.entry_count())
-            .finish()
+        let keys: usize = self.shards.iter().map(|s| lock_shard(s).map.len()).sum();
+        f.debug_struct("UpstreamCandidates").field("keys", &keys).finish()
     }
+}
+
+fn lock_shard<P>(m: &Mutex<SetShard<P>>) -> MutexGuard<'_, SetShard<P>> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl<P: Clone + Send + Sync + 'static> Default for UpstreamCandidates<P> {
@@ -338,49 +384,116 @@ impl<P: Clone + Send + Sync + 'static> Default for UpstreamCandidates<P> {
 impl<P: Clone + Send + Sync + 'static> UpstreamCandidates<P> {
     /// At most `max_keys` keys.
     pub fn new(max_keys: u64) -> Self {
-        Self {
-            sets: moka::sync::Cache::builder()
-                .max_capacity(max_keys)
-                .eviction_policy(moka::policy::EvictionPolicy::lru())
-                .time_to_idle(MAX_CANDIDATE_TTL * 2)
-                .build(),
+        let max_keys = max_keys.max(1);
+        let mut n = 1usize;
+        while n < MAX_SHARDS && (n as u64 * 2).saturating_mul(MIN_SHARD_KEYS) <= max_keys {
+            n *= 2;
         }
+        let max = usize::try_from(max_keys).unwrap_or(usize::MAX);
+        let hasher = RandomState::new();
+        let shards = (0..n)
+            .map(|i| {
+                Mutex::new(SetShard {
+                    map: LinkedHashMap::with_hasher(hasher.clone()),
+                    // The capacities add up to `max_keys`.
+                    capacity: (max / n + usize::from(i < max % n)).max(1),
+                })
+            })
+            .collect();
+        Self { shards, hasher }
+    }
+
+    fn shard(&self, hash: u64) -> &Mutex<SetShard<P>> {
+        &self.shards[usize::try_from(hash >> 32).unwrap_or(0) % self.shards.len()]
     }
 
     /// The set of `key`, created empty if need be.
     pub fn set(&self, key: &CandidateKey) -> Arc<UpstreamSet<P>> {
-        self.sets.get_with_by_ref(key, || Arc::new(UpstreamSet::new()))
+        let hash = self.hasher.hash_one(key);
+        let now = Instant::now();
+        let mut shard = lock_shard(self.shard(hash));
+        shard.expire(now);
+        match shard.map.raw_entry_mut().from_key_hashed_nocheck(hash, key) {
+            RawEntryMut::Occupied(mut o) => {
+                o.get_mut().used = now;
+                o.to_back();
+                o.get().set.clone()
+            }
+            RawEntryMut::Vacant(v) => {
+                let set = Arc::new(UpstreamSet::new());
+                v.insert_hashed_nocheck(
+                    hash,
+                    key.clone(),
+                    Held {
+                        set: set.clone(),
+                        used: now,
+                    },
+                );
+                while shard.map.len() > shard.capacity {
+                    shard.map.pop_front();
+                }
+                set
+            }
+        }
     }
 
     /// The set of `key`, if there is one.
     pub fn get(&self, key: &CandidateKey) -> Option<Arc<UpstreamSet<P>>> {
-        self.sets.get(key)
+        let hash = self.hasher.hash_one(key);
+        let now = Instant::now();
+        let mut shard = lock_shard(self.shard(hash));
+        shard.expire(now);
+        match shard.map.raw_entry_mut().from_key_hashed_nocheck(hash, key) {
+            RawEntryMut::Occupied(mut o) => {
+                o.get_mut().used = now;
+                o.to_back();
+                Some(o.get().set.clone())
+            }
+            RawEntryMut::Vacant(_) => None,
+        }
     }
 
     /// Drops `url` from every set of `exchange` (it is banned there). Returns how many held it.
     pub fn remove_from_exchange(&self, exchange: &str, url: &str) -> usize {
-        self.sets
+        self.shards
             .iter()
-            .filter(|(k, _)| &*k.exchange == exchange)
-            .filter(|(_, set)| set.remove(url))
-            .count()
+            .map(|shard| {
+                lock_shard(shard)
+                    .map
+                    .iter()
+                    .filter(|(k, held)| &*k.exchange == exchange && held.set.remove(url))
+                    .count()
+            })
+            .sum()
     }
 
     /// Drops every set of `exchange` (its cache entries were invalidated). Returns how many.
     pub fn clear_exchange(&self, exchange: &str) -> usize {
-        let keys: Vec<_> = self
-            .sets
-            .iter()
-            .filter(|(k, _)| &*k.exchange == exchange)
-            .map(|(k, _)| k)
-            .collect();
-        keys.iter().for_each(|k| self.sets.invalidate(&**k));
-        keys.len()
+        let mut dropped = 0;
+        for shard in &self.shards {
+            let mut shard = lock_shard(shard);
+            let before = shard.map.len();
+            shard.map.retain(|k, _| &*k.exchange != exchange);
+            dropped += before - shard.map.len();
+        }
+        dropped
     }
 
     /// Drops every set (upstream settings changed).
     pub fn clear(&self) {
-        self.sets.invalidate_all();
+        for shard in &self.shards {
+            lock_shard(shard).map.clear();
+        }
+    }
+
+    /// Keys held.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| lock_shard(s).map.len()).sum()
+    }
+
+    /// Whether no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -416,6 +529,46 @@ mod tests {
         assert_eq!(set.snapshot(later).len(), 2, "b expired");
         assert!(set.remove("http://c:1"));
         assert_eq!(set.snapshot(later).len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn upstream_sets_are_bounded_in_keys_and_dropped_when_idle() {
+        let key = |i: usize| CandidateKey {
+            exchange: Arc::from(format!("x{}", i % 3).as_str()),
+            connection_type: ConnectionType::Http,
+            region: Some(Arc::from(format!("r{i}").as_str())),
+        };
+        let now = Instant::now();
+        let candidate = |url: &str| Candidate {
+            url: Arc::from(url),
+            weight: 1.0,
+            expires_at: Some(now + Duration::from_secs(300)),
+            payload: (),
+        };
+        // (cap, keys asked for): one shard, and several.
+        for (cap, asked) in [(3u64, 5usize), (4096, 5000)] {
+            let sets = UpstreamCandidates::<()>::new(cap);
+            for i in 0..asked {
+                sets.set(&key(i)).add(candidate("http://p:1"), 8, now);
+            }
+            assert_eq!(sets.len() as u64, cap, "cap {cap}");
+        }
+        let sets = UpstreamCandidates::<()>::new(10);
+        for i in 0..3 {
+            sets.set(&key(i)).add(candidate("http://banned:1"), 8, now);
+        }
+        assert_eq!(sets.remove_from_exchange("x1", "http://banned:1"), 1);
+        assert_eq!(sets.get(&key(1)).unwrap().snapshot(now).len(), 0);
+        tokio::time::advance(SET_IDLE - Duration::from_secs(1)).await;
+        assert!(sets.get(&key(0)).is_some(), "used just before the idle limit");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(
+            sets.get(&key(0)).is_some(),
+            "its use above restarted the idle time"
+        );
+        assert!(sets.get(&key(2)).is_none(), "idle for longer than SET_IDLE");
+        sets.clear();
+        assert!(sets.is_empty());
     }
 
     fn pool(strategy: Strategy, urls: &[(&str, bool)]) -> ProxyConfig {

@@ -1,9 +1,11 @@
 //! The in-process [`Store`]: per-(proxy, exchange) state in sharded maps, bounded and expiring.
 //!
-//! - **Layout**: exchange → proxy → entry, both levels [`DashMap`]s (sharded locks), each entry
-//!   behind its own mutex. An operation takes a shard's read lock at each level and the entry's
-//!   mutex, briefly; no lock is global and none is held across an `.await`. Lock order is always
-//!   exchange map → proxy map → entry.
+//! - **Layout**: (exchange, proxy) → entry in one [`DashMap`] (sharded locks), each entry behind
+//!   its own mutex. An operation takes a shard's read lock and the entry's mutex, briefly; no lock
+//!   is global and none is held across an `.await`. Lock order is always map shard → entry. (A
+//!   map per exchange, as before, cost ≈ 2 KB per exchange in empty shards: with one proxy per
+//!   exchange, 2.2 KB per entry; one map costs the entry and its key.) Lookups borrow the key's
+//!   strings ([`Pair`]): no allocation for an entry that exists.
 //! - **Budgets** are exact sliding windows ([`super::window`], which says why not GCRA or a fixed
 //!   window), one per (proxy, exchange, connection type), holding at most the budget's attempts.
 //! - **Expiry**: an entry is idle once its windows are empty, its leases ended, its penalty
@@ -15,16 +17,20 @@
 //!   the cap, idle entries go first; if none are idle, the least recently touched 1/64th of the
 //!   cap is evicted in one O(n) pass (amortised O(64) per creation). Evicting a live entry forgets
 //!   its window and bans — the price of a bound on state that callers' exchange ids can grow.
-//! - **Memory**: an entry is ~200 bytes plus 8 bytes per attempt in a window and per live lease
-//!   (leases capped at [`MAX_LEASES`] per entry).
+//! - **Memory**: with one hand-out counted against a budget, an entry is ≈ 360 bytes with its key
+//!   (measured with a counting allocator at 100,000 entries; was 2.2 KB with a map per exchange),
+//!   plus 8 bytes per further attempt in a window and per further live lease (leases capped at
+//!   [`MAX_LEASES`] per entry).
 //! - **Time**: the broker's [`Clock`], in whole milliseconds since the store was created.
 //! - **Shared answers and flights** (fleet mode's operations, trivially local here): answers in a
 //!   cache bounded by total bytes ([`MAX_ANSWER_CACHE_BYTES`]), flight locks in a map bounded by
 //!   [`MAX_FLIGHTS`] (full of live locks: the caller leads, as without the lock).
 
+use std::borrow::Borrow;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -74,7 +80,7 @@ struct Answer {
 
 /// The in-process store. See the module docs.
 pub struct MemoryStore {
-    exchanges: DashMap<Arc<str>, DashMap<Arc<str>, Mutex<Entry>>>,
+    entries: DashMap<StoreKey, Mutex<Entry>>,
     len: AtomicUsize,
     max_entries: usize,
     clock: Arc<dyn Clock>,
@@ -98,6 +104,68 @@ impl fmt::Debug for MemoryStore {
     }
 }
 
+/// What an entry is kept under.
+#[derive(Clone, PartialEq, Eq)]
+struct StoreKey {
+    exchange: Arc<str>,
+    proxy: Arc<str>,
+}
+
+/// An (exchange, proxy) pair however its strings are held, so that the map can be searched with
+/// a [`StateKey`]'s borrowed strings (the trait-object form of a borrowed composite key).
+trait Pair {
+    fn exchange(&self) -> &str;
+    fn proxy(&self) -> &str;
+}
+
+impl Pair for StoreKey {
+    fn exchange(&self) -> &str {
+        &self.exchange
+    }
+
+    fn proxy(&self) -> &str {
+        &self.proxy
+    }
+}
+
+impl Pair for StateKey<'_> {
+    fn exchange(&self) -> &str {
+        self.exchange
+    }
+
+    fn proxy(&self) -> &str {
+        self.proxy
+    }
+}
+
+impl Hash for dyn Pair + '_ {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.exchange().hash(state);
+        self.proxy().hash(state);
+    }
+}
+
+impl PartialEq for dyn Pair + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.exchange() == other.exchange() && self.proxy() == other.proxy()
+    }
+}
+
+impl Eq for dyn Pair + '_ {}
+
+/// Hashes as its [`Pair`] does (the map relies on it).
+impl Hash for StoreKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        (self as &dyn Pair).hash(state);
+    }
+}
+
+impl<'a> Borrow<dyn Pair + 'a> for StoreKey {
+    fn borrow(&self) -> &(dyn Pair + 'a) {
+        self
+    }
+}
+
 /// "Now" in the store's milliseconds: rounded down (for "has it passed") and up (for "when it
 /// happened"), so rounding always errs towards the stricter answer.
 #[derive(Debug, Clone, Copy)]
@@ -106,11 +174,27 @@ struct Now {
     ceil: u64,
 }
 
+/// One (proxy, exchange). Kept small (≈ 64 bytes inline): what most entries never need (bans,
+/// penalties, ejections, failure counts) and each connection type's window are boxed, and one
+/// live lease is held without an allocation.
 #[derive(Debug, Default)]
 struct Entry {
     /// Opaque order for listings (a digest of the proxy URL).
     digest: u64,
     last_touch: u64,
+    hand_outs: u64,
+    leases: Leases,
+    marks: Option<Box<Marks>>,
+    http: Option<Box<Window>>,
+    websocket: Option<Box<Window>>,
+}
+
+/// A connection type's window and the budget it was last counted against.
+type Window = (Budget, SlidingLog);
+
+/// Bans, penalties, ejections and failure counts of an entry.
+#[derive(Debug, Default)]
+struct Marks {
     banned_until: u64,
     ban_strikes: u32,
     penalised_until: u64,
@@ -118,11 +202,75 @@ struct Entry {
     ejections: u32,
     consecutive_failures: u32,
     last_failure: u64,
-    /// Lease ends, soonest first.
-    leases: BinaryHeap<Reverse<u64>>,
-    hand_outs: u64,
-    http: Option<(Budget, SlidingLog)>,
-    websocket: Option<(Budget, SlidingLog)>,
+}
+
+/// An entry without marks.
+const NO_MARKS: Marks = Marks {
+    banned_until: 0,
+    ban_strikes: 0,
+    penalised_until: 0,
+    ejected_until: 0,
+    ejections: 0,
+    consecutive_failures: 0,
+    last_failure: 0,
+};
+
+/// Lease ends, soonest first: one inline (most entries have one or none), more in a heap.
+#[derive(Debug, Default)]
+enum Leases {
+    #[default]
+    None,
+    One(u64),
+    Many(BinaryHeap<Reverse<u64>>),
+}
+
+impl Leases {
+    fn peek(&self) -> Option<u64> {
+        match self {
+            Leases::None => None,
+            Leases::One(end) => Some(*end),
+            Leases::Many(heap) => heap.peek().map(|Reverse(end)| *end),
+        }
+    }
+
+    /// Ends the soonest-ending lease.
+    fn pop(&mut self) -> Option<u64> {
+        match self {
+            Leases::None => None,
+            Leases::One(end) => {
+                let end = *end;
+                *self = Leases::None;
+                Some(end)
+            }
+            Leases::Many(heap) => {
+                let end = heap.pop().map(|Reverse(end)| end);
+                if heap.len() <= 1 {
+                    *self = heap.pop().map_or(Leases::None, |Reverse(last)| Leases::One(last));
+                }
+                end
+            }
+        }
+    }
+
+    fn push(&mut self, end: u64) {
+        match self {
+            Leases::None => *self = Leases::One(end),
+            Leases::One(first) => *self = Leases::Many(BinaryHeap::from([Reverse(*first), Reverse(end)])),
+            Leases::Many(heap) => heap.push(Reverse(end)),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Leases::None => 0,
+            Leases::One(_) => 1,
+            Leases::Many(heap) => heap.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 fn ms(d: Duration) -> u64 {
@@ -134,7 +282,15 @@ fn lock(m: &Mutex<Entry>) -> MutexGuard<'_, Entry> {
 }
 
 impl Entry {
-    fn window_mut(&mut self, connection_type: ConnectionType) -> &mut Option<(Budget, SlidingLog)> {
+    fn marks(&self) -> &Marks {
+        self.marks.as_deref().unwrap_or(&NO_MARKS)
+    }
+
+    fn marks_mut(&mut self) -> &mut Marks {
+        self.marks.get_or_insert_with(Box::default)
+    }
+
+    fn window_mut(&mut self, connection_type: ConnectionType) -> &mut Option<Box<Window>> {
         match connection_type {
             ConnectionType::Http => &mut self.http,
             ConnectionType::Websocket => &mut self.websocket,
@@ -142,7 +298,7 @@ impl Entry {
     }
 
     fn prune_leases(&mut self, now: Now) {
-        while self.leases.peek().is_some_and(|Reverse(end)| *end <= now.floor) {
+        while self.leases.peek().is_some_and(|end| end <= now.floor) {
             self.leases.pop();
         }
     }
@@ -153,21 +309,22 @@ impl Entry {
         if self.leases.len() >= MAX_LEASES {
             self.leases.pop();
         }
-        self.leases.push(Reverse(now.ceil.saturating_add(ms(lease))));
+        self.leases.push(now.ceil.saturating_add(ms(lease)));
     }
 
     fn is_idle(&mut self, now: Now) -> bool {
         self.prune_leases(now);
         let past = |t: u64| t <= now.floor;
-        let window_clear = |w: &Option<(Budget, SlidingLog)>| {
-            w.as_ref()
+        let window_clear = |w: &Option<Box<Window>>| {
+            w.as_deref()
                 .is_none_or(|(b, log)| log.clears_at(*b).is_none_or(past))
         };
+        let m = self.marks();
         self.leases.is_empty()
-            && past(self.penalised_until)
-            && (self.ban_strikes == 0 || past(self.banned_until.saturating_add(ms(BAN_MEMORY))))
-            && (self.ejections == 0 || past(self.ejected_until.saturating_add(ms(EJECTION_MEMORY))))
-            && (self.consecutive_failures == 0 || past(self.last_failure.saturating_add(ms(FAILURE_MEMORY))))
+            && past(m.penalised_until)
+            && (m.ban_strikes == 0 || past(m.banned_until.saturating_add(ms(BAN_MEMORY))))
+            && (m.ejections == 0 || past(m.ejected_until.saturating_add(ms(EJECTION_MEMORY))))
+            && (m.consecutive_failures == 0 || past(m.last_failure.saturating_add(ms(FAILURE_MEMORY))))
             && window_clear(&self.http)
             && window_clear(&self.websocket)
     }
@@ -185,7 +342,7 @@ impl MemoryStore {
             .time_to_live(MAX_ANSWER_TTL)
             .build();
         Self {
-            exchanges: DashMap::new(),
+            entries: DashMap::new(),
             len: AtomicUsize::new(0),
             max_entries: max_entries.max(1),
             epoch: clock.now(),
@@ -238,8 +395,7 @@ impl MemoryStore {
     /// Runs `f` on the entry of `key` if there is one.
     fn existing<R>(&self, key: StateKey<'_>, f: impl FnOnce(&mut Entry, Now) -> R) -> Option<R> {
         let now = self.now();
-        let proxies = self.exchanges.get(key.exchange)?;
-        let entry = proxies.get(key.proxy)?;
+        let entry = self.entries.get(&key as &dyn Pair)?;
         let mut e = lock(&entry);
         e.last_touch = now.floor;
         Some(f(&mut e, now))
@@ -247,9 +403,7 @@ impl MemoryStore {
 
     /// Runs `f` on the entry of `key`, creating it if need be.
     fn upsert<R>(&self, key: StateKey<'_>, f: impl FnOnce(&mut Entry, Now) -> R) -> R {
-        if let Some(proxies) = self.exchanges.get(key.exchange)
-            && let Some(entry) = proxies.get(key.proxy)
-        {
+        if let Some(entry) = self.entries.get(&key as &dyn Pair) {
             let now = self.now();
             let mut e = lock(&entry);
             e.last_touch = now.floor;
@@ -257,13 +411,12 @@ impl MemoryStore {
         }
         self.make_room();
         let now = self.now();
-        let proxies = self
-            .exchanges
-            .entry(Arc::from(key.exchange))
-            .or_default()
-            .downgrade();
-        let entry = match proxies.entry(Arc::from(key.proxy)) {
-            MapEntry::Occupied(o) => o.into_ref(),
+        let stored = StoreKey {
+            exchange: Arc::from(key.exchange),
+            proxy: Arc::from(key.proxy),
+        };
+        let entry = match self.entries.entry(stored) {
+            MapEntry::Occupied(o) => o.into_ref().downgrade(),
             MapEntry::Vacant(v) => {
                 self.len.fetch_add(1, Ordering::Relaxed);
                 self.created_since_purge.fetch_add(1, Ordering::Relaxed);
@@ -271,6 +424,7 @@ impl MemoryStore {
                     digest: digest64(&[key.proxy.as_bytes()]),
                     ..Entry::default()
                 }))
+                .downgrade()
             }
         };
         let mut e = lock(&entry);
@@ -317,34 +471,27 @@ impl MemoryStore {
         self.created_since_purge.store(0, Ordering::Relaxed);
         let now = self.now();
         let mut removed = 0;
-        for proxies in self.exchanges.iter() {
-            proxies.retain(|_, e| {
-                let keep = !lock(e).is_idle(now);
-                removed += usize::from(!keep);
-                keep
-            });
-        }
-        self.exchanges.retain(|_, proxies| !proxies.is_empty());
+        self.entries.retain(|_, e| {
+            let keep = !lock(e).is_idle(now);
+            removed += usize::from(!keep);
+            keep
+        });
         self.len.fetch_sub(removed.min(self.len()), Ordering::Relaxed);
         removed
     }
 
     fn evict_least_recent(&self, count: usize) {
-        let mut all: Vec<(u64, Arc<str>, Arc<str>)> = Vec::with_capacity(self.len());
-        for proxies in self.exchanges.iter() {
-            for e in proxies.iter() {
-                all.push((lock(e.value()).last_touch, proxies.key().clone(), e.key().clone()));
-            }
+        let mut all: Vec<(u64, StoreKey)> = Vec::with_capacity(self.len());
+        for e in self.entries.iter() {
+            all.push((lock(e.value()).last_touch, e.key().clone()));
         }
         if all.len() > count {
-            all.select_nth_unstable_by_key(count, |(touched, _, _)| *touched);
+            all.select_nth_unstable_by_key(count, |(touched, _)| *touched);
             all.truncate(count);
         }
         let mut removed = 0;
-        for (_, exchange, proxy) in all {
-            if let Some(proxies) = self.exchanges.get(&exchange)
-                && proxies.remove(&proxy).is_some()
-            {
+        for (_, key) in all {
+            if self.entries.remove(&key).is_some() {
                 removed += 1;
             }
         }
@@ -354,8 +501,8 @@ impl MemoryStore {
     fn snapshot(&self, e: &mut Entry, now: Now) -> ProxyState {
         e.prune_leases(now);
         let live = |t: u64| (t > now.floor).then(|| self.instant(t));
-        let window = |w: &Option<(Budget, SlidingLog)>| {
-            w.as_ref().map(|(budget, log)| WindowState {
+        let window = |w: &Option<Box<Window>>| {
+            w.as_deref().map(|(budget, log)| WindowState {
                 budget: *budget,
                 used: log.used(*budget, now.floor),
                 frees_at: log
@@ -363,13 +510,14 @@ impl MemoryStore {
                     .map(|d| self.instant(now.floor.saturating_add(ms(d)))),
             })
         };
+        let m = e.marks();
         ProxyState {
-            banned_until: live(e.banned_until),
-            ban_strikes: e.ban_strikes,
-            penalised_until: live(e.penalised_until),
-            ejected_until: live(e.ejected_until),
-            ejections: e.ejections,
-            consecutive_failures: e.consecutive_failures,
+            banned_until: live(m.banned_until),
+            ban_strikes: m.ban_strikes,
+            penalised_until: live(m.penalised_until),
+            ejected_until: live(m.ejected_until),
+            ejections: m.ejections,
+            consecutive_failures: m.consecutive_failures,
             live_leases: u32::try_from(e.leases.len()).unwrap_or(u32::MAX),
             hand_outs: e.hand_outs,
             http: window(&e.http),
@@ -391,7 +539,8 @@ impl Store for MemoryStore {
                     budget: None,
                 };
             };
-            let (counted_against, log) = slot.get_or_insert_with(|| (budget, SlidingLog::default()));
+            let (counted_against, log) =
+                &mut **slot.get_or_insert_with(|| Box::new((budget, SlidingLog::default())));
             *counted_against = budget;
             match log.try_admit(budget, now.floor, now.ceil) {
                 Admission::Admitted { used } => {
@@ -420,17 +569,18 @@ impl Store for MemoryStore {
         create: bool,
     ) -> Result<Option<Instant>, StoreError> {
         let until = self.with_entry(key, create, |e, now| {
-            if e.ban_strikes > 0 && e.banned_until.saturating_add(ms(BAN_MEMORY)) <= now.floor {
-                e.ban_strikes = 0;
+            let m = e.marks_mut();
+            if m.ban_strikes > 0 && m.banned_until.saturating_add(ms(BAN_MEMORY)) <= now.floor {
+                m.ban_strikes = 0;
             }
-            e.ban_strikes = e.ban_strikes.saturating_add(1);
+            m.ban_strikes = m.ban_strikes.saturating_add(1);
             let length = match length {
                 BanLength::Exactly(d) => d,
-                BanLength::Doubling { base, cap } => doubled(base, e.ban_strikes, cap),
+                BanLength::Doubling { base, cap } => doubled(base, m.ban_strikes, cap),
             }
             .min(MAX_BAN);
-            e.banned_until = e.banned_until.max(now.ceil.saturating_add(ms(length)));
-            e.banned_until
+            m.banned_until = m.banned_until.max(now.ceil.saturating_add(ms(length)));
+            m.banned_until
         });
         Ok(until.map(|t| {
             let until = self.instant(t);
@@ -446,10 +596,11 @@ impl Store for MemoryStore {
         create: bool,
     ) -> Result<Option<Instant>, StoreError> {
         let until = self.with_entry(key, create, |e, now| {
-            e.penalised_until = e
+            let m = e.marks_mut();
+            m.penalised_until = m
                 .penalised_until
                 .max(now.ceil.saturating_add(ms(length.min(MAX_BAN))));
-            e.penalised_until
+            m.penalised_until
         });
         Ok(until.map(|t| {
             let until = self.instant(t);
@@ -460,27 +611,33 @@ impl Store for MemoryStore {
 
     async fn record_failure(&self, key: StateKey<'_>, create: bool) -> Result<Option<u32>, StoreError> {
         Ok(self.with_entry(key, create, |e, now| {
-            if e.last_failure.saturating_add(ms(FAILURE_MEMORY)) <= now.floor {
-                e.consecutive_failures = 0;
+            let m = e.marks_mut();
+            if m.last_failure.saturating_add(ms(FAILURE_MEMORY)) <= now.floor {
+                m.consecutive_failures = 0;
             }
-            e.consecutive_failures = e.consecutive_failures.saturating_add(1);
-            e.last_failure = now.floor;
-            e.consecutive_failures
+            m.consecutive_failures = m.consecutive_failures.saturating_add(1);
+            m.last_failure = now.floor;
+            m.consecutive_failures
         }))
     }
 
     async fn record_success(&self, key: StateKey<'_>) -> Result<(), StoreError> {
-        self.existing(key, |e, _| e.consecutive_failures = 0);
+        self.existing(key, |e, _| {
+            if let Some(m) = e.marks.as_mut() {
+                m.consecutive_failures = 0;
+            }
+        });
         Ok(())
     }
 
     async fn eject(&self, key: StateKey<'_>, create: bool) -> Result<Option<Instant>, StoreError> {
         let until = self.with_entry(key, create, |e, now| {
-            e.ejections = e.ejections.saturating_add(1);
-            let length = EJECTION_BASE.saturating_mul(e.ejections).min(EJECTION_MAX);
-            e.ejected_until = e.ejected_until.max(now.ceil.saturating_add(ms(length)));
-            e.consecutive_failures = 0;
-            e.ejected_until
+            let m = e.marks_mut();
+            m.ejections = m.ejections.saturating_add(1);
+            let length = EJECTION_BASE.saturating_mul(m.ejections).min(EJECTION_MAX);
+            m.ejected_until = m.ejected_until.max(now.ceil.saturating_add(ms(length)));
+            m.consecutive_failures = 0;
+            m.ejected_until
         });
         Ok(until.map(|t| {
             let until = self.instant(t);
@@ -492,12 +649,12 @@ impl Store for MemoryStore {
     async fn lift_ejection(&self, key: StateKey<'_>) -> Result<bool, StoreError> {
         let lifted = self
             .existing(key, |e, now| {
-                let running = e.ejected_until > now.floor;
-                if running {
-                    e.ejected_until = now.floor;
-                    e.ejections = e.ejections.saturating_sub(1);
-                }
-                running
+                let Some(m) = e.marks.as_mut().filter(|m| m.ejected_until > now.floor) else {
+                    return false;
+                };
+                m.ejected_until = now.floor;
+                m.ejections = m.ejections.saturating_sub(1);
+                true
             })
             .unwrap_or(false);
         if lifted {
@@ -531,29 +688,28 @@ impl Store for MemoryStore {
         };
         let now = self.now();
         let mut rows: Vec<((Arc<str>, u64), Listed)> = Vec::new();
-        for proxies in self.exchanges.iter() {
-            if exchange.is_some_and(|x| x != &**proxies.key()) {
+        for e in self.entries.iter() {
+            let key = e.key();
+            if exchange.is_some_and(|x| x != &*key.exchange) {
                 continue;
             }
-            for e in proxies.iter() {
-                let mut entry = lock(e.value());
-                let order = (proxies.key().clone(), entry.digest);
-                if after
-                    .as_ref()
-                    .is_some_and(|(x, d)| (&*order.0, order.1) <= (x.as_str(), *d))
-                {
-                    continue;
-                }
-                let state = self.snapshot(&mut entry, now);
-                rows.push((
-                    order,
-                    Listed {
-                        proxy: e.key().clone(),
-                        exchange: proxies.key().clone(),
-                        state,
-                    },
-                ));
+            let mut entry = lock(e.value());
+            let order = (key.exchange.clone(), entry.digest);
+            if after
+                .as_ref()
+                .is_some_and(|(x, d)| (&*order.0, order.1) <= (x.as_str(), *d))
+            {
+                continue;
             }
+            let state = self.snapshot(&mut entry, now);
+            rows.push((
+                order,
+                Listed {
+                    proxy: key.proxy.clone(),
+                    exchange: key.exchange.clone(),
+                    state,
+                },
+            ));
         }
         let more = rows.len() > limit;
         if more {
@@ -934,7 +1090,7 @@ mod tests {
         tokio::time::advance(BAN_MEMORY).await;
         assert_eq!(s.purge(), 1);
         assert!(s.is_empty());
-        assert!(s.exchanges.is_empty(), "empty exchange maps go too");
+        assert!(s.entries.is_empty(), "the map is empty too");
     }
 
     #[tokio::test(start_paused = true)]

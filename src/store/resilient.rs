@@ -318,8 +318,9 @@ impl Shared {
     }
 }
 
-/// Connects at start; then, while the breaker is not closed and once its open period has
-/// passed, `PING`s Redis as the breaker's probe.
+/// Connects at start; then `PING`s Redis every [`PROBE_INTERVAL`]: while the breaker is closed as
+/// a heartbeat (failures count towards opening it), else, once its open period has passed, as the
+/// breaker's probe.
 async fn probe_loop(shared: Arc<Shared>) {
     // Connections are made lazily: make this one now, before the first feed's call would pay
     // for it (and likely time out).
@@ -329,6 +330,9 @@ async fn probe_loop(shared: Arc<Shared>) {
     loop {
         tick.tick().await;
         if shared.breaker.snapshot().kind == Kind::Closed {
+            // A heartbeat: a replica whose calls need no Redis (hits without a budget are served
+            // locally) must still notice an outage, for `proxy_broker_store_up` and its log line.
+            let _ = shared.remote(shared.remote.ping()).await;
             continue;
         }
         let Some(permit) = shared.breaker.try_acquire() else {
