@@ -52,7 +52,8 @@ async fn a_storm_split_over_two_replicas_makes_one_upstream_call_per_key() {
             tokio::spawn(async move {
                 client
                     .request_proxy(ProxyRequest {
-                        exchange_id: format!("ex{}", i % keys),
+                        // Pairs of calls share a key and go to different replicas.
+                        exchange_id: format!("ex{}", (i / 2) % keys),
                         connection_type: ConnectionType::Http.into(),
                         ..Default::default()
                     })
@@ -66,7 +67,10 @@ async fn a_storm_split_over_two_replicas_makes_one_upstream_call_per_key() {
             .unwrap()
             .expect("no call of the storm fails")
             .into_inner();
-        assert_eq!(answer.proxy_url, format!("socks5://ex{}.fleet:1080", i % keys));
+        assert_eq!(
+            answer.proxy_url,
+            format!("socks5://ex{}.fleet:1080", (i / 2) % keys)
+        );
     }
     assert_eq!(
         upstream.requests().len(),

@@ -90,11 +90,11 @@ impl SlidingLog {
     /// Attempts in the window at `now_floor_ms`.
     pub fn used(&self, budget: Budget, now_floor_ms: u64) -> u32 {
         let per = per_ms(budget);
-        let live = self
-            .log
-            .iter()
-            .filter(|&&at| at.saturating_add(per) > now_floor_ms)
-            .count();
+        // The log is in time order: the live attempts are its tail (O(log n), not a scan).
+        let live = self.log.len()
+            - self
+                .log
+                .partition_point(|&at| at.saturating_add(per) <= now_floor_ms);
         u32::try_from(live).unwrap_or(u32::MAX).min(budget.attempts)
     }
 
