@@ -330,6 +330,20 @@ async fn a_ban_holds_for_that_exchange_only_and_the_feed_gets_another_proxy() {
     assert_eq!(forwarded.body["retry_after_seconds"], 90);
 }
 
+/// The distinct proxies `n` WebSocket requests for `exchange` are handed.
+async fn handed_out(
+    client: &mut proxy_broker::pb::proxy_broker_client::ProxyBrokerClient<tonic::transport::Channel>,
+    exchange: &str,
+    n: usize,
+) -> HashSet<String> {
+    let mut seen = HashSet::new();
+    for _ in 0..n {
+        let answer = client.request_proxy(ask(exchange, None)).await.unwrap();
+        seen.insert(answer.into_inner().proxy_url);
+    }
+    seen
+}
+
 /// One row per class of feedback: what it does to an embedded pool member for that exchange.
 struct BanRow {
     what: &'static str,
@@ -408,20 +422,7 @@ async fn each_class_of_feedback_does_what_it_says_for_that_exchange() {
             (None, None) => assert_eq!(a.consecutive_failures, 1, "{}", r.what),
             other => panic!("{}: {other:?}", r.what),
         }
-        let urls: HashSet<String> = {
-            let mut seen = HashSet::new();
-            for _ in 0..4 {
-                seen.insert(
-                    client
-                        .request_proxy(ask("binance", None))
-                        .await
-                        .unwrap()
-                        .into_inner()
-                        .proxy_url,
-                );
-            }
-            seen
-        };
+        let urls: HashSet<String> = handed_out(&mut client, "binance", 4).await;
         assert_eq!(
             urls.contains("socks5://a:1080"),
             r.handed_out,
@@ -429,20 +430,7 @@ async fn each_class_of_feedback_does_what_it_says_for_that_exchange() {
             r.what
         );
         // Other exchanges still get it.
-        let bybit: HashSet<String> = {
-            let mut seen = HashSet::new();
-            for _ in 0..4 {
-                seen.insert(
-                    client
-                        .request_proxy(ask("bybit", None))
-                        .await
-                        .unwrap()
-                        .into_inner()
-                        .proxy_url,
-                );
-            }
-            seen
-        };
+        let bybit: HashSet<String> = handed_out(&mut client, "bybit", 4).await;
         assert!(bybit.contains("socks5://a:1080"), "{}: bybit lost it too", r.what);
         broker.stop().await;
     }
