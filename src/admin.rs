@@ -330,6 +330,7 @@ impl ProxyBrokerAdmin for AdminService {
             .broker
             .brokering()
             .exchanges()
+            .await
             .into_iter()
             .filter(|x| filter.is_empty() || x.exchange == filter)
             .filter(|x| after.as_ref().is_none_or(|a| x.exchange > *a))

@@ -237,12 +237,13 @@ impl Broker {
     }
 
     /// Refreshes gauges from live state, then renders the metrics text.
-    pub fn render_metrics(&self) -> String {
+    pub async fn render_metrics(&self) -> String {
         self.state.load().refresh_gauges(&self.metrics);
         self.metrics.store_up.set(self.store_status.gauge_value());
         self.metrics.set_exchange_outages(
             self.brokering
                 .exchanges()
+                .await
                 .iter()
                 .map(|x| (x.exchange.as_str(), x.outage.is_some_and(|o| o.since.is_some()))),
         );

@@ -102,7 +102,10 @@ async fn serve(config_path: Option<PathBuf>, config: BrokerConfig, shutdown: Shu
         let broker = broker.clone();
         tokio::spawn(proxy_broker::metrics::serve_metrics(
             metrics_listener,
-            move || broker.render_metrics(),
+            move || {
+                let broker = broker.clone();
+                async move { broker.render_metrics().await }
+            },
             async move {
                 let _ = metrics_stopped.await;
             },

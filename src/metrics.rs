@@ -236,9 +236,10 @@ impl AcceptBackoff {
 
 /// Serves `GET /metrics` on `listener` until `shutdown` completes; `render` produces the text
 /// (it refreshes gauges from live state first).
-pub async fn serve_metrics<R>(listener: TcpListener, render: R, shutdown: impl Future<Output = ()>)
+pub async fn serve_metrics<R, T>(listener: TcpListener, render: R, shutdown: impl Future<Output = ()>)
 where
-    R: Fn() -> String + Clone + Send + Sync + 'static,
+    R: Fn() -> T + Clone + Send + Sync + 'static,
+    T: Future<Output = String> + Send + 'static,
 {
     tokio::pin!(shutdown);
     let mut backoff = AcceptBackoff::default();
@@ -273,7 +274,7 @@ where
                                 "content-type",
                                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                             )
-                            .body(Full::new(Bytes::from(render())))
+                            .body(Full::new(Bytes::from(render().await)))
                     } else {
                         Response::builder()
                             .status(StatusCode::NOT_FOUND)

@@ -560,7 +560,7 @@ async fn plain_failures_eject_per_exchange_until_an_exchange_outage_lifts_them()
 
 /// The broker's metrics text, through the broker itself (no URL label may appear in it).
 async fn broker_metrics(broker: &TestBroker) -> String {
-    let text = broker.broker().render_metrics();
+    let text = broker.broker().render_metrics().await;
     assert!(!text.contains("socks5://"), "a proxy URL in the metrics: {text}");
     text
 }

@@ -7,7 +7,9 @@
 //! storm spread over the replica processes makes one upstream call per key (with and without a
 //! budget), and the other replica then answers from its cache; callers following another
 //! replica's flight are not stranded when that leader dies or cannot reach Redis to publish;
-//! `proxy_broker_store_up` says 0 whenever Redis cannot be used, also on an idle replica.
+//! `proxy_broker_store_up` says 0 whenever Redis cannot be used, also on an idle replica; an
+//! exchange outage is judged from the reports every replica took, and the replica that sees it
+//! start lifts ejections made on another.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -21,8 +23,8 @@ use common::redis::RedisServer;
 use proxy_broker::pb::proxy_broker_admin_client::ProxyBrokerAdminClient;
 use proxy_broker::pb::proxy_broker_client::ProxyBrokerClient;
 use proxy_broker::pb::{
-    ConnectionType, GetEffectiveConfigRequest, ListProxiesRequest, ProxyFeedback, ProxyRequest,
-    ProxyResponse, ProxyState, ProxyStatus,
+    ConnectionType, GetEffectiveConfigRequest, ListExchangesRequest, ListProxiesRequest, ProxyFeedback,
+    ProxyRequest, ProxyResponse, ProxyState, ProxyStatus,
 };
 use serde_json::Value;
 use tonic::Code;
@@ -288,6 +290,116 @@ async fn a_ban_reported_to_one_replica_holds_on_the_others_and_moves_their_watch
         Some(ProxyState::Banned)
     );
     assert_eq!(state_of(&c.proxies("bybit").await, SHARED), Some(ProxyState::Ok));
+}
+
+fn plain_failure(exchange: &str, proxy_url: &str) -> ProxyFeedback {
+    ProxyFeedback {
+        proxy_url: proxy_url.into(),
+        exchange_id: exchange.into(),
+        connection_type: ConnectionType::Websocket.into(),
+        success: false,
+        error_details: Some("connect timeout".into()),
+        client_id: "feed".into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn an_exchange_outage_is_judged_from_every_replicas_reports_and_lifts_ejections_fleet_wide() {
+    let redis = RedisServer::start();
+    let upstream = shared_unless_excluded().await;
+    // One attempt per proxy, so the second replica's hand-out needs a second proxy (both are then
+    // known to the fleet for binance); two plain failures in a row eject.
+    let config = ConfigDir::new(
+        &fleet_yaml(
+            &upstream,
+            &redis.url(),
+            "fleet-outage:",
+            &format!("    operation_timeout_ms: {PATIENT_STORE_MS}"),
+            "  exchanges:\n    binance:\n      websocket: { attempts: 1, per_seconds: 300 }\n  \
+             outage: { failing_fraction: 0.5, window_seconds: 60, min_proxies: 2 }",
+        )
+        .replace(
+            "fallback_to_embedded: false",
+            "fallback_to_embedded: false\n    eject_after_failures: 2",
+        ),
+    );
+    let fleet = replicas(&config, 2, &[]).await;
+    let (a, b) = (&fleet[0], &fleet[1]);
+    assert_eq!(a.ask("binance").await.unwrap().proxy_url, SHARED);
+    let second = b.ask("binance").await.unwrap().proxy_url;
+    assert_eq!(second, "socks5://binance-0:1080", "the budget of SHARED is spent");
+    // Two failures of SHARED, reported to A, eject it there (and fleet-wide).
+    for _ in 0..2 {
+        a.client()
+            .report_feedback(plain_failure("binance", SHARED))
+            .await
+            .unwrap();
+    }
+    for replica in [a, b] {
+        assert_eq!(
+            state_of(&replica.proxies("binance").await, SHARED),
+            Some(ProxyState::Ejected)
+        );
+    }
+    let outage = |m: &Exposition| m.value("proxy_broker_exchange_outage", &[("exchange", "binance")]);
+    assert_eq!(outage(&a.metrics().await), 0.0, "one failing proxy is no outage");
+    // The other proxy fails too, reported to B: two of two proxies fail at binance, counting A's
+    // reports, so binance is down, not its proxies. B lifts the ejection A made.
+    b.client()
+        .report_feedback(plain_failure("binance", &second))
+        .await
+        .unwrap();
+    for (name, replica) in [("A", a), ("B", b)] {
+        eventually(&format!("{name} to show the outage"), PROMPT, || async {
+            (outage(&replica.metrics().await) == 1.0).then_some(())
+        })
+        .await;
+        let exchanges = replica
+            .admin()
+            .list_exchanges(ListExchangesRequest {
+                exchange_id: "binance".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .exchanges;
+        assert!(exchanges[0].outage, "{name}: {exchanges:?}");
+        assert_eq!(
+            (exchanges[0].reporting_proxies, exchanges[0].failing_proxies),
+            (2, 2),
+            "{name}"
+        );
+        assert_eq!(
+            state_of(&replica.proxies("binance").await, SHARED),
+            Some(ProxyState::Ok),
+            "{name}: the ejection made on A is lifted by the outage B saw start"
+        );
+    }
+    // During the outage, failures reported to A no longer eject.
+    for _ in 0..3 {
+        a.client()
+            .report_feedback(plain_failure("binance", &second))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        state_of(&b.proxies("binance").await, &second),
+        Some(ProxyState::Ok)
+    );
+    // Successes reported to A end it for both.
+    for proxy in [SHARED, second.as_str()] {
+        a.client()
+            .report_feedback(ProxyFeedback {
+                success: true,
+                error_details: None,
+                ..plain_failure("binance", proxy)
+            })
+            .await
+            .unwrap();
+    }
+    assert_eq!(outage(&b.metrics().await), 0.0);
 }
 
 #[tokio::test]

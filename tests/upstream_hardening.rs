@@ -51,13 +51,14 @@ async fn status(b: &LocalBroker, url: &str) -> UpstreamStatus {
         .clone()
 }
 
-fn metrics(b: &LocalBroker) -> Exposition {
-    Exposition::parse(&b.broker.render_metrics())
+async fn metrics(b: &LocalBroker) -> Exposition {
+    Exposition::parse(&b.broker.render_metrics().await)
 }
 
 /// `proxy_broker_upstream_requests_total{endpoint, outcome}`.
-fn upstream_calls(b: &LocalBroker, endpoint: &str, outcome: &str) -> f64 {
+async fn upstream_calls(b: &LocalBroker, endpoint: &str, outcome: &str) -> f64 {
     metrics(b)
+        .await
         .get(
             "proxy_broker_upstream_requests_total",
             &[("endpoint", endpoint), ("outcome", outcome)],
@@ -108,7 +109,11 @@ async fn redirects_are_not_followed_and_the_credentials_never_reach_the_target()
             "{status}: the Location is not shown: {:?}",
             s.last_error
         );
-        assert_eq!(upstream_calls(&b, &redirecting.url, "redirect"), 1.0, "{status}");
+        assert_eq!(
+            upstream_calls(&b, &redirecting.url, "redirect").await,
+            1.0,
+            "{status}"
+        );
 
         // Feedback to the redirecting endpoint is not followed either (and not retried).
         b.client()
@@ -184,7 +189,11 @@ async fn a_50_mb_answer_is_rejected_and_the_next_endpoint_answers() {
         let s = status(&b, &huge.url).await;
         assert_eq!(s.total_failures, 1, "{name}: {s:?}");
         assert!(s.last_error.contains(error), "{name}: {:?}", s.last_error);
-        assert_eq!(upstream_calls(&b, &huge.url, "invalid_answer"), 1.0, "{name}");
+        assert_eq!(
+            upstream_calls(&b, &huge.url, "invalid_answer").await,
+            1.0,
+            "{name}"
+        );
         b.stop().await;
     }
 }
@@ -225,7 +234,7 @@ async fn a_black_holed_first_endpoint_is_hedged_and_its_breaker_still_counts_tim
     assert_eq!(first.upstream_endpoint, healthy.url, "the hedge answers");
     assert_eq!(hole.request_count(), 1);
     assert_eq!(
-        upstream_calls(&b, &hole.url, "timeout"),
+        upstream_calls(&b, &hole.url, "timeout").await,
         0.0,
         "answered before the first endpoint timed out: hedged, not failed over"
     );
@@ -244,20 +253,20 @@ async fn a_black_holed_first_endpoint_is_hedged_and_its_breaker_still_counts_tim
     let s = status(&b, &hole.url).await;
     assert!(s.total_failures >= 3, "{s:?}");
     assert!(s.last_error.contains("timed out"), "{s:?}");
-    assert!(upstream_calls(&b, &hole.url, "timeout") >= 3.0);
+    assert!(upstream_calls(&b, &hole.url, "timeout").await >= 3.0);
     assert_eq!(
-        upstream_calls(&b, &hole.url, "cancelled"),
+        upstream_calls(&b, &hole.url, "cancelled").await,
         0.0,
         "slow attempts are not cancelled"
     );
-    assert_eq!(upstream_calls(&b, &healthy.url, "success"), 6.0);
+    assert_eq!(upstream_calls(&b, &healthy.url, "success").await, 6.0);
 
     // Open: the black hole is skipped, the healthy endpoint answers alone.
     let asked = hole.request_count();
     let r = ask(&b, "after-open").await;
     assert_eq!(r.upstream_endpoint, healthy.url);
     assert_eq!(hole.request_count(), asked, "an open breaker is skipped");
-    assert!(upstream_calls(&b, &hole.url, "circuit_open") >= 1.0);
+    assert!(upstream_calls(&b, &hole.url, "circuit_open").await >= 1.0);
     b.stop().await;
 }
 
@@ -279,8 +288,8 @@ async fn with_hedging_off_the_next_endpoint_is_asked_only_after_the_first_times_
     );
     let s = status(&b, &hole.url).await;
     assert_eq!((s.total_failures, s.consecutive_failures), (1, 1), "{s:?}");
-    assert_eq!(upstream_calls(&b, &hole.url, "timeout"), 1.0);
-    assert_eq!(upstream_calls(&b, &hole.url, "cancelled"), 0.0);
+    assert_eq!(upstream_calls(&b, &hole.url, "timeout").await, 1.0);
+    assert_eq!(upstream_calls(&b, &hole.url, "cancelled").await, 0.0);
     b.stop().await;
 }
 
@@ -315,15 +324,15 @@ async fn a_hedge_that_loses_is_cancelled_without_a_verdict() {
         (hole.closed_count() == 1).then_some(())
     })
     .await;
-    assert_eq!(upstream_calls(&b, &hole.url, "cancelled"), 1.0);
-    assert_eq!(upstream_calls(&b, &hole.url, "timeout"), 0.0);
+    assert_eq!(upstream_calls(&b, &hole.url, "cancelled").await, 1.0);
+    assert_eq!(upstream_calls(&b, &hole.url, "timeout").await, 0.0);
     let s = status(&b, &hole.url).await;
     assert_eq!(
         (s.total_failures, s.consecutive_failures, s.breaker_state()),
         (0, 0, BreakerState::Closed),
         "no verdict on a cancelled hedge: {s:?}"
     );
-    assert_eq!(upstream_calls(&b, &slow.url, "success"), 1.0);
+    assert_eq!(upstream_calls(&b, &slow.url, "success").await, 1.0);
     b.stop().await;
 }
 
@@ -375,8 +384,8 @@ async fn requests_beyond_upstream_max_in_flight_wait_then_fail_over_as_saturated
         let r = call.await.unwrap().unwrap().into_inner();
         assert_eq!(r.upstream_endpoint, healthy.url, "every lookup fails over");
     }
-    let timeouts = upstream_calls(&b, &hole.url, "timeout");
-    let saturated = upstream_calls(&b, &hole.url, "saturated");
+    let timeouts = upstream_calls(&b, &hole.url, "timeout").await;
+    let saturated = upstream_calls(&b, &hole.url, "saturated").await;
     assert!(saturated >= 1.0, "timeouts {timeouts}, saturated {saturated}");
     assert_eq!(timeouts + saturated, 3.0);
     assert_eq!(
@@ -663,7 +672,7 @@ async fn a_reload_that_removes_an_endpoint_removes_its_metric_series() {
     removed.default_request(Reply::Status(500));
     let b = start(&[&removed.url, &kept.url], "hedge_delay_ms: 0").await;
     ask(&b, "binance").await;
-    let before = metrics(&b);
+    let before = metrics(&b).await;
     for (name, labels) in [
         (
             "proxy_broker_upstream_requests_total",
@@ -682,7 +691,7 @@ async fn a_reload_that_removes_an_endpoint_removes_its_metric_series() {
     b.broker
         .reload(config(&[&kept.url], "hedge_delay_ms: 0", ""))
         .unwrap();
-    let after = b.broker.render_metrics();
+    let after = b.broker.render_metrics().await;
     assert!(
         !after.contains(removed.url.as_str()),
         "no series of the removed endpoint:\n{after}"

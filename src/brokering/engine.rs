@@ -19,7 +19,7 @@ use super::candidates::{
     UpstreamCandidates,
 };
 use super::choice::{Choice, Choose, Order, Picked, Shortfall, choose};
-use super::outage::{OutageGuard, OutageStatus, Transition};
+use super::outage::{OutageStatus, Transition};
 use super::settings::{BrokeringSettings, Budget, Resolved, normalise_exchange};
 use crate::clock::Clock;
 use crate::store::{Change, Page, StateKey, Store, StoreError};
@@ -193,7 +193,6 @@ pub struct Brokering<P> {
     embedded: ArcSwap<EmbeddedCandidates>,
     upstream: UpstreamCandidates<P>,
     store: Arc<dyn Store>,
-    outage: OutageGuard,
     clock: Arc<dyn Clock>,
     eject_after_failures: AtomicU32,
     max_ejection_percent: AtomicU8,
@@ -205,7 +204,6 @@ impl<P> fmt::Debug for Brokering<P> {
             .field("settings", &self.settings.load())
             .field("store", &self.store)
             .field("upstream", &self.upstream)
-            .field("outage", &self.outage)
             .finish_non_exhaustive()
     }
 }
@@ -229,7 +227,6 @@ impl<P: Clone + Send + Sync + 'static> Brokering<P> {
             embedded: ArcSwap::from_pointee(EmbeddedCandidates::new(proxy)),
             upstream: UpstreamCandidates::default(),
             store,
-            outage: OutageGuard::new(),
             clock,
             eject_after_failures: AtomicU32::new(ejection.after_failures),
             max_ejection_percent: AtomicU8::new(ejection.max_percent),
@@ -562,14 +559,17 @@ impl<P: Clone + Send + Sync + 'static> Brokering<P> {
         if !known {
             return Ok(reported);
         }
-        reported.outage = self.outage.record(
-            &exchange,
-            report.proxy_url,
-            verdict.is_plain_failure(),
-            now,
-            &settings.outage,
-        );
-        let in_outage = self.outage.in_outage(&exchange, now, &settings.outage);
+        let outage = self
+            .store
+            .outage_report(
+                &exchange,
+                report.proxy_url,
+                verdict.is_plain_failure(),
+                &settings.outage,
+            )
+            .await?;
+        reported.outage = outage.transition;
+        let in_outage = outage.in_outage;
         let threshold = self.eject_after_failures.load(Ordering::Relaxed);
         reported.applied = bans::apply(&*self.store, key, verdict, own, threshold, in_outage).await?;
         let proxy = redact_url(report.proxy_url);
@@ -580,10 +580,13 @@ impl<P: Clone + Send + Sync + 'static> Brokering<P> {
         if let Some(until) = reported.applied.ejected_until {
             let seconds = until.saturating_duration_since(now).as_secs();
             tracing::warn!(%proxy, %exchange, seconds, "proxy ejected for the exchange after repeated failure reports");
-            self.outage
-                .note_ejection(&exchange, report.proxy_url, now, &settings.outage);
-            if self.outage.in_outage(&exchange, now, &settings.outage) {
-                // An outage started between the check above and this ejection.
+            if self
+                .store
+                .outage_note_ejection(&exchange, report.proxy_url, &settings.outage)
+                .await?
+            {
+                // An outage started (on some replica) between the report above and this
+                // ejection.
                 self.store.lift_ejection(key).await?;
             }
         }
@@ -627,11 +630,18 @@ impl<P: Clone + Send + Sync + 'static> Brokering<P> {
         self.store.list(exchange.as_deref(), page_token, page_size).await
     }
 
-    /// Exchanges with a budget in force or recent reports, sorted (`ListExchanges`).
-    pub fn exchanges(&self) -> Vec<ExchangeStatus> {
-        let settings = self.settings.load();
-        let now = self.clock.now();
-        let outages = self.outage.statuses(now, &settings.outage);
+    /// Exchanges with a budget in force or recent reports, sorted (`ListExchanges`). The outage
+    /// state is the fleet's (the store's); when the store cannot say, exchanges are listed
+    /// without it.
+    pub async fn exchanges(&self) -> Vec<ExchangeStatus> {
+        let settings = self.settings.load_full();
+        let outages = match self.store.outages(None, &settings.outage).await {
+            Ok(o) => o,
+            Err(error) => {
+                tracing::debug!(%error, "exchange outage state unavailable");
+                Vec::new()
+            }
+        };
         let mut ids = settings.exchanges_with_budgets();
         ids.extend(outages.iter().map(|(x, _)| x.to_string()));
         ids.sort();
@@ -647,11 +657,13 @@ impl<P: Clone + Send + Sync + 'static> Brokering<P> {
             .collect()
     }
 
-    /// Whether `exchange` is in an outage now.
-    pub fn in_outage(&self, exchange: &str) -> bool {
-        let settings = self.settings.load();
-        self.outage
-            .in_outage(&normalise_exchange(exchange), self.clock.now(), &settings.outage)
+    /// Whether `exchange` is in an outage now (`false` when the store cannot say).
+    pub async fn in_outage(&self, exchange: &str) -> bool {
+        let settings = self.settings.load_full();
+        self.store
+            .outages(Some(&normalise_exchange(exchange)), &settings.outage)
+            .await
+            .is_ok_and(|o| o.first().is_some_and(|(_, st)| st.since.is_some()))
     }
 }
 

@@ -14,8 +14,9 @@
 //! [`MAX_REPORTS`] reports per exchange window (reports beyond are dropped oldest first; new
 //! proxies beyond the reporter cap are not counted). Amortised O(1) per report.
 //!
-//! The guard is per broker process: each replica judges from the reports it receives, which for a
-//! load-balanced fleet is a fair sample; the ejections it lifts are in the shared store.
+//! This is the in-process implementation, which the memory store ([`crate::store::MemoryStore`])
+//! keeps; a shared store keeps the same state on its server so that a fleet judges an exchange
+//! from every replica's reports (see [`crate::store`], "Exchange outages").
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -140,9 +141,11 @@ impl Window {
         }
     }
 
-    fn status(&self) -> OutageStatus {
+    /// The state as of the last prune, without settling: an outage shows only while its rule
+    /// still holds (one that aged out ends at the next report).
+    fn status(&self, s: &OutageSettings) -> OutageStatus {
         OutageStatus {
-            since: self.since,
+            since: self.since.filter(|_| self.in_outage(s)),
             reporters: self.latest.len(),
             failing: self.failing,
         }
@@ -225,6 +228,22 @@ impl OutageGuard {
         now: Instant,
         s: &OutageSettings,
     ) -> Transition {
+        self.report(exchange, proxy, failing, now, s).0
+    }
+
+    /// As [`OutageGuard::record`], and whether the exchange is in an outage after the report.
+    pub fn report(
+        &self,
+        exchange: &str,
+        proxy: &str,
+        failing: bool,
+        now: Instant,
+        s: &OutageSettings,
+    ) -> (Transition, bool) {
+        let settled = |w: &mut Window| {
+            let t = w.settle(now, s);
+            (t, w.since.is_some())
+        };
         self.with_window(exchange, true, now, s, |w| {
             let seq = w.seq;
             w.seq += 1;
@@ -234,7 +253,7 @@ impl OutageGuard {
                     w.failing -= usize::from(old.failing);
                     p
                 }
-                None if w.latest.len() >= MAX_REPORTERS => return w.settle(now, s),
+                None if w.latest.len() >= MAX_REPORTERS => return settled(w),
                 None => Arc::from(proxy),
             };
             w.failing += usize::from(failing);
@@ -243,20 +262,26 @@ impl OutageGuard {
             while w.log.len() > MAX_REPORTS {
                 w.drop_front();
             }
-            w.settle(now, s)
+            settled(w)
         })
         .unwrap_or_default()
     }
 
     /// Notes that `proxy` was ejected for `exchange`, so an outage starting within the window lifts
-    /// it.
-    pub fn note_ejection(&self, exchange: &str, proxy: &str, now: Instant, s: &OutageSettings) {
+    /// it. Returns `true` instead when the exchange is in an outage already (the caller lifts the
+    /// ejection).
+    pub fn note_ejection(&self, exchange: &str, proxy: &str, now: Instant, s: &OutageSettings) -> bool {
         self.with_window(exchange, true, now, s, |w| {
+            if w.status(s).since.is_some() {
+                return true;
+            }
             w.ejections.push_back((now, Arc::from(proxy)));
             while w.ejections.len() > MAX_REPORTS {
                 w.ejections.pop_front();
             }
-        });
+            false
+        })
+        .unwrap_or(false)
     }
 
     /// Whether `exchange` is in an outage at `now` (reports that aged out no longer count).
@@ -266,10 +291,7 @@ impl OutageGuard {
 
     /// The exchange's state at `now`, if it is tracked.
     pub fn status(&self, exchange: &str, now: Instant, s: &OutageSettings) -> Option<OutageStatus> {
-        self.with_window(exchange, false, now, s, |w| {
-            w.settle(now, s);
-            w.status()
-        })
+        self.with_window(exchange, false, now, s, |w| w.status(s))
     }
 
     /// Every tracked exchange and its state at `now`, sorted by id.
@@ -280,8 +302,7 @@ impl OutageGuard {
             .map(|e| {
                 let mut w = lock(e.value());
                 w.prune(now, window_of(s));
-                w.settle(now, s);
-                (e.key().clone(), w.status())
+                (e.key().clone(), w.status(s))
             })
             .collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));

@@ -318,7 +318,7 @@ async fn feedback_about_a_proxy_never_handed_out_changes_nothing() {
         assert_eq!(r.outage, Transition::None);
     }
     assert!(b.list_proxies(None, None, 0).await.unwrap().entries.is_empty());
-    assert!(!b.in_outage("binance"));
+    assert!(!b.in_outage("binance").await);
 }
 
 #[tokio::test(start_paused = true)]
@@ -425,7 +425,7 @@ async fn an_exchange_outage_stops_ejections_and_lifts_recent_ones() {
     let r = b.report(&report(urls[1], false, None)).await.unwrap();
     assert!(matches!(r.outage, Transition::Started { .. }), "{r:?}");
     assert_eq!(r.lifted, 1);
-    assert!(b.in_outage("BINANCE"));
+    assert!(b.in_outage("BINANCE").await);
     assert_eq!(state(urls[0]).await.ejected_until, None);
     // In the outage, failures neither count nor eject.
     for _ in 0..5 {
@@ -439,8 +439,8 @@ async fn an_exchange_outage_stops_ejections_and_lifts_recent_ones() {
     // Successes end it: a's success leaves 1 of 3 failing.
     let r = b.report(&report(urls[0], true, None)).await.unwrap();
     assert_eq!(r.outage, Transition::Ended);
-    assert!(!b.in_outage("binance"));
-    let listed = b.exchanges();
+    assert!(!b.in_outage("binance").await);
+    let listed = b.exchanges().await;
     let binance = listed.iter().find(|x| x.exchange == "binance").unwrap();
     assert_eq!(binance.outage.unwrap().since, None);
     assert_eq!(binance.websocket.unwrap().source, BudgetSource::BuiltIn);

@@ -26,9 +26,9 @@ use super::redis::{RedisStore, Target};
 use super::resilient::ResilientStore;
 use super::{
     Attempt, BanLength, ChangeKind, DEFAULT_PAGE_SIZE, HandOut, MAX_ANSWER_BYTES, MAX_PAGE_SIZE, MemoryStore,
-    ProxyState, StateKey, Store,
+    OutageReport, ProxyState, StateKey, Store, Transition,
 };
-use crate::brokering::settings::{Budget, MAX_BAN};
+use crate::brokering::settings::{Budget, MAX_BAN, OutageSettings};
 use crate::clock::{Clock, ManualClock};
 
 const WS: ConnectionType = ConnectionType::Websocket;
@@ -242,6 +242,7 @@ enum Case {
     IdleEntriesExpire,
     AnswersAreSharedAndExpire,
     FlightsLeadOnceAndAnnounceTheirEnd,
+    OutagesAreJudgedFromEveryReplicasReports,
 }
 
 const CASES: &[Case] = &[
@@ -260,6 +261,7 @@ const CASES: &[Case] = &[
     Case::IdleEntriesExpire,
     Case::AnswersAreSharedAndExpire,
     Case::FlightsLeadOnceAndAnnounceTheirEnd,
+    Case::OutagesAreJudgedFromEveryReplicasReports,
 ];
 
 async fn run_case(case: Case, b: &Backend) {
@@ -279,6 +281,7 @@ async fn run_case(case: Case, b: &Backend) {
         Case::IdleEntriesExpire => idle_entries_expire(b).await,
         Case::AnswersAreSharedAndExpire => answers(b).await,
         Case::FlightsLeadOnceAndAnnounceTheirEnd => flights(b).await,
+        Case::OutagesAreJudgedFromEveryReplicasReports => outages(b).await,
     }
 }
 
@@ -767,6 +770,89 @@ async fn flights(b: &Backend) {
     .await;
 }
 
+async fn outages(b: &Backend) {
+    let rule = OutageSettings {
+        failing_fraction: 0.5,
+        window_seconds: 60,
+        min_proxies: 2,
+    };
+    let p = |i: usize| format!("http://user:pw@p{i}:1");
+    let (s, peer) = (&b.store, &b.peer);
+    let report = |store: &Arc<dyn Store>, i: usize, failing: bool| {
+        let (store, proxy) = (store.clone(), p(i));
+        async move { store.outage_report("okx", &proxy, failing, &rule).await.unwrap() }
+    };
+    let status = |store: &Arc<dyn Store>| {
+        let store = store.clone();
+        async move {
+            let all = store.outages(Some("okx"), &rule).await.unwrap();
+            assert!(all.len() <= 1, "{all:?}");
+            all.first().map(|(x, st)| {
+                assert_eq!(&**x, "okx");
+                *st
+            })
+        }
+    };
+    assert!(!s.outage_note_ejection("okx", &p(9), &rule).await.unwrap());
+    let first = report(s, 1, true).await;
+    assert_eq!(first, OutageReport::default(), "one failing proxy is not enough");
+    // The second failing proxy reports to the other replica: it starts the outage and gets the
+    // ejection noted by the first to lift.
+    let started = report(peer, 2, true).await;
+    assert_eq!(
+        started.transition,
+        Transition::Started {
+            lift: vec![Arc::from(p(9).as_str())]
+        }
+    );
+    assert!(started.in_outage);
+    for store in [s, peer] {
+        let st = status(store).await.unwrap();
+        assert_eq!((st.reporters, st.failing), (2, 2));
+        near_instant(st.since.unwrap(), b.now(), "the outage's start");
+    }
+    let listed = peer.outages(None, &rule).await.unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert!(
+        s.outage_note_ejection("okx", &p(3), &rule).await.unwrap(),
+        "an ejection during the outage is the caller's to lift"
+    );
+    assert_eq!(report(s, 3, true).await.transition, Transition::None);
+    assert_eq!(
+        report(peer, 1, false).await,
+        OutageReport {
+            transition: Transition::None,
+            in_outage: true
+        },
+        "2 of 3 still fail"
+    );
+    assert_eq!(
+        report(s, 2, false).await.transition,
+        Transition::Ended,
+        "the latest report of each proxy counts, whoever took it"
+    );
+    assert!(status(peer).await.unwrap().since.is_none());
+    // Another outage, then its reports age out: it shows no more, and nothing is listed.
+    assert_eq!(
+        report(peer, 1, true).await.transition,
+        Transition::Started { lift: vec![] },
+        "2 of 3 fail again; the ejection made during the last outage was not noted for a lift"
+    );
+    b.advance(Duration::from_secs(59));
+    assert!(status(peer).await.unwrap().since.is_some());
+    b.advance(Duration::from_secs(2));
+    for store in [s, peer] {
+        let st = status(store).await;
+        assert!(
+            st.is_none_or(|st| st.since.is_none() && st.reporters == 0),
+            "{st:?}"
+        );
+        assert!(store.outages(None, &rule).await.unwrap().is_empty());
+    }
+    // Other exchanges were never touched.
+    assert!(s.outages(Some("binance"), &rule).await.unwrap().is_empty());
+}
+
 /// Runs every case on a fresh backend from `make`, and fails naming each failed case.
 async fn conform<F, Fut>(make: F)
 where
@@ -848,6 +934,21 @@ async fn every_redis_key_expires_and_no_key_name_holds_a_proxy_url() {
         .lead_flight("binance/websocket/", Duration::from_secs(60))
         .await
         .unwrap();
+    let rule = OutageSettings {
+        failing_fraction: 0.5,
+        window_seconds: 60,
+        min_proxies: 1,
+    };
+    b.store
+        .outage_note_ejection("binance", k.proxy, &rule)
+        .await
+        .unwrap();
+    let started = b
+        .store
+        .outage_report("binance", k.proxy, true, &rule)
+        .await
+        .unwrap();
+    assert!(started.in_outage);
     let mut conn = ::redis::Client::open(server.url())
         .unwrap()
         .get_multiplexed_async_connection()
@@ -858,8 +959,9 @@ async fn every_redis_key_expires_and_no_key_name_holds_a_proxy_url() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    // entry, two windows, leases, index, answer, flight lock
-    assert_eq!(keys.len(), 7, "{keys:?}");
+    // entry, two windows, leases, index, answer, flight lock; the outage's reporters, failing
+    // reporters, start, index marker (its ejections were lifted: no key) and exchange index
+    assert_eq!(keys.len(), 12, "{keys:?}");
     for name in keys {
         assert!(name.starts_with("ttl:"), "{name} is outside the key prefix");
         assert!(

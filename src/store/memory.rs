@@ -45,9 +45,12 @@ use tokio::time::Instant;
 use super::window::{Admission, SlidingLog};
 use super::{
     Attempt, BanLength, Change, ChangeKind, DEFAULT_PAGE_SIZE, HandOut, Listed, MAX_ANSWER_BYTES,
-    MAX_ANSWER_TTL, MAX_PAGE_SIZE, Page, ProxyState, StateKey, Store, StoreError, WindowState,
+    MAX_ANSWER_TTL, MAX_PAGE_SIZE, OutageReport, OutageStatus, Page, ProxyState, StateKey, Store, StoreError,
+    WindowState,
 };
 use crate::brokering::bans::doubled;
+use crate::brokering::outage::OutageGuard;
+use crate::brokering::settings::OutageSettings;
 use crate::brokering::settings::{Budget, MAX_BAN};
 use crate::brokering::sticky::digest64;
 use crate::clock::Clock;
@@ -93,6 +96,8 @@ pub struct MemoryStore {
     /// Flight locks: key → expiry (store milliseconds).
     flight_locks: Mutex<HashMap<String, u64>>,
     flights: broadcast::Sender<Arc<str>>,
+    /// The exchange-outage reports (bounded on their own).
+    outage: OutageGuard,
 }
 
 impl fmt::Debug for MemoryStore {
@@ -353,6 +358,7 @@ impl MemoryStore {
             answers,
             flight_locks: Mutex::new(HashMap::new()),
             flights,
+            outage: OutageGuard::new(),
         }
     }
 
@@ -787,6 +793,51 @@ impl Store for MemoryStore {
 
     fn flights(&self) -> broadcast::Receiver<Arc<str>> {
         self.flights.subscribe()
+    }
+
+    async fn outage_report(
+        &self,
+        exchange: &str,
+        proxy: &str,
+        failing: bool,
+        rule: &OutageSettings,
+    ) -> Result<OutageReport, StoreError> {
+        let (transition, in_outage) = self
+            .outage
+            .report(exchange, proxy, failing, self.clock.now(), rule);
+        Ok(OutageReport {
+            transition,
+            in_outage,
+        })
+    }
+
+    async fn outage_note_ejection(
+        &self,
+        exchange: &str,
+        proxy: &str,
+        rule: &OutageSettings,
+    ) -> Result<bool, StoreError> {
+        Ok(self.outage.note_ejection(exchange, proxy, self.clock.now(), rule))
+    }
+
+    async fn outages(
+        &self,
+        exchange: Option<&str>,
+        rule: &OutageSettings,
+    ) -> Result<Vec<(Arc<str>, OutageStatus)>, StoreError> {
+        let now = self.clock.now();
+        let mut all = match exchange {
+            Some(x) => self
+                .outage
+                .status(x, now, rule)
+                .map(|st| (Arc::from(x), st))
+                .into_iter()
+                .collect(),
+            None => self.outage.statuses(now, rule),
+        };
+        // Exchanges whose reports all aged out are not tracked any more (as in a shared store).
+        all.retain(|(_, st)| st.reporters > 0);
+        Ok(all)
     }
 }
 

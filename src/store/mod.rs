@@ -44,6 +44,17 @@
 //!
 //! The memory store implements these locally (bounded, expiring), so a single broker behaves as
 //! before: it always leads unless its own earlier call still holds the key.
+//!
+//! # Exchange outages
+//! The outage guard's reports live here too, so that the replicas of a fleet judge an exchange
+//! from every replica's reports and agree on when its outage started (see
+//! [`crate::brokering::outage`] for the rule). [`Store::outage_report`] records one proxy's latest
+//! report for an exchange and settles the exchange in one atomic step: the replica whose report
+//! starts the outage gets the ejections to lift ([`Transition::Started`]) and nobody else does.
+//! [`Store::outage_note_ejection`] remembers an ejection for that lift (or says the exchange is
+//! already in an outage, so the caller lifts it itself). [`Store::outages`] reads every tracked
+//! exchange without changing anything. Reports count on the store's clock; every key expires
+//! with the window.
 
 pub mod config;
 #[cfg(test)]
@@ -66,7 +77,8 @@ use proxy_broker_core::redact::redact_url;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
-use crate::brokering::settings::Budget;
+pub use crate::brokering::outage::{OutageStatus, Transition};
+use crate::brokering::settings::{Budget, OutageSettings};
 
 /// Which (proxy, exchange) an operation is about.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -286,6 +298,15 @@ impl fmt::Debug for Change {
     }
 }
 
+/// What [`Store::outage_report`] found.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OutageReport {
+    /// Whether this report started or ended the exchange's outage.
+    pub transition: Transition,
+    /// Whether the exchange is in an outage after it.
+    pub in_outage: bool,
+}
+
 /// Why a store operation failed (the memory store fails only on bad page tokens; a shared store
 /// also when it cannot be reached).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -395,6 +416,35 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Keys whose flight ended, on whichever broker led it. A receiver that falls behind gets
     /// `RecvError::Lagged`: its followers should re-check `get_answer`.
     fn flights(&self) -> broadcast::Receiver<Arc<str>>;
+
+    /// Records `proxy`'s latest report for `exchange` (`failing`: a plain failure) and settles
+    /// the exchange by `rule`, in one atomic step. See the module docs.
+    async fn outage_report(
+        &self,
+        exchange: &str,
+        proxy: &str,
+        failing: bool,
+        rule: &OutageSettings,
+    ) -> Result<OutageReport, StoreError>;
+
+    /// Remembers that `proxy` was ejected for `exchange`, for the lift when an outage starts
+    /// within the window. Returns `true` (and remembers nothing) when the exchange is in an
+    /// outage already: the caller lifts the ejection itself.
+    async fn outage_note_ejection(
+        &self,
+        exchange: &str,
+        proxy: &str,
+        rule: &OutageSettings,
+    ) -> Result<bool, StoreError>;
+
+    /// The outage state of `exchange` (or of every tracked exchange when `None`, sorted by id, at
+    /// most [`crate::brokering::outage::MAX_EXCHANGES`]), as of now. Changes nothing: an
+    /// exchange whose reports aged out shows no outage.
+    async fn outages(
+        &self,
+        exchange: Option<&str>,
+        rule: &OutageSettings,
+    ) -> Result<Vec<(Arc<str>, OutageStatus)>, StoreError>;
 
     /// Whether other brokers see this store's answers and flights (a shared store). The broker
     /// skips [`Store::put_answer`], [`Store::get_answer`] and [`Store::lead_flight`] when not:

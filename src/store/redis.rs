@@ -50,9 +50,14 @@ use tokio_stream::StreamExt;
 use super::memory::{BAN_MEMORY, CHANGE_FEED_CAPACITY, EJECTION_MEMORY, FAILURE_MEMORY, MAX_LEASES};
 use super::{
     Attempt, BanLength, Change, ChangeKind, DEFAULT_PAGE_SIZE, HandOut, Listed, MAX_ANSWER_BYTES,
-    MAX_ANSWER_TTL, MAX_PAGE_SIZE, Page, ProxyState, StateKey, Store, StoreError, WindowState,
+    MAX_ANSWER_TTL, MAX_PAGE_SIZE, OutageReport, OutageStatus, Page, ProxyState, StateKey, Store, StoreError,
+    Transition, WindowState,
 };
-use crate::brokering::settings::{Budget, MAX_BAN};
+use crate::brokering::outage::{
+    MAX_EXCHANGES as MAX_OUTAGE_EXCHANGES, MAX_REPORTERS as MAX_OUTAGE_REPORTERS,
+    MAX_REPORTS as MAX_OUTAGE_EJECTIONS,
+};
+use crate::brokering::settings::{Budget, MAX_BAN, OutageSettings};
 use crate::clock::Clock;
 
 /// How long the listing index lives after its last add (longer than any entry can live without
@@ -124,6 +129,7 @@ struct Scripts {
     snapshot: Script,
     get_answer: Script,
     end_flight: Script,
+    outage: Script,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -157,6 +163,7 @@ impl Scripts {
             snapshot: entry(include_str!("lua/snapshot.lua")),
             get_answer: Script::new(include_str!("lua/get_answer.lua")),
             end_flight: Script::new(include_str!("lua/end_flight.lua")),
+            outage: Script::new(include_str!("lua/outage.lua")),
         }
     }
 }
@@ -572,7 +579,109 @@ impl Inner {
     fn flight_key(&self, key: &str) -> String {
         format!("{}{{f:{}}}", self.prefix, digest_hex(key))
     }
+
+    /// The index of exchanges with outage reports (its own slot).
+    fn outage_index_key(&self) -> String {
+        format!("{}{{o}}:x", self.prefix)
+    }
+
+    /// Runs the outage script for one exchange (see `lua/outage.lua`).
+    async fn outage(
+        &self,
+        exchange: &str,
+        op: OutageOp<'_>,
+        rule: &OutageSettings,
+    ) -> Result<(Transition, OutageStatus), StoreError> {
+        let tag = format!("{}{{o:{exchange}}}", self.prefix);
+        let mut invocation = self.scripts.outage.prepare_invoke();
+        for suffix in ["r", "f", "j", "s", "i"] {
+            invocation.key(format!("{tag}:{suffix}"));
+        }
+        let fraction = if rule.failing_fraction.is_nan() {
+            1.0
+        } else {
+            rule.failing_fraction.clamp(0.0, 1.0)
+        };
+        let (code, subject, failing) = match op {
+            OutageOp::Report { proxy, failing } => ("r", digest_hex(proxy), failing),
+            OutageOp::Ejection { proxy } => ("j", proxy.to_owned(), false),
+            OutageOp::Status => ("s", String::new(), false),
+        };
+        invocation
+            .arg(self.skew_ms.load(Ordering::Relaxed))
+            .arg(code)
+            .arg(ms(Duration::from_secs(
+                rule.window_seconds.clamp(1, OUTAGE_MAX_WINDOW),
+            )))
+            .arg(rule.min_proxies.max(1))
+            .arg(format!("{fraction}"))
+            .arg(MAX_OUTAGE_REPORTERS)
+            .arg(MAX_OUTAGE_EJECTIONS)
+            .arg(subject)
+            .arg(if failing { "1" } else { "0" });
+        let mut conn = self.conn.clone();
+        let reply: Value = invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let Value::Array(items) = reply else {
+            return Err(bad_reply("outage"));
+        };
+        let (head, urls) = items.split_at(items.len().min(6));
+        let head: Vec<i64> = head
+            .iter()
+            .map(|v| int(v).ok_or_else(|| bad_reply("outage")))
+            .collect::<Result<_, _>>()?;
+        let [transition, _in, age, reporters, failing, index] = head[..] else {
+            return Err(bad_reply("outage"));
+        };
+        let now = self.clock.now();
+        let status = OutageStatus {
+            since: u64::try_from(age)
+                .ok()
+                .map(|a| now.checked_sub(Duration::from_millis(a)).unwrap_or(now)),
+            reporters: usize::try_from(reporters).unwrap_or(0),
+            failing: usize::try_from(failing).unwrap_or(0),
+        };
+        let transition = match transition {
+            1 => {
+                let mut lift: Vec<Arc<str>> = urls.iter().filter_map(text).map(Arc::from).collect();
+                lift.sort();
+                lift.dedup();
+                Transition::Started { lift }
+            }
+            2 => Transition::Ended,
+            _ => Transition::None,
+        };
+        if index == 1 {
+            // Best effort: the marker asks again within half a window.
+            let _: Result<(), _> = ::redis::pipe()
+                .cmd("ZADD")
+                .arg(self.outage_index_key())
+                .arg(0)
+                .arg(exchange)
+                .ignore()
+                .cmd("PEXPIRE")
+                .arg(self.outage_index_key())
+                .arg(ms(Duration::from_secs(OUTAGE_MAX_WINDOW) * 2))
+                .ignore()
+                .query_async(&mut conn)
+                .await;
+        }
+        Ok((transition, status))
+    }
 }
+
+/// What the outage script is asked.
+#[derive(Clone, Copy)]
+enum OutageOp<'a> {
+    Report { proxy: &'a str, failing: bool },
+    Ejection { proxy: &'a str },
+    Status,
+}
+
+/// Longest outage window the store keeps (longer ones are cut to it: a day).
+const OUTAGE_MAX_WINDOW: u64 = 24 * 3600;
 
 /// Lexical bounds of the index range a listing reads (`ZRANGEBYLEX` syntax).
 fn list_bounds(exchange: Option<&str>, after: Option<&(String, u64)>) -> (String, String) {
@@ -951,6 +1060,83 @@ impl Store for RedisStore {
 
     fn shares_answers(&self) -> bool {
         true
+    }
+
+    async fn outage_report(
+        &self,
+        exchange: &str,
+        proxy: &str,
+        failing: bool,
+        rule: &OutageSettings,
+    ) -> Result<OutageReport, StoreError> {
+        let (transition, status) = self
+            .inner
+            .outage(exchange, OutageOp::Report { proxy, failing }, rule)
+            .await?;
+        Ok(OutageReport {
+            transition,
+            in_outage: status.since.is_some(),
+        })
+    }
+
+    async fn outage_note_ejection(
+        &self,
+        exchange: &str,
+        proxy: &str,
+        rule: &OutageSettings,
+    ) -> Result<bool, StoreError> {
+        let (_, status) = self
+            .inner
+            .outage(exchange, OutageOp::Ejection { proxy }, rule)
+            .await?;
+        Ok(status.since.is_some())
+    }
+
+    async fn outages(
+        &self,
+        exchange: Option<&str>,
+        rule: &OutageSettings,
+    ) -> Result<Vec<(Arc<str>, OutageStatus)>, StoreError> {
+        let inner = &self.inner;
+        let ids: Vec<String> = match exchange {
+            Some(x) => vec![x.to_owned()],
+            None => {
+                let mut conn = inner.conn.clone();
+                ::redis::cmd("ZRANGE")
+                    .arg(inner.outage_index_key())
+                    .arg(0)
+                    .arg(MAX_OUTAGE_EXCHANGES - 1)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| unavailable(&e))?
+            }
+        };
+        let statuses = try_join_all(
+            ids.iter()
+                .map(|x| async move { inner.outage(x, OutageOp::Status, rule).await.map(|(_, st)| st) }),
+        )
+        .await?;
+        let mut gone = Vec::new();
+        let mut all: Vec<(Arc<str>, OutageStatus)> = Vec::new();
+        for (x, st) in ids.into_iter().zip(statuses) {
+            if st.reporters == 0 && st.since.is_none() {
+                gone.push(x);
+            } else {
+                all.push((Arc::from(x), st));
+            }
+        }
+        if exchange.is_none() && !gone.is_empty() {
+            // Exchanges whose reports all aged out leave the index (best effort; a report
+            // re-adds one).
+            let mut conn = inner.conn.clone();
+            let _: Result<(), _> = ::redis::cmd("ZREM")
+                .arg(inner.outage_index_key())
+                .arg(&gone)
+                .query_async(&mut conn)
+                .await;
+        }
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(all)
     }
 }
 

@@ -37,10 +37,11 @@ use tokio::time::Instant;
 use super::memory::{CHANGE_FEED_CAPACITY, DEFAULT_MAX_ENTRIES};
 use super::redis::RedisStore;
 use super::{
-    Attempt, BanLength, Change, ChangeKind, HandOut, MemoryStore, Page, ProxyState, StateKey, Store,
-    StoreError,
+    Attempt, BanLength, Change, ChangeKind, HandOut, MemoryStore, OutageReport, OutageStatus, Page,
+    ProxyState, StateKey, Store, StoreError,
 };
 use crate::breaker::{Breaker, Kind, Policy};
+use crate::brokering::settings::OutageSettings;
 use crate::clock::Clock;
 
 /// Consecutive failed (or timed-out) operations that open the store's breaker.
@@ -593,6 +594,60 @@ impl Store for ResilientStore {
 
     fn shares_answers(&self) -> bool {
         true
+    }
+
+    // While Redis is gone, outages are judged from this replica's own reports (as a lone broker
+    // would); the fleet's reports count again when it returns.
+
+    async fn outage_report(
+        &self,
+        exchange: &str,
+        proxy: &str,
+        failing: bool,
+        rule: &OutageSettings,
+    ) -> Result<OutageReport, StoreError> {
+        let s = &self.shared;
+        // Both: the local guard is what an outage of the store starts from.
+        let local = s.local.outage_report(exchange, proxy, failing, rule).await?;
+        match s
+            .remote(s.remote.outage_report(exchange, proxy, failing, rule))
+            .await
+        {
+            Outcome::Done(v) => Ok(v),
+            Outcome::Refused(e) => Err(e),
+            Outcome::Local => Ok(local),
+        }
+    }
+
+    async fn outage_note_ejection(
+        &self,
+        exchange: &str,
+        proxy: &str,
+        rule: &OutageSettings,
+    ) -> Result<bool, StoreError> {
+        let s = &self.shared;
+        let local = s.local.outage_note_ejection(exchange, proxy, rule).await?;
+        match s
+            .remote(s.remote.outage_note_ejection(exchange, proxy, rule))
+            .await
+        {
+            Outcome::Done(v) => Ok(v),
+            Outcome::Refused(e) => Err(e),
+            Outcome::Local => Ok(local),
+        }
+    }
+
+    async fn outages(
+        &self,
+        exchange: Option<&str>,
+        rule: &OutageSettings,
+    ) -> Result<Vec<(Arc<str>, OutageStatus)>, StoreError> {
+        let s = &self.shared;
+        match s.remote(s.remote.outages(exchange, rule)).await {
+            Outcome::Done(v) => Ok(v),
+            Outcome::Refused(e) => Err(e),
+            Outcome::Local => s.local.outages(exchange, rule).await,
+        }
     }
 }
 

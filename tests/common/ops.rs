@@ -339,7 +339,10 @@ impl LocalBroker {
             let broker = broker.clone();
             tokio::spawn(proxy_broker::metrics::serve_metrics(
                 metrics_listener,
-                move || broker.render_metrics(),
+                move || {
+                    let broker = broker.clone();
+                    async move { broker.render_metrics().await }
+                },
                 std::future::pending(),
             ))
         };
