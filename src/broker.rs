@@ -357,13 +357,10 @@ impl Broker {
         }
         let store = self.brokering.store();
         let shared = store.shares_answers();
-        if shared
-            && let Some(hit) = d.shared_answer(&**store, &key, lookup).await
-            && !exclude.iter().any(|u| **u == *hit.proxy_url())
-        {
-            // Another replica's answer (now in this replica's cache too).
-            return Ok(hit);
-        }
+        // A shared store is asked inside the flight, once per key and replica, not by every
+        // caller: a storm of callers for a few keys makes a few Redis round-trips, not one per
+        // caller (which queued on the connection past `operation_timeout_ms`, opened the store's
+        // breaker, and then every replica asked upstream on its own).
         let ticket = d.flights.join(&key, || {
             let permit = d.flight_permits.clone().try_acquire_owned().ok()?;
             let (d, key, lookup) = (d.clone(), key.clone(), with_exclude(lookup, &exclude));
@@ -374,7 +371,11 @@ impl Broker {
             Some(
                 async move {
                     let fetched = match store {
-                        Some(store) => d.fetch_shared(&*store, key, &lookup, &exclude).await,
+                        Some(store) => match d.shared_answer(&*store, &key, &lookup).await {
+                            // Another replica's answer (now in this replica's cache too).
+                            Some(hit) if !exclude.iter().any(|u| **u == *hit.proxy_url()) => Ok(hit),
+                            _ => d.fetch_shared(&*store, key, &lookup, &exclude).await,
+                        },
                         None => d.fetch(key, &lookup).await,
                     };
                     drop(permit);
