@@ -356,11 +356,9 @@ impl Broker {
         }
         let store = self.brokering.store();
         let shared = store.shares_answers();
-        if shared
-            && let Some(hit) = d.shared_answer(&**store, &key, lookup).await
-            && !exclude.iter().any(|u| **u == *hit.proxy_url())
-        {
-            // Another replica's answer (now in this replica's cache too).
+        if shared && let Some(hit) = d.shared_candidate(&**store, &key, lookup, &exclude).await {
+            // A candidate another replica fetched (now in this replica's cache too): the engine
+            // adds it to this replica's set, and refills again for the next one if it must.
             return Ok(hit);
         }
         let ticket = d.flights.join(&key, || {
