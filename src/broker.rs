@@ -5,7 +5,8 @@
 //! budget, skips proxies banned, ejected or penalised for that exchange, and jitters the lease.
 //!
 //! With `proxy.enabled` and `external_service.enabled`: a candidate with headroom among the
-//! key's distinct upstream answers still within their TTL → else one more upstream lookup (one
+//! key's distinct upstream answers still within their TTL → else, in fleet mode, one of the
+//! fleet's shared candidates for the key that is not among them → else one more upstream lookup (one
 //! per key however many feeds ask at once, on a task of its own under the broker's budget, with
 //! the exhausted candidates in `metadata.exclude_proxies`; each caller waits until its own
 //! deadline) → when upstreams fail: the stale cached answer (stale-if-error), then the embedded
@@ -338,8 +339,9 @@ impl Broker {
         }
     }
 
-    /// One more upstream lookup for `key`: joins (or starts) the key's single flight, sending
-    /// `exclude` in `metadata.exclude_proxies`, and waits for it.
+    /// One more candidate for `key`: a fresh cached answer not in `exclude`, else (fleet mode) a
+    /// shared candidate not in `exclude`, else one more upstream lookup: joins (or starts) the
+    /// key's single flight, sending `exclude` in `metadata.exclude_proxies`, and waits for it.
     async fn refill(
         &self,
         d: &Arc<Delegation>,
