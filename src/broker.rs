@@ -358,7 +358,8 @@ impl Broker {
         }
         let store = self.brokering.store();
         let shared = store.shares_answers();
-        if shared && let Some(hit) = d.shared_candidate(&**store, &key, lookup, &exclude).await {
+        let budget = self.brokering.budget(&lookup.exchange_id, lookup.connection_type);
+        if shared && let Some(hit) = d.shared_candidate(&**store, &key, lookup, &exclude, budget).await {
             // A candidate another replica fetched (now in this replica's cache too): the engine
             // adds it to this replica's set, and refills again for the next one if it must.
             return Ok(hit);
@@ -373,7 +374,7 @@ impl Broker {
             Some(
                 async move {
                     let fetched = match store {
-                        Some(store) => d.fetch_shared(&*store, key, &lookup, &exclude).await,
+                        Some(store) => d.fetch_shared(&*store, key, &lookup, &exclude, budget).await,
                         None => d.fetch(key, &lookup).await,
                     };
                     drop(permit);

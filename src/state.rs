@@ -268,6 +268,7 @@ impl Delegation {
         key: CacheKey,
         lookup: &Lookup,
         exclude: &[Arc<str>],
+        budget: Option<crate::brokering::settings::Budget>,
     ) -> Fetched {
         let name = flight_name(lookup);
         let until = Instant::now() + self.flight_timeout;
@@ -282,7 +283,7 @@ impl Delegation {
                     // Another broker asks upstream: take its answer once published. The lock is
                     // tried again at every look, so a leader that died (or could not publish)
                     // holds its followers up for the lock's short TTL at most.
-                    if let Some(hit) = self.shared_candidate(store, &key, lookup, exclude).await {
+                    if let Some(hit) = self.shared_candidate(store, &key, lookup, exclude, budget).await {
                         return Ok(hit);
                     }
                     tokio::select! {
@@ -300,7 +301,7 @@ impl Delegation {
                     // The previous leader may have published and let go just before this broker
                     // took the lock, or another replica added a candidate this one lacks: look
                     // once more before asking upstream.
-                    if let Some(hit) = self.shared_candidate(store, &key, lookup, exclude).await {
+                    if let Some(hit) = self.shared_candidate(store, &key, lookup, exclude, budget).await {
                         let _ = store.end_flight(&name).await;
                         return Ok(hit);
                     }
@@ -327,17 +328,20 @@ impl Delegation {
         }
     }
 
-    /// One of the fleet's shared candidates for `key` whose proxy is not in `exclude` (the
-    /// longest-lived first), validated as an upstream answer is (an invalid entry is skipped) and
-    /// cached here, so the engine makes it a local candidate; without one in the set (a fleet of
-    /// earlier versions shares only the latest answer), the latest answer if it is not in
-    /// `exclude`. `None` when the fleet holds nothing this broker may use, or the store fails.
+    /// One of the fleet's shared candidates for `key` whose proxy is not in `exclude` and may be
+    /// handed out now (not banned, ejected or penalised for the exchange, and with headroom under
+    /// `budget`, as the store says fleet-wide; the longest-lived first), validated as an upstream
+    /// answer is (an invalid entry is skipped) and cached here, so the engine makes it a local
+    /// candidate. Without one in the set (a fleet of earlier versions shares only the latest
+    /// answer), the latest answer if it is not in `exclude`. `None` when the fleet holds nothing
+    /// this broker may use (it then asks upstream), or the store fails.
     pub async fn shared_candidate(
         &self,
         store: &dyn Store,
         key: &CacheKey,
         lookup: &Lookup,
         exclude: &[Arc<str>],
+        budget: Option<crate::brokering::settings::Budget>,
     ) -> Option<Arc<Cached>> {
         let name = flight_name(lookup);
         let excluded = |url: &str| exclude.iter().any(|u| **u == *url);
@@ -347,10 +351,35 @@ impl Delegation {
             let (answer, endpoint) = from_shared_form(&bytes, left)?;
             return (!excluded(&answer.proxy_url)).then(|| self.keep_shared(key, &answer, endpoint));
         }
-        answers.iter().find_map(|(bytes, left)| {
-            let (answer, endpoint) = from_shared_form(bytes, *left)?;
-            (!excluded(&answer.proxy_url)).then(|| self.keep_shared(key, &answer, endpoint))
-        })
+        let valid: Vec<(Answer, Arc<str>)> = answers
+            .iter()
+            .filter_map(|(bytes, left)| from_shared_form(bytes, *left))
+            .filter(|(answer, _)| !excluded(&answer.proxy_url))
+            .collect();
+        if valid.is_empty() {
+            return None;
+        }
+        // A candidate the fleet has used up helps no more than none: it would take one of the
+        // engine's few refills per call, and then ask upstream anyway.
+        let exchange = lookup.exchange_id.to_ascii_lowercase();
+        let urls: Vec<&str> = valid.iter().map(|(a, _)| a.proxy_url.as_str()).collect();
+        let states = store.states(&exchange, &urls).await.ok()?;
+        let now = self.cache.now();
+        let usable = |state: &Option<crate::store::ProxyState>| {
+            state.as_ref().is_none_or(|st| {
+                st.standing(now) == crate::store::Standing::Ok
+                    && budget.is_none_or(|b| {
+                        st.window(lookup.connection_type)
+                            .is_none_or(|w| w.has_headroom(b))
+                    })
+            })
+        };
+        let (answer, endpoint) = valid
+            .into_iter()
+            .zip(&states)
+            .find(|(_, state)| usable(state))
+            .map(|(found, _)| found)?;
+        Some(self.keep_shared(key, &answer, endpoint))
     }
 
     /// A validated shared answer, in this replica's cache.
