@@ -5,7 +5,8 @@
 //! budget, skips proxies banned, ejected or penalised for that exchange, and jitters the lease.
 //!
 //! With `proxy.enabled` and `external_service.enabled`: a candidate with headroom among the
-//! key's distinct upstream answers still within their TTL → else one more upstream lookup (one
+//! key's distinct upstream answers still within their TTL → else, in fleet mode, one of the
+//! fleet's shared candidates for the key that is not among them → else one more upstream lookup (one
 //! per key however many feeds ask at once, on a task of its own under the broker's budget, with
 //! the exhausted candidates in `metadata.exclude_proxies`; each caller waits until its own
 //! deadline) → when upstreams fail: the stale cached answer (stale-if-error), then the embedded
@@ -339,8 +340,9 @@ impl Broker {
         }
     }
 
-    /// One more upstream lookup for `key`: joins (or starts) the key's single flight, sending
-    /// `exclude` in `metadata.exclude_proxies`, and waits for it.
+    /// One more candidate for `key`: a fresh cached answer not in `exclude`, else (fleet mode) a
+    /// shared candidate not in `exclude`, else one more upstream lookup: joins (or starts) the
+    /// key's single flight, sending `exclude` in `metadata.exclude_proxies`, and waits for it.
     async fn refill(
         &self,
         d: &Arc<Delegation>,
@@ -361,6 +363,7 @@ impl Broker {
         // caller: a storm of callers for a few keys makes a few Redis round-trips, not one per
         // caller (which queued on the connection past `operation_timeout_ms`, opened the store's
         // breaker, and then every replica asked upstream on its own).
+        let budget = self.brokering.budget(&lookup.exchange_id, lookup.connection_type);
         let ticket = d.flights.join(&key, || {
             let permit = d.flight_permits.clone().try_acquire_owned().ok()?;
             let (d, key, lookup) = (d.clone(), key.clone(), with_exclude(lookup, &exclude));
@@ -371,11 +374,15 @@ impl Broker {
             Some(
                 async move {
                     let fetched = match store {
-                        Some(store) => match d.shared_answer(&*store, &key, &lookup).await {
-                            // Another replica's answer (now in this replica's cache too).
-                            Some(hit) if !exclude.iter().any(|u| **u == *hit.proxy_url()) => Ok(hit),
-                            _ => d.fetch_shared(&*store, key, &lookup, &exclude).await,
-                        },
+                        Some(store) => {
+                            match d.shared_candidate(&*store, &key, &lookup, &exclude, budget).await {
+                                // A candidate another replica fetched (now in this replica's cache
+                                // too): the engine adds it to this replica's set, and refills again
+                                // for the next one if it must.
+                                Some(hit) => Ok(hit),
+                                None => d.fetch_shared(&*store, key, &lookup, &exclude, budget).await,
+                            }
+                        }
                         None => d.fetch(key, &lookup).await,
                     };
                     drop(permit);

@@ -258,14 +258,17 @@ impl Delegation {
     /// As [`Delegation::fetch`], once for the whole fleet when `store` is shared: the broker that
     /// takes the key's flight lock asks upstream and publishes the answer; the others wait for
     /// it (until this lookup's budget) and take it from the store. A published answer naming a
-    /// proxy in `exclude` does not help a broker that needs another: it then asks upstream
-    /// itself. When the store fails, each broker asks on its own (as with one broker).
+    /// proxy in `exclude` does not help a broker that needs another: it takes one of the key's
+    /// shared candidates not in `exclude` ([`Delegation::shared_candidate`]) if the fleet holds
+    /// one, else asks upstream itself. When the store fails, each broker asks on its own (as with
+    /// one broker).
     pub async fn fetch_shared(
         &self,
         store: &dyn Store,
         key: CacheKey,
         lookup: &Lookup,
         exclude: &[Arc<str>],
+        budget: Option<crate::brokering::settings::Budget>,
     ) -> Fetched {
         let name = flight_name(lookup);
         let until = Instant::now() + self.flight_timeout;
@@ -280,9 +283,7 @@ impl Delegation {
                     // Another broker asks upstream: take its answer once published. The lock is
                     // tried again at every look, so a leader that died (or could not publish)
                     // holds its followers up for the lock's short TTL at most.
-                    if let Some(hit) = self.shared_answer(store, &key, lookup).await
-                        && !exclude.iter().any(|u| **u == *hit.proxy_url())
-                    {
+                    if let Some(hit) = self.shared_candidate(store, &key, lookup, exclude, budget).await {
                         return Ok(hit);
                     }
                     tokio::select! {
@@ -298,10 +299,9 @@ impl Delegation {
                 }
                 Ok(true) | Err(_) => {
                     // The previous leader may have published and let go just before this broker
-                    // took the lock: look once more before asking upstream.
-                    if let Some(hit) = self.shared_answer(store, &key, lookup).await
-                        && !exclude.iter().any(|u| **u == *hit.proxy_url())
-                    {
+                    // took the lock, or another replica added a candidate this one lacks: look
+                    // once more before asking upstream.
+                    if let Some(hit) = self.shared_candidate(store, &key, lookup, exclude, budget).await {
                         let _ = store.end_flight(&name).await;
                         return Ok(hit);
                     }
@@ -310,7 +310,11 @@ impl Delegation {
                         Ok((answer, endpoint, index)) => {
                             let bytes = shared_form(&answer, &endpoint);
                             let ttl = Duration::from_secs(u64::from(answer.ttl_seconds));
-                            if let Err(e) = store.put_answer(&name, &bytes, ttl).await {
+                            let (latest, candidate) = tokio::join!(
+                                store.put_answer(&name, &bytes, ttl),
+                                store.add_answer(&name, &answer.proxy_url, &bytes, ttl),
+                            );
+                            if let Err(e) = latest.and(candidate) {
                                 tracing::debug!(error = %e, "upstream answer not shared");
                             }
                             Ok(self.cache.insert(key, &answer, endpoint, index))
@@ -324,16 +328,62 @@ impl Delegation {
         }
     }
 
-    /// Another broker's answer for `key` from the store, validated as an upstream answer is and
-    /// cached here (the near-cache: later hits cost no store round-trip).
-    pub async fn shared_answer(
+    /// One of the fleet's shared candidates for `key` whose proxy is not in `exclude` and may be
+    /// handed out now (not banned, ejected or penalised for the exchange, and with headroom under
+    /// `budget`, as the store says fleet-wide; the longest-lived first), validated as an upstream
+    /// answer is (an invalid entry is skipped) and cached here, so the engine makes it a local
+    /// candidate. Without one in the set (a fleet of earlier versions shares only the latest
+    /// answer), the latest answer if it is not in `exclude`. `None` when the fleet holds nothing
+    /// this broker may use (it then asks upstream), or the store fails.
+    pub async fn shared_candidate(
         &self,
         store: &dyn Store,
         key: &CacheKey,
         lookup: &Lookup,
+        exclude: &[Arc<str>],
+        budget: Option<crate::brokering::settings::Budget>,
     ) -> Option<Arc<Cached>> {
-        let (bytes, left) = store.get_answer(&flight_name(lookup)).await.ok()??;
-        let (answer, endpoint) = from_shared_form(&bytes, left)?;
+        let name = flight_name(lookup);
+        let excluded = |url: &str| exclude.iter().any(|u| **u == *url);
+        let answers = store.get_answers(&name).await.ok()?;
+        if answers.is_empty() {
+            let (bytes, left) = store.get_answer(&name).await.ok()??;
+            let (answer, endpoint) = from_shared_form(&bytes, left)?;
+            return (!excluded(&answer.proxy_url)).then(|| self.keep_shared(key, &answer, endpoint));
+        }
+        let valid: Vec<(Answer, Arc<str>)> = answers
+            .iter()
+            .filter_map(|(bytes, left)| from_shared_form(bytes, *left))
+            .filter(|(answer, _)| !excluded(&answer.proxy_url))
+            .collect();
+        if valid.is_empty() {
+            return None;
+        }
+        // A candidate the fleet has used up helps no more than none: it would take one of the
+        // engine's few refills per call, and then ask upstream anyway.
+        let exchange = lookup.exchange_id.to_ascii_lowercase();
+        let urls: Vec<&str> = valid.iter().map(|(a, _)| a.proxy_url.as_str()).collect();
+        let states = store.states(&exchange, &urls).await.ok()?;
+        let now = self.cache.now();
+        let usable = |state: &Option<crate::store::ProxyState>| {
+            state.as_ref().is_none_or(|st| {
+                st.standing(now) == crate::store::Standing::Ok
+                    && budget.is_none_or(|b| {
+                        st.window(lookup.connection_type)
+                            .is_none_or(|w| w.has_headroom(b))
+                    })
+            })
+        };
+        let (answer, endpoint) = valid
+            .into_iter()
+            .zip(&states)
+            .find(|(_, state)| usable(state))
+            .map(|(found, _)| found)?;
+        Some(self.keep_shared(key, &answer, endpoint))
+    }
+
+    /// A validated shared answer, in this replica's cache.
+    fn keep_shared(&self, key: &CacheKey, answer: &Answer, endpoint: Arc<str>) -> Arc<Cached> {
         // Feedback about it goes to the same endpoint here, when this replica has it too.
         let index = self
             .upstreams
@@ -341,7 +391,7 @@ impl Delegation {
             .iter()
             .position(|e| *e.name == *endpoint)
             .unwrap_or(usize::MAX);
-        Some(self.cache.insert(key.clone(), &answer, endpoint, index))
+        self.cache.insert(key.clone(), answer, endpoint, index)
     }
 }
 

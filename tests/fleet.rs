@@ -9,7 +9,8 @@
 //! replica's flight are not stranded when that leader dies or cannot reach Redis to publish;
 //! `proxy_broker_store_up` says 0 whenever Redis cannot be used, also on an idle replica; an
 //! exchange outage is judged from the reports every replica took, and the replica that sees it
-//! start lifts ejections made on another.
+//! start lifts ejections made on another; a replica whose candidates are exhausted takes the
+//! candidates another replica already fetched before it asks upstream again.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -999,4 +1000,94 @@ async fn callers_on_another_replica_are_not_stranded_when_the_leader_cannot_fini
         }
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+/// Budget window of the shared-candidates test: long enough that its calls on one replica run
+/// inside one window (waiting for it to pass is a lower bound on the test's time, not a bound on
+/// the broker's).
+const CANDIDATE_WINDOW_SECS: u64 = 8;
+
+/// The upstream of the shared-candidates test: `socks5://rot-<n>:1080` on its n-th lookup (from
+/// 1), whatever the broker excludes, so every upstream call yields a new candidate.
+async fn rotating() -> Upstream {
+    let calls = Arc::new(AtomicUsize::new(0));
+    Upstream::start_with(Arc::new(move |_: &Value| {
+        let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+        Reply::answer(&format!("socks5://rot-{n}:1080"))
+    }))
+    .await
+}
+
+fn rot(n: usize) -> String {
+    format!("socks5://rot-{n}:1080")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_takes_the_candidates_another_replica_fetched_before_asking_upstream() {
+    let redis = RedisServer::start();
+    let upstream = rotating().await;
+    let exchange = "candx";
+    let config = ConfigDir::new(&fleet_yaml(
+        &upstream,
+        &redis.url(),
+        "fleet-candidates:",
+        &format!("    operation_timeout_ms: {PATIENT_STORE_MS}"),
+        &format!(
+            "  exchanges:\n    {exchange}:\n      websocket: {{ attempts: 2, per_seconds: {CANDIDATE_WINDOW_SECS} }}"
+        ),
+    ));
+    let fleet = replicas(&config, 2, &[]).await;
+    let (a, b) = (&fleet[0], &fleet[1]);
+    let calls = || upstream.requests_for(exchange);
+
+    // B's candidate set is {rot-1}.
+    assert_eq!(b.ask(exchange).await.unwrap().proxy_url, rot(1));
+    assert_eq!(calls(), 1);
+    // A refills (each candidate's budget of 2 running out) until the fleet knows 3 candidates.
+    let mut on_a = Vec::new();
+    let deadline = Instant::now() + PROMPT;
+    while calls() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "A did not refill to three candidates within {PROMPT:?}: {on_a:?}"
+        );
+        on_a.push(a.ask(exchange).await.unwrap().proxy_url);
+    }
+    assert_eq!(calls(), 3, "A's hand-outs {on_a:?}");
+    let known = [rot(1), rot(2), rot(3)];
+    assert!(on_a.iter().all(|p| known.contains(p)), "{on_a:?}");
+    // The window passes: every known candidate has its budget again, fleet-wide.
+    eventually("the budget window to pass", PROMPT * 3, || async {
+        let rows = b.proxies(exchange).await;
+        known
+            .iter()
+            .all(|p| {
+                rows.iter()
+                    .find(|r| r.proxy_url == *p)
+                    .and_then(|r| r.websocket.as_ref())
+                    .is_some_and(|w| w.used == 0)
+            })
+            .then_some(())
+    })
+    .await;
+
+    // B hands out the three candidates the fleet knows (2 attempts each) without asking upstream:
+    // its own rot-1, then those A fetched.
+    let mut on_b = Vec::new();
+    for _ in 0..6 {
+        on_b.push(b.ask(exchange).await.unwrap().proxy_url);
+    }
+    let distinct: std::collections::BTreeSet<&String> = on_b.iter().collect();
+    assert_eq!(
+        (calls(), distinct.len()),
+        (3, 3),
+        "B asked upstream instead of taking the fleet's candidates: B handed out {on_b:?}"
+    );
+    assert!(on_b.iter().all(|p| known.contains(p)), "{on_b:?}");
+    // Only once every shared candidate is exhausted fleet-wide does B ask upstream.
+    assert_eq!(b.ask(exchange).await.unwrap().proxy_url, rot(4));
+    assert_eq!(calls(), 4);
+    // And A, exhausted too, takes B's new candidate from the fleet.
+    assert_eq!(a.ask(exchange).await.unwrap().proxy_url, rot(4));
+    assert_eq!(calls(), 4);
 }

@@ -25,8 +25,9 @@ use super::memory::{BAN_MEMORY, DEFAULT_MAX_ENTRIES, FAILURE_MEMORY};
 use super::redis::{RedisStore, Target};
 use super::resilient::ResilientStore;
 use super::{
-    Attempt, BanLength, ChangeKind, DEFAULT_PAGE_SIZE, HandOut, MAX_ANSWER_BYTES, MAX_PAGE_SIZE, MemoryStore,
-    OutageReport, ProxyState, StateKey, Store, Transition,
+    Attempt, BanLength, ChangeKind, DEFAULT_PAGE_SIZE, HandOut, MAX_ANSWER_BYTES, MAX_PAGE_SIZE,
+    MAX_SHARED_ANSWERS, MAX_SHARED_ANSWERS_BYTES, MemoryStore, OutageReport, ProxyState, StateKey, Store,
+    Transition,
 };
 use crate::brokering::settings::{Budget, MAX_BAN, OutageSettings};
 use crate::clock::{Clock, ManualClock};
@@ -243,6 +244,8 @@ enum Case {
     AnswersAreSharedAndExpire,
     FlightsLeadOnceAndAnnounceTheirEnd,
     OutagesAreJudgedFromEveryReplicasReports,
+    SharedCandidatesKeepOnePerProxyEachWithItsTtl,
+    SharedCandidatesAreBoundedInCountAndBytes,
 }
 
 const CASES: &[Case] = &[
@@ -262,6 +265,8 @@ const CASES: &[Case] = &[
     Case::AnswersAreSharedAndExpire,
     Case::FlightsLeadOnceAndAnnounceTheirEnd,
     Case::OutagesAreJudgedFromEveryReplicasReports,
+    Case::SharedCandidatesKeepOnePerProxyEachWithItsTtl,
+    Case::SharedCandidatesAreBoundedInCountAndBytes,
 ];
 
 async fn run_case(case: Case, b: &Backend) {
@@ -282,6 +287,8 @@ async fn run_case(case: Case, b: &Backend) {
         Case::AnswersAreSharedAndExpire => answers(b).await,
         Case::FlightsLeadOnceAndAnnounceTheirEnd => flights(b).await,
         Case::OutagesAreJudgedFromEveryReplicasReports => outages(b).await,
+        Case::SharedCandidatesKeepOnePerProxyEachWithItsTtl => shared_candidates(b).await,
+        Case::SharedCandidatesAreBoundedInCountAndBytes => shared_candidates_bounded(b).await,
     }
 }
 
@@ -853,6 +860,180 @@ async fn outages(b: &Backend) {
     assert!(s.outages(Some("binance"), &rule).await.unwrap().is_empty());
 }
 
+/// A key's shared candidates as `(bytes, remaining secs)` seen by `who`, longest-lived first.
+async fn candidates_of(who: &Arc<dyn Store>, k: &str) -> Vec<(String, Duration)> {
+    who.get_answers(k)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(bytes, left)| (String::from_utf8(bytes).unwrap(), left))
+        .collect()
+}
+
+#[track_caller]
+fn assert_candidates(seen: &[(String, Duration)], want: &[(&str, u64)], what: &str) {
+    let names: Vec<&str> = seen.iter().map(|(b, _)| b.as_str()).collect();
+    let wanted: Vec<&str> = want.iter().map(|(b, _)| *b).collect();
+    assert_eq!(names, wanted, "{what}");
+    for ((bytes, left), (_, secs)) in seen.iter().zip(want) {
+        near(
+            *left,
+            Duration::from_secs(*secs),
+            &format!("{what}: {bytes}'s TTL"),
+        );
+    }
+}
+
+async fn shared_candidates(b: &Backend) {
+    let k = "binance/websocket/eu";
+    let p1 = "socks5://user:pw-1@p1:1080";
+    let p2 = "socks5://p2:1080";
+    let p3 = "socks5://p3:1080";
+    let add = |who: &Arc<dyn Store>, proxy: &'static str, bytes: &'static str, secs: u64| {
+        let who = who.clone();
+        async move {
+            who.add_answer(k, proxy, bytes.as_bytes(), Duration::from_secs(secs))
+                .await
+                .unwrap();
+        }
+    };
+    assert!(b.store.get_answers(k).await.unwrap().is_empty(), "none yet");
+    add(&b.store, p1, "a1", 60).await;
+    add(&b.peer, p2, "a2", 120).await;
+    add(&b.store, p3, "a3", 30).await;
+    for who in [&b.store, &b.peer] {
+        assert_candidates(
+            &candidates_of(who, k).await,
+            &[("a2", 120), ("a1", 60), ("a3", 30)],
+            "three proxies, longest-lived first, on either replica",
+        );
+    }
+    // The latest answer is another operation: the set does not touch it, nor it the set.
+    assert_eq!(b.peer.get_answer(k).await.unwrap(), None);
+    // Adding a proxy again replaces its answer and restarts its TTL: still one per proxy.
+    add(&b.peer, p1, "a1-again", 200).await;
+    assert_candidates(
+        &candidates_of(&b.store, k).await,
+        &[("a1-again", 200), ("a2", 120), ("a3", 30)],
+        "p1 refreshed",
+    );
+    // Each answer expires on its own.
+    b.advance(Duration::from_secs(31));
+    assert_candidates(
+        &candidates_of(&b.peer, k).await,
+        &[("a1-again", 169), ("a2", 89)],
+        "p3's answer expired",
+    );
+    b.advance(Duration::from_secs(90));
+    add(&b.store, p3, "a3-later", 10).await;
+    assert_candidates(
+        &candidates_of(&b.peer, k).await,
+        &[("a1-again", 79), ("a3-later", 10)],
+        "p2's answer expired (and an add drops it), p3 is back",
+    );
+    // (row, key, bytes, ttl): none of these is kept
+    let big = vec![7u8; MAX_ANSWER_BYTES + 1];
+    let rows: [(&str, &str, &[u8], Duration); 2] = [
+        ("too large", "big", &big, Duration::from_secs(60)),
+        ("no ttl", "zero", b"x", Duration::ZERO),
+    ];
+    for (row, k, bytes, ttl) in rows {
+        b.store.add_answer(k, p1, bytes, ttl).await.unwrap();
+        assert!(b.peer.get_answers(k).await.unwrap().is_empty(), "row {row}");
+    }
+    // Other keys are other sets.
+    assert!(
+        b.peer
+            .get_answers("binance/websocket/us")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Concurrent adds from both replicas lose none.
+    let adds: Vec<_> = (0..20)
+        .map(|i| {
+            let who = if i % 2 == 0 {
+                b.store.clone()
+            } else {
+                b.peer.clone()
+            };
+            tokio::spawn(async move {
+                let proxy = format!("socks5://c{i}:1080");
+                who.add_answer("concurrent", &proxy, proxy.as_bytes(), Duration::from_secs(60))
+                    .await
+                    .unwrap();
+            })
+        })
+        .collect();
+    for a in adds {
+        a.await.unwrap();
+    }
+    let kept: HashSet<String> = candidates_of(&b.peer, "concurrent")
+        .await
+        .into_iter()
+        .map(|(bytes, _)| bytes)
+        .collect();
+    assert_eq!(kept.len(), 20, "{kept:?}");
+}
+
+async fn shared_candidates_bounded(b: &Backend) {
+    // Count: the soonest-ending go first.
+    let extra = 5;
+    for i in 0..MAX_SHARED_ANSWERS + extra {
+        let proxy = format!("socks5://p{i}:1080");
+        b.store
+            .add_answer(
+                "many",
+                &proxy,
+                proxy.as_bytes(),
+                Duration::from_secs(100 + i as u64),
+            )
+            .await
+            .unwrap();
+    }
+    let kept = candidates_of(&b.peer, "many").await;
+    assert_eq!(kept.len(), MAX_SHARED_ANSWERS);
+    let want: Vec<String> = (extra..MAX_SHARED_ANSWERS + extra)
+        .rev()
+        .map(|i| format!("socks5://p{i}:1080"))
+        .collect();
+    assert_eq!(kept.iter().map(|(b, _)| b.clone()).collect::<Vec<_>>(), want);
+    // ... but never the one being added, however soon it ends.
+    b.peer
+        .add_answer("many", "socks5://short:1080", b"short", Duration::from_secs(5))
+        .await
+        .unwrap();
+    let kept = candidates_of(&b.store, "many").await;
+    assert_eq!(kept.len(), MAX_SHARED_ANSWERS);
+    assert_eq!(kept.last().map(|(b, _)| b.as_str()), Some("short"));
+    assert!(
+        !kept.iter().any(|(b, _)| *b == format!("socks5://p{extra}:1080")),
+        "the soonest-ending of the others made room"
+    );
+    // Bytes: at most MAX_SHARED_ANSWERS_BYTES per key.
+    let fit = MAX_SHARED_ANSWERS_BYTES / MAX_ANSWER_BYTES;
+    for i in 0..fit + 2 {
+        let bytes = vec![b'a' + i as u8; MAX_ANSWER_BYTES];
+        b.store
+            .add_answer(
+                "large",
+                &format!("socks5://l{i}:1080"),
+                &bytes,
+                Duration::from_secs(100 + i as u64),
+            )
+            .await
+            .unwrap();
+    }
+    let kept = b.peer.get_answers("large").await.unwrap();
+    assert_eq!(kept.len(), fit);
+    assert!(kept.iter().map(|(b, _)| b.len()).sum::<usize>() <= MAX_SHARED_ANSWERS_BYTES);
+    assert_eq!(
+        kept.first().map(|(b, _)| b[0]),
+        Some(b'a' + (fit + 1) as u8),
+        "the last added is kept"
+    );
+}
+
 /// Runs every case on a fresh backend from `make`, and fails naming each failed case.
 async fn conform<F, Fut>(make: F)
 where
@@ -975,4 +1156,70 @@ async fn every_redis_key_expires_and_no_key_name_holds_a_proxy_url() {
             .unwrap();
         assert!(ttl > 0, "{name} has no TTL ({ttl})");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_candidate_keys_expire_share_a_slot_and_hold_no_proxy_url() {
+    let server = RedisServer::start();
+    let b = Backend::redis(&server, "cand:".to_owned()).await;
+    let secret = "http://user:secret-pw@proxy-host.example:3128";
+    for (proxy, secs) in [(secret, 60), ("socks5://other:1080", 30)] {
+        b.store
+            .add_answer("binance/websocket/", proxy, b"answer", Duration::from_secs(secs))
+            .await
+            .unwrap();
+    }
+    let mut conn = ::redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = ::redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // the ends and the bytes
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    let mut tags = HashSet::new();
+    for name in &keys {
+        assert!(name.starts_with("cand:"), "{name} is outside the key prefix");
+        assert!(
+            !name.contains("secret") && !name.contains("proxy-host") && !name.contains("binance"),
+            "{name} holds the URL or the cache key"
+        );
+        let ttl: i64 = ::redis::cmd("PTTL")
+            .arg(name)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(
+            ttl > 59_000 && ttl <= 61_000,
+            "{name} lives as long as its longest-lived answer ({ttl} ms)"
+        );
+        // One Cluster slot for both: the same hash tag.
+        let tag = name
+            .split_once('{')
+            .and_then(|(_, t)| t.split_once('}'))
+            .map(|(t, _)| t.to_owned());
+        tags.insert(tag.expect("a hash tag"));
+        let mut members = if name.ends_with(":se") {
+            ::redis::cmd("ZRANGE")
+        } else {
+            ::redis::cmd("HKEYS")
+        };
+        members.arg(name);
+        if name.ends_with(":se") {
+            members.arg(0).arg(-1);
+        }
+        let members: Vec<String> = members.query_async(&mut conn).await.unwrap();
+        assert_eq!(members.len(), 2, "{name}: {members:?}");
+        assert!(
+            members
+                .iter()
+                .all(|m| !m.contains("secret") && !m.contains("proxy-host")),
+            "{name}'s members hold the URL: {members:?}"
+        );
+    }
+    assert_eq!(tags.len(), 1, "both keys under one hash tag: {keys:?}");
 }

@@ -24,7 +24,9 @@
 //! - **Time**: the broker's [`Clock`], in whole milliseconds since the store was created.
 //! - **Shared answers and flights** (fleet mode's operations, trivially local here): answers in a
 //!   cache bounded by total bytes ([`MAX_ANSWER_CACHE_BYTES`]), flight locks in a map bounded by
-//!   [`MAX_FLIGHTS`] (full of live locks: the caller leads, as without the lock).
+//!   [`MAX_FLIGHTS`] (full of live locks: the caller leads, as without the lock); shared
+//!   candidates ([`Store::add_answer`]) as one small list per key in a second cache bounded by
+//!   total bytes too, each list replaced whole in one atomic compute per key.
 
 use std::borrow::Borrow;
 use std::cmp::Reverse;
@@ -45,8 +47,8 @@ use tokio::time::Instant;
 use super::window::{Admission, SlidingLog};
 use super::{
     Attempt, BanLength, Change, ChangeKind, DEFAULT_PAGE_SIZE, HandOut, Listed, MAX_ANSWER_BYTES,
-    MAX_ANSWER_TTL, MAX_PAGE_SIZE, OutageReport, OutageStatus, Page, ProxyState, StateKey, Store, StoreError,
-    WindowState,
+    MAX_ANSWER_TTL, MAX_PAGE_SIZE, MAX_SHARED_ANSWERS, MAX_SHARED_ANSWERS_BYTES, OutageReport, OutageStatus,
+    Page, ProxyState, StateKey, Store, StoreError, WindowState,
 };
 use crate::brokering::bans::doubled;
 use crate::brokering::outage::OutageGuard;
@@ -81,6 +83,17 @@ struct Answer {
     expires_at: u64,
 }
 
+/// One of a key's shared candidates: the proxy it names, its bytes and when it expires.
+#[derive(Clone)]
+struct SharedAnswer {
+    proxy: Arc<str>,
+    bytes: Arc<[u8]>,
+    expires_at: u64,
+}
+
+/// A key's shared candidates, soonest-ending first.
+type SharedAnswers = Arc<[SharedAnswer]>;
+
 /// The in-process store. See the module docs.
 pub struct MemoryStore {
     entries: DashMap<StoreKey, Mutex<Entry>>,
@@ -98,6 +111,8 @@ pub struct MemoryStore {
     flights: broadcast::Sender<Arc<str>>,
     /// The exchange-outage reports (bounded on their own).
     outage: OutageGuard,
+    /// Shared candidates per key ([`Store::add_answer`]).
+    answer_sets: moka::sync::Cache<String, SharedAnswers>,
 }
 
 impl fmt::Debug for MemoryStore {
@@ -346,7 +361,16 @@ impl MemoryStore {
             // Only frees memory: expiry itself is checked on the store's clock.
             .time_to_live(MAX_ANSWER_TTL)
             .build();
+        let answer_sets = moka::sync::Cache::builder()
+            .max_capacity(MAX_ANSWER_CACHE_BYTES)
+            .weigher(|k: &String, v: &SharedAnswers| {
+                let held: usize = v.iter().map(|a| a.proxy.len() + a.bytes.len()).sum();
+                u32::try_from(k.len() + held).unwrap_or(u32::MAX)
+            })
+            .time_to_live(MAX_ANSWER_TTL)
+            .build();
         Self {
+            answer_sets,
             entries: DashMap::new(),
             len: AtomicUsize::new(0),
             max_entries: max_entries.max(1),
@@ -762,6 +786,43 @@ impl Store for MemoryStore {
         Ok(Some((answer.bytes.to_vec(), left)))
     }
 
+    async fn add_answer(
+        &self,
+        key: &str,
+        proxy: &str,
+        bytes: &[u8],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        if bytes.len() > MAX_ANSWER_BYTES || ttl.is_zero() {
+            return Ok(());
+        }
+        let now = self.now();
+        let added = SharedAnswer {
+            proxy: Arc::from(proxy),
+            bytes: Arc::from(bytes),
+            expires_at: now.floor.saturating_add(ms(ttl.min(MAX_ANSWER_TTL))),
+        };
+        self.answer_sets.entry(key.to_owned()).and_compute_with(|held| {
+            let held = held.map(moka::Entry::into_value);
+            let list = merge_answer(held.as_deref().unwrap_or_default(), added, now.floor);
+            moka::ops::compute::Op::Put(Arc::from(list))
+        });
+        Ok(())
+    }
+
+    async fn get_answers(&self, key: &str) -> Result<Vec<(Vec<u8>, Duration)>, StoreError> {
+        let Some(list) = self.answer_sets.get(key) else {
+            return Ok(Vec::new());
+        };
+        let now = self.now();
+        Ok(list
+            .iter()
+            .rev()
+            .filter(|a| a.expires_at > now.floor)
+            .map(|a| (a.bytes.to_vec(), Duration::from_millis(a.expires_at - now.floor)))
+            .collect())
+    }
+
     async fn lead_flight(&self, key: &str, lock_ttl: Duration) -> Result<bool, StoreError> {
         let now = self.now();
         let mut locks = self.flight_locks.lock().unwrap_or_else(|e| e.into_inner());
@@ -839,6 +900,30 @@ impl Store for MemoryStore {
         all.retain(|(_, st)| st.reporters > 0);
         Ok(all)
     }
+}
+
+/// A key's shared candidates `held` with `added` (replacing the answer naming the same proxy),
+/// without those expired at `now`, within [`MAX_SHARED_ANSWERS`] and
+/// [`MAX_SHARED_ANSWERS_BYTES`] (the soonest-ending go first, never `added`); soonest-ending
+/// first.
+fn merge_answer(held: &[SharedAnswer], added: SharedAnswer, now: u64) -> Vec<SharedAnswer> {
+    let mut list: Vec<SharedAnswer> = held
+        .iter()
+        .filter(|a| a.expires_at > now && a.proxy != added.proxy)
+        .cloned()
+        .collect();
+    list.push(added.clone());
+    list.sort_by_key(|a| a.expires_at);
+    let mut bytes: usize = list.iter().map(|a| a.bytes.len()).sum();
+    let mut i = 0;
+    while (list.len() > MAX_SHARED_ANSWERS || bytes > MAX_SHARED_ANSWERS_BYTES) && i < list.len() {
+        if list[i].proxy == added.proxy {
+            i += 1;
+        } else {
+            bytes -= list.remove(i).bytes.len();
+        }
+    }
+    list
 }
 
 /// `exchange/digest` → its parts (the Redis store issues and reads the same tokens).

@@ -42,6 +42,18 @@
 //!   failed: it may try `lead_flight` itself or take its usual fallback. Keys are the broker's
 //!   cache keys (no secrets); a shared store keys them by digest too.
 //!
+//! - [`Store::add_answer`] / [`Store::get_answers`]: the key's *shared candidates*, the distinct
+//!   upstream answers the fleet holds for a cache key, so that a replica whose own candidates are
+//!   exhausted takes one another replica already fetched before it asks upstream again. One
+//!   answer per proxy URL, each with its own TTL (at most [`MAX_ANSWER_TTL`]): adding a proxy again
+//!   replaces its bytes and restarts its TTL; expired ones are dropped; at most
+//!   [`MAX_SHARED_ANSWERS`] answers and [`MAX_SHARED_ANSWERS_BYTES`] per key (the soonest-ending
+//!   go first, never the one being added); answers over [`MAX_ANSWER_BYTES`] and a zero TTL are
+//!   not kept. `get_answers` lists the live ones, longest-lived first, each with its remaining
+//!   TTL. The leader of a flight adds its answer here as well as with `put_answer` (which a
+//!   follower, or a replica of an earlier version, reads). A shared store keys the set by a digest
+//!   of the cache key and each member by a digest of the proxy URL; the URL is only in the bytes.
+//!
 //! The memory store implements these locally (bounded, expiring), so a single broker behaves as
 //! before: it always leads unless its own earlier call still holds the key.
 //!
@@ -255,6 +267,10 @@ pub struct Page {
 pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
 /// Longest TTL of a shared answer or flight lock (longer ones are cut to it).
 pub const MAX_ANSWER_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Most answers [`Store::add_answer`] keeps per key (the default `max_candidates_per_key`).
+pub const MAX_SHARED_ANSWERS: usize = 32;
+/// Most bytes of answers [`Store::add_answer`] keeps per key (at least one largest answer).
+pub const MAX_SHARED_ANSWERS_BYTES: usize = 4 * MAX_ANSWER_BYTES;
 /// How often a follower re-checks [`Store::get_answer`] while it waits for another broker's
 /// flight (besides waking on [`Store::flights`]).
 pub const FLIGHT_POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -405,6 +421,19 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// The answer kept for `key` and its remaining TTL, `None` when there is none (or it expired).
     async fn get_answer(&self, key: &str) -> Result<Option<(Vec<u8>, Duration)>, StoreError>;
 
+    /// Adds `bytes` as the answer naming `proxy` to the shared candidates of cache key `key`, for
+    /// `ttl` (at most [`MAX_ANSWER_TTL`]): re-adding a proxy replaces its bytes and restarts its
+    /// TTL; expired answers are dropped, and beyond [`MAX_SHARED_ANSWERS`] or
+    /// [`MAX_SHARED_ANSWERS_BYTES`] the soonest-ending ones (never this one). Answers over
+    /// [`MAX_ANSWER_BYTES`] and a zero `ttl` are ignored. `proxy` may hold a password: a shared
+    /// store keys it by digest.
+    async fn add_answer(&self, key: &str, proxy: &str, bytes: &[u8], ttl: Duration)
+    -> Result<(), StoreError>;
+
+    /// The live shared candidates of `key` ([`Store::add_answer`]), longest-lived first, each with
+    /// its remaining TTL; empty when there are none.
+    async fn get_answers(&self, key: &str) -> Result<Vec<(Vec<u8>, Duration)>, StoreError>;
+
     /// Takes the flight lock of `key` for `lock_ttl` if nobody holds it: `true` = this broker
     /// leads the upstream call for the key. See the module docs for the follower's loop.
     async fn lead_flight(&self, key: &str, lock_ttl: Duration) -> Result<bool, StoreError>;
@@ -447,7 +476,8 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     ) -> Result<Vec<(Arc<str>, OutageStatus)>, StoreError>;
 
     /// Whether other brokers see this store's answers and flights (a shared store). The broker
-    /// skips [`Store::put_answer`], [`Store::get_answer`] and [`Store::lead_flight`] when not:
+    /// skips [`Store::put_answer`], [`Store::get_answer`], [`Store::add_answer`],
+    /// [`Store::get_answers`] and [`Store::lead_flight`] when not:
     /// its own cache and single flight already do that work in one process, and keeping every
     /// answer twice would double the memory of a large cache.
     fn shares_answers(&self) -> bool {

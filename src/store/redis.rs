@@ -24,7 +24,11 @@
 //!   the [`Store::subscribe`] feed by a task holding a pub/sub connection that reconnects; a
 //!   broker's own changes reach its feed at once, without the round trip.
 //! - **Shared answers** live at `{key_prefix}{a:digest}`, flight locks at `{key_prefix}{f:digest}`
-//!   (`SET NX PX`, value = this broker's id), flight ends on `{key_prefix}flights`.
+//!   (`SET NX PX`, value = this broker's id), flight ends on `{key_prefix}flights`. A key's shared
+//!   candidates ([`Store::add_answer`]) live under the answer's hash tag, so one script reaches
+//!   both keys in one Cluster slot: `{key_prefix}{a:digest}:se` (a sorted set: proxy digest →
+//!   the answer's end on the server's clock) and `:sa` (a hash: proxy digest → the answer's
+//!   bytes); both expire with their longest-lived answer.
 //!
 //! Errors never show the URL's password: the client's messages are passed through
 //! [`redact_text`], and the connection settings' `Debug` masks it.
@@ -50,8 +54,8 @@ use tokio_stream::StreamExt;
 use super::memory::{BAN_MEMORY, CHANGE_FEED_CAPACITY, EJECTION_MEMORY, FAILURE_MEMORY, MAX_LEASES};
 use super::{
     Attempt, BanLength, Change, ChangeKind, DEFAULT_PAGE_SIZE, HandOut, Listed, MAX_ANSWER_BYTES,
-    MAX_ANSWER_TTL, MAX_PAGE_SIZE, OutageReport, OutageStatus, Page, ProxyState, StateKey, Store, StoreError,
-    Transition, WindowState,
+    MAX_ANSWER_TTL, MAX_PAGE_SIZE, MAX_SHARED_ANSWERS, MAX_SHARED_ANSWERS_BYTES, OutageReport, OutageStatus,
+    Page, ProxyState, StateKey, Store, StoreError, Transition, WindowState,
 };
 use crate::brokering::outage::{
     MAX_EXCHANGES as MAX_OUTAGE_EXCHANGES, MAX_REPORTERS as MAX_OUTAGE_REPORTERS,
@@ -130,6 +134,8 @@ struct Scripts {
     get_answer: Script,
     end_flight: Script,
     outage: Script,
+    add_answer: Script,
+    get_answers: Script,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -164,6 +170,8 @@ impl Scripts {
             get_answer: Script::new(include_str!("lua/get_answer.lua")),
             end_flight: Script::new(include_str!("lua/end_flight.lua")),
             outage: Script::new(include_str!("lua/outage.lua")),
+            add_answer: Script::new(include_str!("lua/add_answer.lua")),
+            get_answers: Script::new(include_str!("lua/get_answers.lua")),
         }
     }
 }
@@ -574,6 +582,12 @@ impl Inner {
 
     fn answer_key(&self, key: &str) -> String {
         format!("{}{{a:{}}}", self.prefix, digest_hex(key))
+    }
+
+    /// The two keys of `key`'s shared candidates: the ends and the bytes.
+    fn answer_set_keys(&self, key: &str) -> [String; 2] {
+        let tag = self.answer_key(key);
+        [format!("{tag}:se"), format!("{tag}:sa")]
     }
 
     fn flight_key(&self, key: &str) -> String {
@@ -1021,6 +1035,69 @@ impl Store for RedisStore {
             },
             _ => Err(bad_reply("get_answer")),
         }
+    }
+
+    async fn add_answer(
+        &self,
+        key: &str,
+        proxy: &str,
+        bytes: &[u8],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let ttl = ms(ttl.min(MAX_ANSWER_TTL));
+        if bytes.len() > MAX_ANSWER_BYTES || ttl == 0 {
+            return Ok(());
+        }
+        let [ends, answers] = self.inner.answer_set_keys(key);
+        let mut conn = self.inner.conn.clone();
+        let _: Value = self
+            .inner
+            .scripts
+            .add_answer
+            .key(ends)
+            .key(answers)
+            .arg(self.inner.skew_ms.load(Ordering::Relaxed))
+            .arg(digest_hex(proxy))
+            .arg(bytes)
+            .arg(ttl)
+            .arg(MAX_SHARED_ANSWERS)
+            .arg(MAX_SHARED_ANSWERS_BYTES)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        Ok(())
+    }
+
+    async fn get_answers(&self, key: &str) -> Result<Vec<(Vec<u8>, Duration)>, StoreError> {
+        let [ends, answers] = self.inner.answer_set_keys(key);
+        let mut conn = self.inner.conn.clone();
+        let reply: Value = self
+            .inner
+            .scripts
+            .get_answers
+            .key(ends)
+            .key(answers)
+            .arg(self.inner.skew_ms.load(Ordering::Relaxed))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let bad = || bad_reply("get_answers");
+        let Value::Array(items) = reply else {
+            return Err(bad());
+        };
+        if items.len() % 2 != 0 || items.len() > 2 * MAX_SHARED_ANSWERS {
+            return Err(bad());
+        }
+        items
+            .chunks(2)
+            .map(|pair| match pair {
+                [Value::BulkString(bytes), left] => {
+                    let left = u64::try_from(int(left).ok_or_else(bad)?).map_err(|_| bad())?;
+                    Ok((bytes.clone(), Duration::from_millis(left.max(1))))
+                }
+                _ => Err(bad()),
+            })
+            .collect()
     }
 
     async fn lead_flight(&self, key: &str, lock_ttl: Duration) -> Result<bool, StoreError> {

@@ -566,6 +566,31 @@ impl Store for ResilientStore {
         }
     }
 
+    async fn add_answer(
+        &self,
+        key: &str,
+        proxy: &str,
+        bytes: &[u8],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let s = &self.shared;
+        // Kept locally too, as answers are.
+        s.local.add_answer(key, proxy, bytes, ttl).await?;
+        match s.remote(s.remote.add_answer(key, proxy, bytes, ttl)).await {
+            Outcome::Refused(e) => Err(e),
+            Outcome::Done(()) | Outcome::Local => Ok(()),
+        }
+    }
+
+    async fn get_answers(&self, key: &str) -> Result<Vec<(Vec<u8>, Duration)>, StoreError> {
+        let s = &self.shared;
+        match s.remote(s.remote.get_answers(key)).await {
+            Outcome::Done(v) => Ok(v),
+            Outcome::Refused(e) => Err(e),
+            Outcome::Local => s.local.get_answers(key).await,
+        }
+    }
+
     async fn lead_flight(&self, key: &str, lock_ttl: Duration) -> Result<bool, StoreError> {
         let s = &self.shared;
         match s.remote(s.remote.lead_flight(key, lock_ttl)).await {
