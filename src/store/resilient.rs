@@ -2,8 +2,10 @@
 //! replica's own [`MemoryStore`] to carry on when Redis is slow or gone, so that `RequestProxy`
 //! never fails because of the store.
 //!
-//! - **Bounded**: every Redis operation is given `operation_timeout_ms`; one that fails or takes
-//!   longer is answered from local state instead.
+//! - **Bounded**: every Redis operation on a caller's path is given `operation_timeout_ms`; one
+//!   that fails or takes longer is answered from local state instead. The flight's operations and
+//!   the heartbeat, which no caller waits on directly, get at least [`BACKGROUND_MIN_TIMEOUT`]
+//!   (see [`background_timeout`]).
 //! - **A breaker on the store** ([`crate::breaker`], the upstreams' state machine): after
 //!   [`FAILURE_THRESHOLD`] consecutive failures it opens and no call waits on Redis any more; a
 //!   background probe `PING`s it (every [`PROBE_INTERVAL`] once the open period has passed, each
@@ -56,6 +58,20 @@ pub const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Most bans and penalties remembered for replay after an outage (the oldest are dropped).
 pub const MAX_JOURNAL: usize = 10_000;
+/// The shortest bound of an operation no caller waits on directly (see [`background_timeout`]).
+pub const BACKGROUND_MIN_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// The bound of the flight's operations (the lock, shared answers and candidates) and of the
+/// heartbeat: `operation_timeout_ms`, but at least [`BACKGROUND_MIN_TIMEOUT`]. They run on the
+/// lookup's own task (each caller waits for it with its own deadline, and falls back by the usual
+/// rules when that passes), so a slower answer costs no caller more than its deadline; a timeout
+/// there, though, makes the replica ask upstream on its own. A storm on 2 shared cores delays
+/// Redis's answers on the broker's side past 50 ms (the store's breaker opened and 115–200
+/// upstream calls were made for 100 keys over 2 replicas), while 250 ms held it at exactly 100:
+/// BENCHMARKS.md, "Fleet mode".
+pub fn background_timeout(operation_timeout: Duration) -> Duration {
+    operation_timeout.max(BACKGROUND_MIN_TIMEOUT)
+}
 
 /// Whether the shared store is in use (`proxy_broker_store_up`): cheap to clone and read.
 #[derive(Debug, Clone)]
@@ -187,10 +203,28 @@ impl ResilientStore {
 impl Shared {
     /// Runs `op` on Redis unless the breaker is open, bounded by the operation timeout.
     async fn remote<T>(self: &Arc<Self>, op: impl Future<Output = Result<T, StoreError>>) -> Outcome<T> {
+        self.remote_within(self.timeout, op).await
+    }
+
+    /// As [`Shared::remote`], for an operation no caller waits on directly (a lookup's flight,
+    /// which runs on its own task while each caller keeps its own deadline, and the heartbeat):
+    /// bounded by [`background_timeout`].
+    async fn remote_background<T>(
+        self: &Arc<Self>,
+        op: impl Future<Output = Result<T, StoreError>>,
+    ) -> Outcome<T> {
+        self.remote_within(background_timeout(self.timeout), op).await
+    }
+
+    async fn remote_within<T>(
+        self: &Arc<Self>,
+        timeout: Duration,
+        op: impl Future<Output = Result<T, StoreError>>,
+    ) -> Outcome<T> {
         let Some(permit) = self.breaker.try_acquire() else {
             return Outcome::Local;
         };
-        match tokio::time::timeout(self.timeout, op).await {
+        match tokio::time::timeout(timeout, op).await {
             Ok(Ok(v)) => {
                 permit.success();
                 self.observe();
@@ -207,7 +241,7 @@ impl Shared {
             }
             Err(_) => {
                 permit.failure();
-                self.failed(&format!("no answer within {} ms", self.timeout.as_millis()));
+                self.failed(&format!("no answer within {} ms", timeout.as_millis()));
                 Outcome::Local
             }
         }
@@ -333,7 +367,7 @@ async fn probe_loop(shared: Arc<Shared>) {
         if shared.breaker.snapshot().kind == Kind::Closed {
             // A heartbeat: a replica whose calls need no Redis (hits without a budget are served
             // locally) must still notice an outage, for `proxy_broker_store_up` and its log line.
-            let _ = shared.remote(shared.remote.ping()).await;
+            let _ = shared.remote_background(shared.remote.ping()).await;
             continue;
         }
         let Some(permit) = shared.breaker.try_acquire() else {
@@ -551,7 +585,7 @@ impl Store for ResilientStore {
         let s = &self.shared;
         // Kept locally too: an outage then still has this replica's answers.
         s.local.put_answer(key, bytes, ttl).await?;
-        match s.remote(s.remote.put_answer(key, bytes, ttl)).await {
+        match s.remote_background(s.remote.put_answer(key, bytes, ttl)).await {
             Outcome::Refused(e) => Err(e),
             Outcome::Done(()) | Outcome::Local => Ok(()),
         }
@@ -559,7 +593,7 @@ impl Store for ResilientStore {
 
     async fn get_answer(&self, key: &str) -> Result<Option<(Vec<u8>, Duration)>, StoreError> {
         let s = &self.shared;
-        match s.remote(s.remote.get_answer(key)).await {
+        match s.remote_background(s.remote.get_answer(key)).await {
             Outcome::Done(v) => Ok(v),
             Outcome::Refused(e) => Err(e),
             Outcome::Local => s.local.get_answer(key).await,
@@ -576,7 +610,10 @@ impl Store for ResilientStore {
         let s = &self.shared;
         // Kept locally too, as answers are.
         s.local.add_answer(key, proxy, bytes, ttl).await?;
-        match s.remote(s.remote.add_answer(key, proxy, bytes, ttl)).await {
+        match s
+            .remote_background(s.remote.add_answer(key, proxy, bytes, ttl))
+            .await
+        {
             Outcome::Refused(e) => Err(e),
             Outcome::Done(()) | Outcome::Local => Ok(()),
         }
@@ -584,7 +621,7 @@ impl Store for ResilientStore {
 
     async fn get_answers(&self, key: &str) -> Result<Vec<(Vec<u8>, Duration)>, StoreError> {
         let s = &self.shared;
-        match s.remote(s.remote.get_answers(key)).await {
+        match s.remote_background(s.remote.get_answers(key)).await {
             Outcome::Done(v) => Ok(v),
             Outcome::Refused(e) => Err(e),
             Outcome::Local => s.local.get_answers(key).await,
@@ -593,7 +630,7 @@ impl Store for ResilientStore {
 
     async fn lead_flight(&self, key: &str, lock_ttl: Duration) -> Result<bool, StoreError> {
         let s = &self.shared;
-        match s.remote(s.remote.lead_flight(key, lock_ttl)).await {
+        match s.remote_background(s.remote.lead_flight(key, lock_ttl)).await {
             Outcome::Done(v) => Ok(v),
             Outcome::Refused(e) => Err(e),
             Outcome::Local => s.local.lead_flight(key, lock_ttl).await,
@@ -602,7 +639,7 @@ impl Store for ResilientStore {
 
     async fn end_flight(&self, key: &str) -> Result<(), StoreError> {
         let s = &self.shared;
-        match s.remote(s.remote.end_flight(key)).await {
+        match s.remote_background(s.remote.end_flight(key)).await {
             Outcome::Done(()) => Ok(()),
             Outcome::Refused(e) => Err(e),
             Outcome::Local => {
