@@ -154,7 +154,11 @@ impl Scripts {
             MAX_LEASES,
             ms(MIN_TTL),
             ms(MAX_BAN),
-            include_str!("lua/common.lua"),
+            concat!(
+                include_str!("lua/clock.lua"),
+                "\n",
+                include_str!("lua/common.lua")
+            ),
         );
         let entry = |body: &str| Script::new(&format!("{prelude}\n{body}"));
         Self {
@@ -169,7 +173,11 @@ impl Scripts {
             snapshot: entry(include_str!("lua/snapshot.lua")),
             get_answer: Script::new(include_str!("lua/get_answer.lua")),
             end_flight: Script::new(include_str!("lua/end_flight.lua")),
-            outage: Script::new(include_str!("lua/outage.lua")),
+            outage: Script::new(concat!(
+                include_str!("lua/clock.lua"),
+                "\n",
+                include_str!("lua/outage.lua")
+            )),
             add_answer: Script::new(include_str!("lua/add_answer.lua")),
             get_answers: Script::new(include_str!("lua/get_answers.lua")),
         }

@@ -8,18 +8,8 @@
 --   [7..] the operation's own arguments.
 -- Times are whole milliseconds of the server's clock (TIME), rounded like the memory store:
 -- down for "has it passed", up for "when it happened".
+-- now_ms() comes from clock.lua, prepended before this file.
 local E, WH, WW, L = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-
-local function now_ms()
-  local t = redis.call('TIME')
-  local us = tonumber(t[2])
-  local floor = tonumber(t[1]) * 1000 + math.floor(us / 1000) + tonumber(ARGV[1])
-  local ceil = floor
-  if us % 1000 ~= 0 then
-    ceil = floor + 1
-  end
-  return floor, ceil
-end
 
 local function field(name)
   return tonumber(redis.call('HGET', E, name)) or 0

@@ -6,20 +6,14 @@
 --   latest report), [2] the failing ones (the same, for proxies whose latest report was a plain
 --   failure), [3] ejections (zset: proxy URL -> when ejected), [4] the outage's start (ms),
 --   [5] the "index me" marker.
--- ARGV: [1] clock offset in ms (0 in production), [2] operation ('r' report, 'j' note an
+-- clock.lua (now_ms) is prepended. ARGV: [1] clock offset in ms (0 in production), [2] operation ('r' report, 'j' note an
 --   ejection, 's' status), [3] window (ms), [4] min proxies, [5] failing fraction, [6] most
 --   reporters, [7] most ejections, [8] the proxy's digest ('r') or URL ('j'), [9] '1' when the
 --   report is a failure ('r').
 -- Returns {transition (0 none, 1 started, 2 ended), in outage (0/1), outage age in ms (-1: none),
 --   reporters, failing, index (0/1: add the exchange to the listing index), lifted URLs...}.
 local R, F, J, S, I = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local t = redis.call('TIME')
-local us = tonumber(t[2])
-local floor = tonumber(t[1]) * 1000 + math.floor(us / 1000) + tonumber(ARGV[1])
-local ceil = floor
-if us % 1000 ~= 0 then
-  ceil = floor + 1
-end
+local floor, ceil = now_ms()
 local op, window = ARGV[2], math.max(tonumber(ARGV[3]), 1)
 local min_proxies, fraction = math.max(tonumber(ARGV[4]), 1), tonumber(ARGV[5])
 local function int(x)
