@@ -330,6 +330,55 @@ async fn a_ban_holds_for_that_exchange_only_and_the_feed_gets_another_proxy() {
     assert_eq!(forwarded.body["retry_after_seconds"], 90);
 }
 
+/// An upstream proxy handed out for an exchange without a budget leaves no store entry (only a
+/// mark), yet feedback about it counts for that exchange; feedback about a proxy never handed out
+/// for it still changes nothing.
+#[tokio::test]
+async fn feedback_counts_for_an_unbudgeted_upstream_hand_out_that_left_no_entry() {
+    let upstream = shared_unless_excluded().await;
+    let broker = delegating(&upstream, "  penalty_seconds: 30").await;
+    let mut client = broker.client();
+    // kucoin is not in the built-in table and has no configured budget.
+    let answer = client
+        .request_proxy(ask("kucoin", None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.proxy_url, "socks5://shared:1080");
+    assert_eq!(proxies(&broker, "kucoin").await, vec![], "a mark, not an entry");
+    // Feedback for an exchange it was not handed out for, and about a proxy never handed out:
+    // unknown, so nothing changes.
+    for (exchange, stranger) in [
+        ("mexc", "socks5://shared:1080"),
+        ("kucoin", "socks5://never:1080"),
+    ] {
+        client
+            .report_feedback(report(exchange, stranger, Some(418), Some(90)))
+            .await
+            .unwrap();
+        assert_eq!(
+            proxies(&broker, exchange).await,
+            vec![],
+            "{exchange}: {stranger} got state"
+        );
+    }
+    // The one it handed out: banned for kucoin, and the next feed gets another proxy.
+    client
+        .report_feedback(report("kucoin", "socks5://shared:1080", Some(418), Some(90)))
+        .await
+        .unwrap();
+    let rows = proxies(&broker, "kucoin").await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(row(&rows, "socks5://shared:1080").state(), ProxyState::Banned);
+    let next = client
+        .request_proxy(ask("kucoin", None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next.proxy_url, "socks5://kucoin-0:1080");
+    broker.stop().await;
+}
+
 /// The distinct proxies `n` WebSocket requests for `exchange` are handed.
 async fn handed_out(
     client: &mut proxy_broker::pb::proxy_broker_client::ProxyBrokerClient<tonic::transport::Channel>,

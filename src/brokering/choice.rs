@@ -7,7 +7,8 @@
 //! (`round_robin` from a rotating cursor, `random` by weight, `least_connections` by live leases),
 //! and tried in that order with [`Store::try_attempt`] — one atomic check-and-count — until one is
 //! admitted. A candidate whose window filled since the snapshot (another task, or another broker,
-//! got there first) is skipped, so the budget holds however many tasks choose at once.
+//! got there first) is skipped, so the budget holds however many tasks choose at once. An
+//! unbudgeted upstream choice skips the store's count and leaves a mark instead ([`super::marks`]).
 
 use std::fmt;
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use tokio::time::Instant;
 
 use super::candidates::{Candidate, MAX_CANDIDATE_TTL};
 use super::lease::{lease_end, random_lease};
+use super::marks::HandOutMarks;
 use super::settings::Budget;
 use super::sticky;
 use crate::store::{Attempt, HandOut, ProxyState, StateKey, Store, StoreError};
@@ -63,6 +65,10 @@ pub struct Choose<'a, P> {
     pub max_ejection_percent: u8,
     /// Now, on the broker's clock.
     pub now: Instant,
+    /// Where an unbudgeted hand-out is remembered instead of the store (an in-process broker's
+    /// upstream candidates, [`super::marks`]); `None`: the store counts every hand-out. Ignored
+    /// under a budget and for `least_connections`, which read the store's counts.
+    pub marks: Option<&'a HandOutMarks>,
 }
 
 /// A hand-out.
@@ -166,7 +172,10 @@ pub async fn choose<P: Clone>(store: &dyn Store, input: Choose<'_, P>) -> Result
         allow_penalised,
         max_ejection_percent,
         now,
+        marks,
     } = input;
+    let marks =
+        marks.filter(|_| budget.is_none() && !matches!(order, Order::Strategy(Strategy::LeastConnections)));
     let urls: Vec<&str> = members.iter().map(|m| &*m.url).collect();
     let states = store.choice_states(exchange, &urls).await?;
     let clean = ProxyState::default();
@@ -249,6 +258,20 @@ pub async fn choose<P: Clone>(store: &dyn Store, input: Choose<'_, P>) -> Result
                 .map_or(ttl, |e| e.saturating_duration_since(now))
                 .min(MAX_CANDIDATE_TTL);
             let lease = random_lease(lease_ttl, jitter);
+            if let Some(marks) = marks {
+                let lease_expires_at = lease_end(now, lease);
+                marks.mark(exchange, &member.url, lease_expires_at, now);
+                return Ok(Choice::Picked(Picked {
+                    url: member.url.clone(),
+                    payload: member.payload.clone(),
+                    lease_expires_at,
+                    expires_at: member.expires_at,
+                    used: 0,
+                    budget: None,
+                    penalised: pass == Tier::Penalised,
+                    sticky: matches!(order, Order::Sticky(_)),
+                }));
+            }
             let key = StateKey {
                 proxy: &member.url,
                 exchange,
@@ -409,6 +432,7 @@ mod tests {
             allow_penalised,
             max_ejection_percent: 100,
             now: Instant::now(),
+            marks: None,
         }
     }
 
@@ -593,6 +617,7 @@ mod tests {
                         allow_penalised: true,
                         max_ejection_percent: 100,
                         now: Instant::now(),
+                        marks: None,
                     };
                     match choose(&*s, input).await.unwrap() {
                         Choice::Picked(p) => Some(p.url.to_string()),

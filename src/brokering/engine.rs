@@ -19,6 +19,7 @@ use super::candidates::{
     UpstreamCandidates,
 };
 use super::choice::{Choice, Choose, Order, Picked, Shortfall, choose};
+use super::marks::{HandOutMarks, MAX_MARKS};
 use super::outage::{OutageStatus, Transition};
 use super::settings::{BrokeringSettings, Budget, Resolved, normalise_exchange};
 use crate::clock::Clock;
@@ -196,6 +197,8 @@ pub struct Brokering<P> {
     clock: Arc<dyn Clock>,
     eject_after_failures: AtomicU32,
     max_ejection_percent: AtomicU8,
+    /// Unbudgeted upstream hand-outs ([`super::marks`]).
+    marks: HandOutMarks,
 }
 
 impl<P> fmt::Debug for Brokering<P> {
@@ -204,6 +207,7 @@ impl<P> fmt::Debug for Brokering<P> {
             .field("settings", &self.settings.load())
             .field("store", &self.store)
             .field("upstream", &self.upstream)
+            .field("marks", &self.marks)
             .finish_non_exhaustive()
     }
 }
@@ -222,12 +226,14 @@ impl<P: Clone + Send + Sync + 'static> Brokering<P> {
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
     ) -> Self {
+        let marks = HandOutMarks::new(MAX_MARKS, clock.now());
         Self {
             settings: ArcSwap::from_pointee(settings.normalised()),
             embedded: ArcSwap::from_pointee(EmbeddedCandidates::new(proxy)),
             upstream: UpstreamCandidates::default(),
             store,
             clock,
+            marks,
             eject_after_failures: AtomicU32::new(ejection.after_failures),
             max_ejection_percent: AtomicU8::new(ejection.max_percent),
         }
@@ -333,6 +339,8 @@ impl<P: Clone + Send + Sync + 'static> Brokering<P> {
             allow_penalised: true,
             max_ejection_percent: self.max_ejection_percent.load(Ordering::Relaxed),
             now: self.clock.now(),
+            // Embedded members are few and `least_connections` reads their leases.
+            marks: None,
         };
         match choose(&*self.store, input).await? {
             Choice::Picked(p) => Ok(Some(with_payload(
@@ -376,6 +384,7 @@ impl<P: Clone + Send + Sync + 'static> Brokering<P> {
             allow_penalised: true,
             max_ejection_percent: UPSTREAM_MAX_EJECTION_PERCENT,
             now: self.clock.now(),
+            marks: Some(&self.marks),
         };
         match choose(&*self.store, input).await? {
             Choice::Picked(p) => Ok(p),
@@ -437,6 +446,7 @@ impl<P: Clone + Send + Sync + 'static> Brokering<P> {
                     allow_penalised,
                     max_ejection_percent: UPSTREAM_MAX_EJECTION_PERCENT,
                     now,
+                    marks: Some(&self.marks),
                 };
                 choose(&*self.store, input).await
             }
@@ -542,7 +552,9 @@ impl<P: Clone + Send + Sync + 'static> Brokering<P> {
             exchange: &exchange,
         };
         let own = self.embedded.load().contains(report.proxy_url);
+        let marked = self.marks.contains(&exchange, report.proxy_url, now);
         let known = own
+            || marked
             || self
                 .store
                 .states(&exchange, &[report.proxy_url])
@@ -571,7 +583,8 @@ impl<P: Clone + Send + Sync + 'static> Brokering<P> {
         reported.outage = outage.transition;
         let in_outage = outage.in_outage;
         let threshold = self.eject_after_failures.load(Ordering::Relaxed);
-        reported.applied = bans::apply(&*self.store, key, verdict, own, threshold, in_outage).await?;
+        reported.applied =
+            bans::apply(&*self.store, key, verdict, own || marked, threshold, in_outage).await?;
         let proxy = redact_url(report.proxy_url);
         if let (Verdict::Ban { status, .. }, Some(until)) = (verdict, reported.applied.until) {
             let seconds = until.saturating_duration_since(now).as_secs();

@@ -14,7 +14,8 @@
 //! - [`candidates`]: candidate sets (embedded members, upstream answers); [`choice`]: the choice
 //!   among them (eligibility, strategy, the atomic hand-out);
 //! - [`sticky`]: weighted rendezvous hashing for sticky keys;
-//! - [`lease`]: jittered lease ends;
+//! - [`lease`]: jittered lease ends; [`marks`]: what an unbudgeted upstream hand-out leaves
+//!   behind instead of a store entry;
 //! - [`engine`]: the [`Brokering`] facade the broker calls;
 //! - [`watch`]: the registry of `WatchProxy` streams (push migration) and the stream each reads.
 //!
@@ -42,7 +43,8 @@
 //!
 //! Every hand-out, embedded or delegated, counts one attempt for (proxy, exchange, connection
 //! type) and takes a lease; no proxy is ever handed out over its budget, however many requests
-//! run at once or (with a shared store) however many brokers serve them.
+//! run at once or (with a shared store) however many brokers serve them. (An upstream hand-out
+//! without a budget leaves only a [`marks`] mark: nothing a choice reads would be counted.)
 //!
 //! # How a `ReportFeedback` flows through it
 //! The broker forwards the report upstream as today (with `http_status` and
@@ -68,6 +70,7 @@ pub mod choice;
 pub mod config;
 pub mod engine;
 pub mod lease;
+pub mod marks;
 pub mod outage;
 pub mod settings;
 pub mod sticky;
