@@ -16,6 +16,7 @@
 //! Otherwise the embedded configuration answers (DIRECT when it names no proxy). The rule is the
 //! same for HTTP and WebSocket.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -295,11 +296,15 @@ impl Broker {
                 }))
             }
         });
-        let choice = match wait_until {
-            Some(deadline) => tokio::time::timeout_at(deadline, choice)
+        // A hit is ready at its first poll: only a call that has to wait arms a timer.
+        let mut choice = std::pin::pin!(choice);
+        let first = std::future::poll_fn(|cx| std::task::Poll::Ready(choice.as_mut().poll(cx))).await;
+        let choice = match (first, wait_until) {
+            (std::task::Poll::Ready(choice), _) => choice,
+            (std::task::Poll::Pending, Some(deadline)) => tokio::time::timeout_at(deadline, choice)
                 .await
                 .unwrap_or_else(|_| Err(NotPicked::Upstream(Some(RefillError::Failed(deadline_failure()))))),
-            None => choice.await,
+            (std::task::Poll::Pending, None) => choice.await,
         };
         match choice {
             Ok(picked) => {

@@ -211,6 +211,23 @@ pub struct CandidateKey {
     pub region: Option<Arc<str>>,
 }
 
+/// A [`CandidateKey`] borrowed from a request: it hashes exactly as the key does (same fields,
+/// same order, `&str` hashing as `Arc<str>`), so finding an existing set allocates nothing.
+#[derive(Hash)]
+struct KeyRef<'a> {
+    exchange: &'a str,
+    connection_type: ConnectionType,
+    region: Option<&'a str>,
+}
+
+impl KeyRef<'_> {
+    fn matches(&self, key: &CandidateKey) -> bool {
+        *key.exchange == *self.exchange
+            && key.connection_type == self.connection_type
+            && key.region.as_deref() == self.region
+    }
+}
+
 /// How the last refill of a set went (shared with the callers that waited for it).
 #[derive(Clone, Default)]
 pub(crate) enum RefillOutcome {
@@ -409,11 +426,27 @@ impl<P: Clone + Send + Sync + 'static> UpstreamCandidates<P> {
 
     /// The set of `key`, created empty if need be.
     pub fn set(&self, key: &CandidateKey) -> Arc<UpstreamSet<P>> {
-        let hash = self.hasher.hash_one(key);
+        self.set_of(&key.exchange, key.connection_type, key.region.as_deref())
+    }
+
+    /// The set of (`exchange`, `connection_type`, `region`), created empty if need be; the key
+    /// is allocated only then (`exchange` lower-case).
+    pub fn set_of(
+        &self,
+        exchange: &str,
+        connection_type: ConnectionType,
+        region: Option<&str>,
+    ) -> Arc<UpstreamSet<P>> {
+        let wanted = KeyRef {
+            exchange,
+            connection_type,
+            region,
+        };
+        let hash = self.hasher.hash_one(&wanted);
         let now = Instant::now();
         let mut shard = lock_shard(self.shard(hash));
         shard.expire(now);
-        match shard.map.raw_entry_mut().from_key_hashed_nocheck(hash, key) {
+        match shard.map.raw_entry_mut().from_hash(hash, |k| wanted.matches(k)) {
             RawEntryMut::Occupied(mut o) => {
                 o.get_mut().used = now;
                 o.to_back();
@@ -423,7 +456,11 @@ impl<P: Clone + Send + Sync + 'static> UpstreamCandidates<P> {
                 let set = Arc::new(UpstreamSet::new());
                 v.insert_hashed_nocheck(
                     hash,
-                    key.clone(),
+                    CandidateKey {
+                        exchange: Arc::from(exchange),
+                        connection_type,
+                        region: region.map(Arc::from),
+                    },
                     Held {
                         set: set.clone(),
                         used: now,
@@ -504,6 +541,35 @@ mod tests {
     use super::*;
 
     const WS: ConnectionType = ConnectionType::Websocket;
+
+    #[test]
+    fn a_borrowed_key_finds_the_set_of_its_owned_key() {
+        let sets = UpstreamCandidates::<u32>::default();
+        for region in [None, Some("eu")] {
+            let key = CandidateKey {
+                exchange: Arc::from("binance"),
+                connection_type: WS,
+                region: region.map(Arc::from),
+            };
+            let borrowed = KeyRef {
+                exchange: "binance",
+                connection_type: WS,
+                region,
+            };
+            assert_eq!(sets.hasher.hash_one(&key), sets.hasher.hash_one(&borrowed));
+            let set = sets.set(&key);
+            assert!(Arc::ptr_eq(&set, &sets.set_of("binance", WS, region)));
+            assert!(Arc::ptr_eq(&set, &sets.get(&key).unwrap()));
+        }
+        // Another region, type or exchange is another set.
+        let eu = sets.set_of("binance", WS, Some("eu"));
+        assert!(!Arc::ptr_eq(&eu, &sets.set_of("binance", WS, Some("us"))));
+        assert!(!Arc::ptr_eq(
+            &eu,
+            &sets.set_of("binance", ConnectionType::Http, Some("eu"))
+        ));
+        assert!(!Arc::ptr_eq(&eu, &sets.set_of("bybit", WS, Some("eu"))));
+    }
 
     #[test]
     fn upstream_sets_keep_distinct_live_answers_up_to_the_cap() {

@@ -420,12 +420,7 @@ impl<P: Clone + Send + Sync + 'static> Brokering<P> {
         let exchange = normalise_exchange(ask.exchange);
         let settings = self.settings.load_full();
         let budget = settings.budget(&exchange, ask.connection_type).map(|r| r.budget);
-        let key = CandidateKey {
-            exchange: Arc::from(&*exchange),
-            connection_type: ask.connection_type,
-            region: ask.region.map(Arc::from),
-        };
-        let set = self.upstream.set(&key);
+        let set = self.upstream.set_of(&exchange, ask.connection_type, ask.region);
         let order = order(ask.sticky_key, Order::Strategy(Strategy::RoundRobin));
         let choose_now = |allow_penalised: bool| {
             let set = set.clone();
