@@ -17,7 +17,8 @@
 //! do not need it: `RequestProxy` stops waiting for upstreams at 90 % of it by itself (the
 //! lookup it shares is bounded the same way, on its own task), `ReportFeedback` never waits, and a
 //! stalled request body is ended by [`BodyTimeoutLayer`]; leaving the layer out saves a timer per
-//! call on the hot path.
+//! call on the hot path. `ReportFeedbackStream` may stream for as long as it keeps sending: its
+//! body timeout is the longest silence between two messages.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -33,6 +34,8 @@ use tower::{BoxError, Layer, Service, ServiceExt};
 pub const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
 /// Path prefix of the feed calls, which are never shed.
 pub const FEED_PREFIX: &str = "/proxybroker.v1.ProxyBroker/";
+/// The client-streaming feedback call, whose body timeout counts silence, not the whole stream.
+pub const FEEDBACK_STREAM_PATH: &str = "/proxybroker.v1.ProxyBroker/ReportFeedbackStream";
 
 /// Sends each call through the stack for its kind (see the module docs).
 #[derive(Debug, Clone)]
@@ -164,26 +167,32 @@ where
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let timeout = self.timeout;
+        // A client stream of many messages may take as long as it likes in all, but not
+        // `timeout` between two of them.
+        let idle = request.uri().path() == FEEDBACK_STREAM_PATH;
         self.inner
-            .call(request.map(|body| Body::new(TimedBody::new(body, timeout))))
+            .call(request.map(|body| Body::new(TimedBody::new(body, timeout, idle))))
     }
 }
 
 /// A request body that fails when it has not ended `timeout` after it first kept the call
 /// waiting. The timer starts only then: a request whose message came with its headers (the usual
-/// case) costs no timer and no clock read.
+/// case) costs no timer and no clock read. With `idle`, every frame that arrives restarts it (a
+/// client stream: the limit is on the silence between messages).
 struct TimedBody {
     inner: Body,
     timeout: Duration,
+    idle: bool,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     ended: bool,
 }
 
 impl TimedBody {
-    fn new(inner: Body, timeout: Duration) -> Self {
+    fn new(inner: Body, timeout: Duration, idle: bool) -> Self {
         Self {
             inner,
             timeout,
+            idle,
             sleep: None,
             ended: false,
         }
@@ -204,7 +213,19 @@ impl HttpBody for TimedBody {
                 this.ended = true;
                 Poll::Ready(None)
             }
-            Poll::Ready(Some(frame)) => Poll::Ready(Some(frame)),
+            Poll::Ready(Some(frame)) => {
+                if this.idle
+                    && let Some(sleep) = this.sleep.as_mut()
+                {
+                    let now = tokio::time::Instant::now();
+                    // Saturating, as `tokio::time::sleep` is: a huge timeout means about never.
+                    let at = now
+                        .checked_add(this.timeout)
+                        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365));
+                    sleep.as_mut().reset(at);
+                }
+                Poll::Ready(Some(frame))
+            }
             Poll::Pending if this.ended => Poll::Pending,
             Poll::Pending => match this
                 .sleep

@@ -106,6 +106,28 @@ impl ProxyBroker for BrokerService {
         Ok(Response::new(pb::ReportFeedbackResponse { accepted: true }))
     }
 
+    /// Each message as [`Self::report_feedback`] takes it, in order; the first invalid one ends
+    /// the call (INVALID_ARGUMENT with its position); a stream silent for
+    /// `request_body_timeout_seconds` is ended (see [`crate::limits`]: tonic reads the body's
+    /// CANCELLED as the end of the stream, so the caller gets the count taken). One report is taken at a time, so
+    /// a fast sender is held back by HTTP/2 flow control, not buffered.
+    async fn report_feedback_stream(
+        &self,
+        request: Request<tonic::Streaming<pb::ProxyFeedback>>,
+    ) -> Result<Response<pb::ReportFeedbackStreamResponse>, Status> {
+        let mut stream = request.into_inner();
+        let mut accepted: u64 = 0;
+        while let Some(message) = stream.message().await? {
+            let feedback = Feedback::try_from(message).map_err(|e| {
+                Status::invalid_argument(format!("message {accepted} of the stream (counting from 0): {e}"))
+            })?;
+            self.broker.report_feedback(&feedback).await;
+            accepted += 1;
+        }
+        tracing::debug!(accepted, "feedback stream ended");
+        Ok(Response::new(pb::ReportFeedbackStreamResponse { accepted }))
+    }
+
     type WatchProxyStream = WatchStream;
 
     /// The current assignment at once, then a new one whenever its proxy is banned or ejected

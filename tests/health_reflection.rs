@@ -221,7 +221,12 @@ async fn reflection_describes_the_broker_service_and_its_methods() {
         .await;
         assert_eq!(
             methods(&files, "proxybroker.v1", "ProxyBroker"),
-            ["RequestProxy", "ReportFeedback", "WatchProxy"],
+            [
+                "RequestProxy",
+                "ReportFeedback",
+                "WatchProxy",
+                "ReportFeedbackStream"
+            ],
             "{version:?}"
         );
         let broker_file = files.iter().find(|f| f.package() == "proxybroker.v1").unwrap();
@@ -240,6 +245,17 @@ async fn reflection_describes_the_broker_service_and_its_methods() {
         assert_eq!(watch_proxy.input_type(), ".proxybroker.v1.ProxyRequest");
         assert_eq!(watch_proxy.output_type(), ".proxybroker.v1.ProxyResponse");
         assert!(watch_proxy.server_streaming() && !watch_proxy.client_streaming());
+        let stream = broker_file.service[0]
+            .method
+            .iter()
+            .find(|m| m.name() == "ReportFeedbackStream")
+            .unwrap();
+        assert_eq!(stream.input_type(), ".proxybroker.v1.ProxyFeedback");
+        assert_eq!(
+            stream.output_type(),
+            ".proxybroker.v1.ReportFeedbackStreamResponse"
+        );
+        assert!(stream.client_streaming() && !stream.server_streaming());
     }
     broker.stop().await;
 }

@@ -436,3 +436,97 @@ async fn direct_connection_feedback_is_forwarded_without_ejecting_anything() {
     assert_eq!(list_cache(&b).await.len(), 1);
     assert_eq!(feedback_stats(&b).await.ejections, 0);
 }
+
+// --- ReportFeedbackStream ---------------------------------------------------------------------
+
+/// Opens a `ReportFeedbackStream` call fed from a channel; the call's answer comes from the task.
+fn feedback_stream(
+    b: &TestBroker,
+) -> (
+    tokio::sync::mpsc::Sender<ProxyFeedback>,
+    tokio::task::JoinHandle<Result<u64, tonic::Status>>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let mut client = b.client();
+    let call = tokio::spawn(async move {
+        client
+            .report_feedback_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map(|r| r.into_inner().accepted)
+    });
+    (tx, call)
+}
+
+#[tokio::test]
+async fn a_feedback_stream_takes_every_report_as_report_feedback_would() {
+    use proxy_broker::pb::ProxyState;
+    let up = Upstream::start().await;
+    let b = broker(&[&up], "eject_after_failures: 3", "").await;
+    let proxy = ask(&b, "kraken", HTTP).await.proxy_url;
+    let (tx, call) = feedback_stream(&b);
+    for i in 0..300 {
+        // 297 successes, then three failures in a row: the proxy is ejected for kraken.
+        tx.send(report(&proxy, "kraken", i < 297)).await.unwrap();
+    }
+    drop(tx);
+    assert_eq!(call.await.unwrap().unwrap(), 300);
+    assert_eq!(feedback_stats(&b).await.enqueued, 300);
+    assert_eq!(proxy_state(&b, &proxy, "kraken").await, ProxyState::Ejected);
+    // Forwarded upstream like single reports.
+    up.wait_feedback(300).await;
+}
+
+#[tokio::test]
+async fn an_invalid_report_ends_the_stream_naming_its_position_and_field() {
+    let up = Upstream::start().await;
+    let b = broker(&[&up], "", "").await;
+    let proxy = ask(&b, "kraken", HTTP).await.proxy_url;
+    let (tx, call) = feedback_stream(&b);
+    for _ in 0..3 {
+        tx.send(report(&proxy, "kraken", true)).await.unwrap();
+    }
+    let secret = format!("socks5://user:hunter2@{}:1080", "h".repeat(2100));
+    tx.send(report(&secret, "kraken", true)).await.unwrap();
+    // Not read: the call has ended (sending may fail once the broker has answered).
+    let _ = tx.send(report(&proxy, "kraken", true)).await;
+    drop(tx);
+    let status = call.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("message 3"), "{}", status.message());
+    assert!(status.message().contains("proxy_url"), "{}", status.message());
+    assert!(!status.message().contains("hunter2"), "{}", status.message());
+    assert_eq!(
+        feedback_stats(&b).await.enqueued,
+        3,
+        "the three before it were taken"
+    );
+}
+
+#[tokio::test]
+async fn a_feedback_stream_lives_while_it_sends_and_ends_after_a_silence() {
+    let up = Upstream::start().await;
+    let mut config = upstream::config(&[up.url.as_str()], "", "");
+    config.server.request_body_timeout_seconds = 1;
+    let b = TestBroker::start(config).await;
+    let proxy = ask(&b, "kraken", HTTP).await.proxy_url;
+    // Busy for 2.5 s, longer than the body timeout, with gaps shorter than it: answered.
+    let (tx, call) = feedback_stream(&b);
+    for _ in 0..10 {
+        tx.send(report(&proxy, "kraken", true)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    drop(tx);
+    assert_eq!(call.await.unwrap().unwrap(), 10);
+    // Silent after one report (the sender still open): the broker ends the call after about the
+    // timeout instead of holding it, answering with what it took.
+    let (tx, call) = feedback_stream(&b);
+    tx.send(report(&proxy, "kraken", true)).await.unwrap();
+    let accepted = tokio::time::timeout(Duration::from_secs(30), call)
+        .await
+        .expect("the silent stream was not ended")
+        .unwrap()
+        .unwrap();
+    assert_eq!(accepted, 1);
+    drop(tx);
+    assert_eq!(feedback_stats(&b).await.enqueued, 11);
+}

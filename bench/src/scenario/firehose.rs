@@ -46,10 +46,17 @@ pub struct FirehoseArgs {
     /// Side-loop RequestProxy calls in flight.
     #[arg(long, default_value_t = 4)]
     pub side_streams: usize,
+    /// Send the reports on `ReportFeedbackStream` calls (one per connection) instead of one
+    /// `ReportFeedback` call each.
+    #[arg(long)]
+    pub stream: bool,
 }
 
 struct Fire {
+    /// Reports sent (calls started, or messages put on a stream).
     sent: u64,
+    /// Reports the broker took (stream mode: the sum of the streams' `accepted`).
+    accepted: Option<u64>,
     not_sent: u64,
     /// Sending window (calls were started during it).
     window: Duration,
@@ -74,12 +81,14 @@ pub async fn run(ctx: &Ctx, a: &FirehoseArgs) -> anyhow::Result<Vec<Table>> {
     )
     .await?;
     let side = connect(broker.addr, 1).await?;
-    let hit = Rpc::request_proxy("binance");
+    // An exchange without a connection-attempt budget (binance's built-in 300 per 5 minutes would
+    // turn the side loop into RESOURCE_EXHAUSTED answers after 300 calls, as in hit-vs-health).
+    let hit = Rpc::request_proxy("kucoin");
     let timeout = Duration::from_secs(5);
     let mut stub = Stub::new(side[0].clone());
     stub.call(&hit, timeout).await?;
-    // The URL the upstream hands out for binance: feedback is about a proxy the broker gave out.
-    let proxy_url = "socks5://binance.proxy.test:1080".to_owned();
+    // The URL the upstream hands out for kucoin: feedback is about a proxy the broker gave out.
+    let proxy_url = "socks5://kucoin.proxy.test:1080".to_owned();
     let duration = Duration::from_secs_f64(a.seconds.clamp(1.0, 120.0));
     let side_max = 10_000_000;
 
@@ -88,6 +97,12 @@ pub async fn run(ctx: &Ctx, a: &FirehoseArgs) -> anyhow::Result<Vec<Table>> {
         duration.as_secs_f64()
     ));
     let mut baseline = closed_loop(&side, a.side_streams, &hit, duration, side_max, timeout).await;
+    anyhow::ensure!(
+        baseline.errors() == 0,
+        "the side loop alone got {} errors ({}): its latency would not be a cache hit's",
+        baseline.errors(),
+        baseline.errors_text()
+    );
 
     progress(&format!(
         "firehose: {} ReportFeedback/s for {:.0} s",
@@ -102,7 +117,13 @@ pub async fn run(ctx: &Ctx, a: &FirehoseArgs) -> anyhow::Result<Vec<Table>> {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
-                .block_on(firehose(addr, &a, duration, proxy_url, ticks))
+                .block_on(async {
+                    if a.stream {
+                        streamed(addr, &a, duration, proxy_url, ticks).await
+                    } else {
+                        firehose(addr, &a, duration, proxy_url, ticks).await
+                    }
+                })
         })
     };
     let stop = Arc::new(AtomicBool::new(false));
@@ -143,9 +164,14 @@ pub async fn run(ctx: &Ctx, a: &FirehoseArgs) -> anyhow::Result<Vec<Table>> {
 
     let b = summarize(&mut baseline.micros);
     let l = summarize(&mut loaded.micros);
+    let how = if a.stream {
+        "feedback reports/s on ReportFeedbackStream"
+    } else {
+        "ReportFeedback/s"
+    };
     let mut latency = Table::new(
         format!(
-            "firehose: cache-hit RequestProxy latency, alone vs during {} ReportFeedback/s (upstream feedback {} ms)",
+            "firehose: cache-hit RequestProxy latency, alone vs during {} {how} (upstream feedback {} ms)",
             count(a.rate),
             a.feedback_delay_ms
         ),
@@ -214,10 +240,25 @@ pub async fn run(ctx: &Ctx, a: &FirehoseArgs) -> anyhow::Result<Vec<Table>> {
         ),
         format!(
             "{}/s",
-            count((fire.recorder.calls() as f64 / fire.wall.as_secs_f64()).round() as u64)
+            count(
+                (fire.accepted.unwrap_or(fire.recorder.calls()) as f64 / fire.wall.as_secs_f64()).round()
+                    as u64
+            )
         ),
-        fire.recorder.codes_text(),
-        format!("{} / {}", ms(f.p50), ms(f.p99)),
+        match fire.accepted {
+            Some(n) => format!(
+                "{} streams: {}; {} reports taken",
+                a.connections,
+                fire.recorder.codes_text(),
+                count(n)
+            ),
+            None => fire.recorder.codes_text(),
+        },
+        if fire.accepted.is_some() {
+            "(one call per stream)".to_owned()
+        } else {
+            format!("{} / {}", ms(f.p50), ms(f.p99))
+        },
         count(fire.not_sent),
         count(peak_queued),
         format!("{} (feedback_queue_size default)", count(DEFAULT_QUEUE_SIZE)),
@@ -236,7 +277,8 @@ pub async fn run(ctx: &Ctx, a: &FirehoseArgs) -> anyhow::Result<Vec<Table>> {
     feed.note(format!(
         "CPU: firehose thread {:.0} % of a core over its run, broker {:.0} % of one core (of {} cores) from the \
          firehose's start to its end; \"due but not sent\": calls due at the target rate while {} were already in \
-         flight; completed/s counts until the last call in flight ended",
+         flight (stream mode: reports due while their stream's 1,024-report send buffer was full, i.e. the \
+         broker's flow control held the sender back); completed/s counts until the last call in flight ended",
         fire.cpu_seconds / fire.wall.as_secs_f64() * 100.0,
         broker_busy * 100.0,
         crate::machine::nproc(),
@@ -260,7 +302,7 @@ async fn firehose(
 ) -> anyhow::Result<Fire> {
     let thread_ticks = cpu_ticks_of("/proc/thread-self/stat")?;
     let channels = connect(addr, a.connections).await?;
-    let rpc = Rpc::feedback(proxy_url, "binance", true);
+    let rpc = Rpc::feedback(proxy_url, "kucoin", true);
     let permits = Arc::new(Semaphore::new(a.max_in_flight.clamp(1, Semaphore::MAX_PERMITS)));
     let recorder = Arc::new(Mutex::new(Recorder::default()));
     let (mut sent, mut not_sent) = (0u64, 0u64);
@@ -297,6 +339,87 @@ async fn firehose(
     let recorder = recorder.lock().map(|r| r.clone()).unwrap_or_default();
     Ok(Fire {
         sent,
+        accepted: None,
+        not_sent,
+        window,
+        wall,
+        cpu_seconds,
+        recorder,
+    })
+}
+
+/// As [`firehose`], but the reports go on `a.connections` `ReportFeedbackStream` calls (one per
+/// connection), each fed through a buffer of 1,024 reports; a report due while its stream's
+/// buffer is full is counted as not sent.
+async fn streamed(
+    addr: std::net::SocketAddr,
+    a: &FirehoseArgs,
+    duration: Duration,
+    proxy_url: String,
+    clock_ticks: u64,
+) -> anyhow::Result<Fire> {
+    use proxy_broker_client::pb::proxy_broker_client::ProxyBrokerClient;
+    let thread_ticks = cpu_ticks_of("/proc/thread-self/stat")?;
+    let channels = connect(addr, a.connections).await?;
+    let Rpc::ReportFeedback(report) = Rpc::feedback(proxy_url, "kucoin", true) else {
+        anyhow::bail!("Rpc::feedback is not a ReportFeedback");
+    };
+    let mut senders = Vec::new();
+    let mut calls = Vec::new();
+    for channel in &channels {
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let mut client = ProxyBrokerClient::new(channel.clone());
+        senders.push(tx);
+        calls.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let result = client
+                .report_feedback_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .map(|r| r.into_inner().accepted);
+            (t.elapsed(), result)
+        }));
+    }
+    let (mut sent, mut not_sent) = (0u64, 0u64);
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let started = Instant::now();
+    while started.elapsed() < duration && sent + not_sent < a.max_calls {
+        tick.tick().await;
+        let due = ((a.rate as f64 * started.elapsed().as_secs_f64()) as u64).min(a.max_calls);
+        while sent + not_sent < due {
+            let i = usize::try_from((sent + not_sent) % senders.len() as u64).unwrap_or(0);
+            match senders[i].try_send(report.clone()) {
+                Ok(()) => sent += 1,
+                Err(_) => not_sent += 1,
+            }
+        }
+    }
+    let window = started.elapsed();
+    drop(senders);
+    let mut recorder = Recorder::default();
+    let mut accepted = 0u64;
+    for call in calls {
+        // Bounded: each stream ends once its buffer drains (the broker takes reports as they come).
+        match tokio::time::timeout(Duration::from_secs(30), call).await {
+            Ok(Ok((elapsed, result))) => {
+                if let Ok(n) = &result {
+                    accepted += n;
+                }
+                recorder.record(elapsed, &result.map(|_| crate::load::Answer::default()));
+            }
+            _ => recorder.record(
+                Duration::from_secs(30),
+                &Err(tonic::Status::deadline_exceeded(
+                    "the stream did not end within 30 s",
+                )),
+            ),
+        }
+    }
+    let wall = started.elapsed();
+    let cpu_seconds = (cpu_ticks_of("/proc/thread-self/stat")? - thread_ticks) as f64 / clock_ticks as f64;
+    Ok(Fire {
+        sent,
+        accepted: Some(accepted),
         not_sent,
         window,
         wall,

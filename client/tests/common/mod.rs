@@ -884,6 +884,15 @@ impl proxy_broker::pb::proxy_broker_server::ProxyBroker for ScriptedService {
     ) -> Result<tonic::Response<Self::WatchProxyStream>, tonic::Status> {
         Err(tonic::Status::unimplemented("the scripted broker does not watch"))
     }
+
+    async fn report_feedback_stream(
+        &self,
+        _request: tonic::Request<tonic::Streaming<proxy_broker::pb::ProxyFeedback>>,
+    ) -> Result<tonic::Response<proxy_broker::pb::ReportFeedbackStreamResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented(
+            "the scripted broker takes single reports only",
+        ))
+    }
 }
 
 /// A tonic server on 127.0.0.1 implementing `ProxyBroker` that answers every `RequestProxy` with
