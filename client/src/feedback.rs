@@ -1,7 +1,9 @@
 //! Feedback to the broker, fire-and-forget: [`FeedbackQueue::send`] puts the report in a bounded
-//! queue and returns at once; a background task delivers it with `ReportFeedback`. A full queue
-//! drops the new report and counts it; a failed delivery is logged and counted. Neither ever
-//! reaches the caller.
+//! queue and returns at once; a background task delivers it with `ReportFeedback`, or, when
+//! several are waiting, up to [`MAX_BATCH`] of them on one `ReportFeedbackStream` call (a broker
+//! without that RPC answers UNIMPLEMENTED, and the task goes back to single calls for good). A
+//! full queue drops the new report and counts it; a failed delivery is logged and counted (a
+//! failed stream counts its reports the broker did not confirm). Neither ever reaches the caller.
 
 use std::fmt;
 use std::sync::Arc;
@@ -15,6 +17,9 @@ use tokio::sync::mpsc;
 use crate::grpc::Grpc;
 use crate::pb;
 use crate::proxy::shown;
+
+/// Most queued reports sent on one `ReportFeedbackStream` call.
+pub const MAX_BATCH: usize = 256;
 
 /// Longest `error_details` the broker accepts, in bytes.
 pub use proxy_broker_core::validate::MAX_ERROR_DETAILS_LEN;
@@ -177,22 +182,74 @@ async fn worker(
     counters: Arc<Counters>,
     timeout: Duration,
 ) {
+    let mut streams = true;
     while let Some(report) = rx.recv().await {
-        let mut client = grpc.broker();
-        let mut request = tonic::Request::new(report);
-        request.set_timeout(timeout);
-        match tokio::time::timeout(timeout, client.report_feedback(request)).await {
-            Ok(Ok(_)) => {
-                counters.delivered.fetch_add(1, Ordering::Relaxed);
+        let mut batch = vec![report];
+        while streams && batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(more) => batch.push(more),
+                Err(_) => break,
             }
-            Ok(Err(status)) => {
-                counters.failed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(code = ?status.code(), message = %status.message(), "feedback not delivered");
+        }
+        if batch.len() > 1 {
+            match send_stream(&grpc, &batch, timeout).await {
+                Ok(accepted) => {
+                    let accepted = usize::try_from(accepted).unwrap_or(usize::MAX).min(batch.len());
+                    counters.delivered.fetch_add(accepted as u64, Ordering::Relaxed);
+                    counters
+                        .failed
+                        .fetch_add((batch.len() - accepted) as u64, Ordering::Relaxed);
+                    continue;
+                }
+                Err(status) if status.code() == tonic::Code::Unimplemented => {
+                    tracing::debug!("the broker has no ReportFeedbackStream: single reports from now on");
+                    streams = false;
+                }
+                Err(status) => {
+                    counters.failed.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    tracing::warn!(code = ?status.code(), message = %status.message(), reports = batch.len(), "feedback not delivered");
+                    continue;
+                }
             }
-            Err(_) => {
-                counters.failed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!("feedback not delivered: the broker did not answer in time");
-            }
+        }
+        for report in batch {
+            send_one(&grpc, report, &counters, timeout).await;
+        }
+    }
+}
+
+/// `batch` on one `ReportFeedbackStream` call: how many the broker took.
+async fn send_stream(
+    grpc: &Grpc,
+    batch: &[pb::ProxyFeedback],
+    timeout: Duration,
+) -> Result<u64, tonic::Status> {
+    let mut client = grpc.broker();
+    let mut request = tonic::Request::new(tokio_stream::iter(batch.to_vec()));
+    request.set_timeout(timeout);
+    match tokio::time::timeout(timeout, client.report_feedback_stream(request)).await {
+        Ok(answer) => answer.map(|a| a.into_inner().accepted),
+        Err(_) => Err(tonic::Status::deadline_exceeded(
+            "the broker did not answer in time",
+        )),
+    }
+}
+
+async fn send_one(grpc: &Grpc, report: pb::ProxyFeedback, counters: &Counters, timeout: Duration) {
+    let mut client = grpc.broker();
+    let mut request = tonic::Request::new(report);
+    request.set_timeout(timeout);
+    match tokio::time::timeout(timeout, client.report_feedback(request)).await {
+        Ok(Ok(_)) => {
+            counters.delivered.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(Err(status)) => {
+            counters.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(code = ?status.code(), message = %status.message(), "feedback not delivered");
+        }
+        Err(_) => {
+            counters.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("feedback not delivered: the broker did not answer in time");
         }
     }
 }

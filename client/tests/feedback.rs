@@ -139,3 +139,56 @@ async fn report_is_fire_and_forget_even_when_the_broker_is_gone() {
     assert_eq!(stats.delivered, 0);
     assert!(stats.dropped > 0, "a queue of 2 overflows: {stats:?}");
 }
+
+fn success_report(i: usize) -> Feedback {
+    Feedback {
+        proxy_url: Some(format!("socks5://p{i}:1080")),
+        exchange_id: "kucoin".into(),
+        connection_type: ConnectionType::Websocket,
+        success: true,
+        latency: Some(Duration::from_millis(5)),
+        error: None,
+        http_status: None,
+        retry_after: None,
+    }
+}
+
+/// Reports that pile up go in batches on `ReportFeedbackStream`; the real broker takes them all
+/// and forwards every one upstream.
+#[tokio::test]
+async fn a_burst_of_reports_is_delivered_in_batches_on_a_feedback_stream() {
+    let upstream = Upstream::start("socks5://up:1080", "fail").await;
+    let broker = TestBroker::delegating(&upstream).await;
+    let client = client(&broker.url()).build().unwrap();
+    for i in 0..600 {
+        client.report(success_report(i));
+    }
+    let stats = eventually("600 delivered", Duration::from_secs(20), || {
+        let s = client.feedback_stats();
+        async move { (s.delivered + s.failed + s.dropped == 600).then_some(s) }
+    })
+    .await;
+    assert_eq!((stats.delivered, stats.failed, stats.dropped), (600, 0, 0));
+    eventually("600 forwarded upstream", Duration::from_secs(20), || {
+        let n = upstream.feedback().len();
+        async move { (n == 600).then_some(()) }
+    })
+    .await;
+}
+
+/// A broker without `ReportFeedbackStream` (UNIMPLEMENTED): the client goes back to single
+/// `ReportFeedback` calls and loses nothing.
+#[tokio::test]
+async fn a_broker_without_feedback_streams_gets_single_reports() {
+    let broker = ScriptedBroker::start(Script::Answer(answer("socks5://p:1080", 60))).await;
+    let client = client(&broker.url()).build().unwrap();
+    for i in 0..300 {
+        client.report(success_report(i));
+    }
+    let stats = eventually("300 delivered", Duration::from_secs(20), || {
+        let s = client.feedback_stats();
+        async move { (s.delivered + s.failed + s.dropped == 300).then_some(s) }
+    })
+    .await;
+    assert_eq!((stats.delivered, stats.failed, stats.dropped), (300, 0, 0));
+}
