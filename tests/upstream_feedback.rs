@@ -268,10 +268,9 @@ async fn feedback_queue_overflow_is_counted_as_dropped() {
 
 // --- Outlier ejection -------------------------------------------------------------------------
 
-/// The state of `proxy` for `exchange` in `ListProxies`.
-async fn proxy_state(b: &TestBroker, proxy: &str, exchange: &str) -> proxy_broker::pb::ProxyState {
-    let rows = b
-        .admin()
+/// The rows of `ListProxies` for `exchange`.
+async fn proxy_rows(b: &TestBroker, exchange: &str) -> Vec<proxy_broker::pb::ProxyStatus> {
+    b.admin()
         .list_proxies(proxy_broker::pb::ListProxiesRequest {
             exchange_id: exchange.into(),
             ..Default::default()
@@ -279,7 +278,12 @@ async fn proxy_state(b: &TestBroker, proxy: &str, exchange: &str) -> proxy_broke
         .await
         .unwrap()
         .into_inner()
-        .proxies;
+        .proxies
+}
+
+/// The state of `proxy` for `exchange` in `ListProxies`.
+async fn proxy_state(b: &TestBroker, proxy: &str, exchange: &str) -> proxy_broker::pb::ProxyState {
+    let rows = proxy_rows(b, exchange).await;
     let shown = proxy_broker_core::redact::redact_url(proxy);
     rows.iter()
         .find(|r| r.proxy_url == shown)
@@ -330,16 +334,7 @@ async fn repeated_failure_reports_eject_the_proxy_for_that_exchange_only() {
     );
     // Nothing was reported for kraken, which has no budget: the hand-out left a mark and no
     // entry, so kraken lists no state for the proxy (and certainly no ejection).
-    let kraken_rows = b
-        .admin()
-        .list_proxies(proxy_broker::pb::ListProxiesRequest {
-            exchange_id: "kraken".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .proxies;
+    let kraken_rows = proxy_rows(&b, "kraken").await;
     assert!(
         kraken_rows.iter().all(|r| r.state() == ProxyState::Ok),
         "{kraken_rows:?}"

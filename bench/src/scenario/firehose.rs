@@ -305,31 +305,24 @@ async fn firehose(
     let rpc = Rpc::feedback(proxy_url, "kucoin", true);
     let permits = Arc::new(Semaphore::new(a.max_in_flight.clamp(1, Semaphore::MAX_PERMITS)));
     let recorder = Arc::new(Mutex::new(Recorder::default()));
-    let (mut sent, mut not_sent) = (0u64, 0u64);
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let started = Instant::now();
-    while started.elapsed() < duration && sent + not_sent < a.max_calls {
-        tick.tick().await;
-        let due = ((a.rate as f64 * started.elapsed().as_secs_f64()) as u64).min(a.max_calls);
-        while sent + not_sent < due {
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
-                not_sent += 1;
-                continue;
-            };
-            let mut stub = Stub::new(channels[(sent as usize) % channels.len()].clone());
-            let (rpc, recorder) = (rpc.clone(), recorder.clone());
-            tokio::spawn(async move {
-                let t = Instant::now();
-                let result = stub.call(&rpc, Duration::from_secs(5)).await;
-                if let Ok(mut r) = recorder.lock() {
-                    r.record(t.elapsed(), &result);
-                }
-                drop(permit);
-            });
-            sent += 1;
-        }
-    }
+    let (sent, not_sent) = paced(a, duration, |sent| {
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            return false;
+        };
+        let mut stub = Stub::new(channels[(sent as usize) % channels.len()].clone());
+        let (rpc, recorder) = (rpc.clone(), recorder.clone());
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let result = stub.call(&rpc, Duration::from_secs(5)).await;
+            if let Ok(mut r) = recorder.lock() {
+                r.record(t.elapsed(), &result);
+            }
+            drop(permit);
+        });
+        true
+    })
+    .await;
     let window = started.elapsed();
     // Wait (bounded by the calls' own 5 s deadline) for every call in flight.
     let all = u32::try_from(a.max_in_flight.clamp(1, Semaphore::MAX_PERMITS)).unwrap_or(u32::MAX);
@@ -379,21 +372,13 @@ async fn streamed(
             (t.elapsed(), result)
         }));
     }
-    let (mut sent, mut not_sent) = (0u64, 0u64);
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let started = Instant::now();
-    while started.elapsed() < duration && sent + not_sent < a.max_calls {
-        tick.tick().await;
-        let due = ((a.rate as f64 * started.elapsed().as_secs_f64()) as u64).min(a.max_calls);
-        while sent + not_sent < due {
-            let i = usize::try_from((sent + not_sent) % senders.len() as u64).unwrap_or(0);
-            match senders[i].try_send(report.clone()) {
-                Ok(()) => sent += 1,
-                Err(_) => not_sent += 1,
-            }
-        }
-    }
+    let mut next = 0usize;
+    let (sent, not_sent) = paced(a, duration, |_| {
+        next = (next + 1) % senders.len();
+        senders[next].try_send(report.clone()).is_ok()
+    })
+    .await;
     let window = started.elapsed();
     drop(senders);
     let mut recorder = Recorder::default();
@@ -426,4 +411,25 @@ async fn streamed(
         cpu_seconds,
         recorder,
     })
+}
+
+/// Calls `send(sent so far)` at `a.rate` per second (open loop, in 1 ms ticks) for `duration`,
+/// `a.max_calls` times at most; `send` says whether it sent. Returns (sent, due but not sent).
+async fn paced(a: &FirehoseArgs, duration: Duration, mut send: impl FnMut(u64) -> bool) -> (u64, u64) {
+    let (mut sent, mut not_sent) = (0u64, 0u64);
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let started = Instant::now();
+    while started.elapsed() < duration && sent + not_sent < a.max_calls {
+        tick.tick().await;
+        let due = ((a.rate as f64 * started.elapsed().as_secs_f64()) as u64).min(a.max_calls);
+        while sent + not_sent < due {
+            if send(sent) {
+                sent += 1;
+            } else {
+                not_sent += 1;
+            }
+        }
+    }
+    (sent, not_sent)
 }
