@@ -238,6 +238,32 @@ async fn ban_on_one_holds_on_the_other(reporter: &Replica, other: &Replica) -> D
     took
 }
 
+/// An exchange without a budget: the hand-out is the replica's own (nothing to count fleet-wide),
+/// yet feedback about it to that replica is applied and shared: the ban holds on the other one.
+#[tokio::test]
+async fn feedback_about_an_unbudgeted_hand_out_is_applied_by_its_replica_and_shared() {
+    let redis = RedisServer::start();
+    let upstream = shared_unless_excluded().await;
+    let config = ConfigDir::new(&fleet_yaml(
+        &upstream,
+        &redis.url(),
+        "fleet-unbudgeted:",
+        &format!("    operation_timeout_ms: {PATIENT_STORE_MS}"),
+        "",
+    ));
+    let fleet = replicas(&config, 2, &[]).await;
+    let (a, b) = (&fleet[0], &fleet[1]);
+    // kucoin has no built-in or configured budget.
+    assert_eq!(a.ask("kucoin").await.unwrap().proxy_url, SHARED);
+    a.client().report_feedback(ban("kucoin", SHARED)).await.unwrap();
+    eventually("the ban to show on the other replica", PROMPT, || async {
+        (state_of(&b.proxies("kucoin").await, SHARED) == Some(ProxyState::Banned)).then_some(())
+    })
+    .await;
+    assert_eq!(b.ask("kucoin").await.unwrap().proxy_url, "socks5://kucoin-0:1080");
+    assert_eq!(a.ask("kucoin").await.unwrap().proxy_url, "socks5://kucoin-0:1080");
+}
+
 #[tokio::test]
 async fn a_ban_reported_to_one_replica_holds_on_the_others_and_moves_their_watchers() {
     let redis = RedisServer::start();
