@@ -65,9 +65,9 @@ pub struct Choose<'a, P> {
     pub max_ejection_percent: u8,
     /// Now, on the broker's clock.
     pub now: Instant,
-    /// Where an unbudgeted hand-out is remembered instead of the store (an in-process broker's
-    /// upstream candidates, [`super::marks`]); `None`: the store counts every hand-out. Ignored
-    /// under a budget and for `least_connections`, which read the store's counts.
+    /// Where an unbudgeted hand-out is remembered instead of the store (upstream candidates and
+    /// stale answers, [`super::marks`]); `None`: the store counts every hand-out (embedded
+    /// members). Ignored under a budget and for `least_connections`, which read the store's counts.
     pub marks: Option<&'a HandOutMarks>,
 }
 
