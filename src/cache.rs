@@ -33,7 +33,7 @@
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::sync::{Arc, Mutex, TryLockError};
 use std::time::Duration;
 
 use hashbrown::HashTable;
@@ -47,6 +47,7 @@ use tokio::time::Instant;
 use crate::clock::Clock;
 use crate::json::{json_to_struct, json_to_value};
 use crate::pb;
+use crate::sync::lock;
 use crate::upstream::Answer;
 
 /// Distinct (strategy, metadata) pairs shared between entries (more are stored per entry).
@@ -499,10 +500,6 @@ impl std::fmt::Debug for AnswerCache {
             .field("stale_window", &self.stale_window)
             .finish_non_exhaustive()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Shards for `max_entries`: a power of two, at most [`MAX_SHARDS`], each sized for at least

@@ -30,6 +30,7 @@ pub mod server;
 pub mod service;
 pub mod state;
 pub mod store;
+mod sync;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

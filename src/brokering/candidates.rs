@@ -383,13 +383,9 @@ pub struct UpstreamCandidates<P> {
 
 impl<P> fmt::Debug for UpstreamCandidates<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let keys: usize = self.shards.iter().map(|s| lock_shard(s).map.len()).sum();
+        let keys: usize = self.shards.iter().map(|s| crate::sync::lock(s).map.len()).sum();
         f.debug_struct("UpstreamCandidates").field("keys", &keys).finish()
     }
-}
-
-fn lock_shard<P>(m: &Mutex<SetShard<P>>) -> MutexGuard<'_, SetShard<P>> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl<P: Clone + Send + Sync + 'static> Default for UpstreamCandidates<P> {
@@ -444,7 +440,7 @@ impl<P: Clone + Send + Sync + 'static> UpstreamCandidates<P> {
         };
         let hash = self.hasher.hash_one(&wanted);
         let now = Instant::now();
-        let mut shard = lock_shard(self.shard(hash));
+        let mut shard = crate::sync::lock(self.shard(hash));
         shard.expire(now);
         match shard.map.raw_entry_mut().from_hash(hash, |k| wanted.matches(k)) {
             RawEntryMut::Occupied(mut o) => {
@@ -478,7 +474,7 @@ impl<P: Clone + Send + Sync + 'static> UpstreamCandidates<P> {
     pub fn get(&self, key: &CandidateKey) -> Option<Arc<UpstreamSet<P>>> {
         let hash = self.hasher.hash_one(key);
         let now = Instant::now();
-        let mut shard = lock_shard(self.shard(hash));
+        let mut shard = crate::sync::lock(self.shard(hash));
         shard.expire(now);
         match shard.map.raw_entry_mut().from_key_hashed_nocheck(hash, key) {
             RawEntryMut::Occupied(mut o) => {
@@ -495,7 +491,7 @@ impl<P: Clone + Send + Sync + 'static> UpstreamCandidates<P> {
         self.shards
             .iter()
             .map(|shard| {
-                lock_shard(shard)
+                crate::sync::lock(shard)
                     .map
                     .iter()
                     .filter(|(k, held)| &*k.exchange == exchange && held.set.remove(url))
@@ -508,7 +504,7 @@ impl<P: Clone + Send + Sync + 'static> UpstreamCandidates<P> {
     pub fn clear_exchange(&self, exchange: &str) -> usize {
         let mut dropped = 0;
         for shard in &self.shards {
-            let mut shard = lock_shard(shard);
+            let mut shard = crate::sync::lock(shard);
             let before = shard.map.len();
             shard.map.retain(|k, _| &*k.exchange != exchange);
             dropped += before - shard.map.len();
@@ -519,13 +515,13 @@ impl<P: Clone + Send + Sync + 'static> UpstreamCandidates<P> {
     /// Drops every set (upstream settings changed).
     pub fn clear(&self) {
         for shard in &self.shards {
-            lock_shard(shard).map.clear();
+            crate::sync::lock(shard).map.clear();
         }
     }
 
     /// Keys held.
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| lock_shard(s).map.len()).sum()
+        self.shards.iter().map(|s| crate::sync::lock(s).map.len()).sum()
     }
 
     /// Whether no key is held.

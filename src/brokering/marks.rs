@@ -35,6 +35,8 @@ use std::time::Duration;
 use hashbrown::HashTable;
 use tokio::time::Instant;
 
+use crate::sync::lock;
+
 /// Most marks kept (≈ 16 bytes each, plus the tables' slack).
 pub const MAX_MARKS: usize = 200_000;
 /// How long a mark outlives the lease of its latest hand-out.
@@ -155,11 +157,6 @@ fn make_room(table: &mut HashTable<Mark>, max: usize, now: u32) {
             false
         }
     });
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding a mark table cannot leave it inconsistent (single inserts/removes).
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -20,13 +20,14 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dashmap::DashMap;
 use tokio::time::Instant;
 
 use super::settings::OutageSettings;
+use crate::sync::lock;
 
 /// Most exchanges tracked at once.
 pub const MAX_EXCHANGES: usize = 1024;
@@ -169,10 +170,6 @@ impl Default for OutageGuard {
     fn default() -> Self {
         Self::new()
     }
-}
-
-fn lock(m: &Mutex<Window>) -> MutexGuard<'_, Window> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn window_of(s: &OutageSettings) -> Duration {

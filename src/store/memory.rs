@@ -34,7 +34,7 @@ use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -56,6 +56,7 @@ use crate::brokering::settings::OutageSettings;
 use crate::brokering::settings::{Budget, MAX_BAN};
 use crate::brokering::sticky::digest64;
 use crate::clock::Clock;
+use crate::sync::lock;
 
 /// Default cap on (proxy, exchange) entries.
 pub const DEFAULT_MAX_ENTRIES: usize = 100_000;
@@ -323,10 +324,6 @@ impl Leases {
 
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn lock(m: &Mutex<Entry>) -> MutexGuard<'_, Entry> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Entry {
