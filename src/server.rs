@@ -8,18 +8,17 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tonic::server::NamedService;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tower::ServiceBuilder;
 
 use crate::admin::AdminService;
-use crate::auth::BearerAuth;
+use crate::auth::{Authenticated, BearerAuth};
 use crate::broker::Broker;
 use crate::config::{BrokerConfig, Reflection};
 use crate::pb;
 use crate::pb::proxy_broker_admin_server::ProxyBrokerAdminServer;
-use crate::pb::proxy_broker_server::ProxyBrokerServer;
+use crate::pb::wire::proxy_broker_server::ProxyBrokerServer;
 use crate::service::BrokerService;
 
 /// Every service the broker serves, by its fully-qualified name (health reports each).
@@ -155,11 +154,11 @@ pub async fn serve(
         .layer(crate::limits::AdmissionLayer::new(feed_stack, other_stack))
         // Health stays open so that probes work whatever the auth settings.
         .add_service(health_service)
-        .add_service(InterceptedService::new(
+        .add_service(Authenticated::new(
             ProxyBrokerServer::new(BrokerService::new(broker.clone())).max_decoding_message_size(max_message),
             auth.clone(),
         ))
-        .add_service(InterceptedService::new(
+        .add_service(Authenticated::new(
             ProxyBrokerAdminServer::new(AdminService::new(broker.clone()))
                 .max_decoding_message_size(max_message),
             auth.clone(),
@@ -169,11 +168,8 @@ pub async fn serve(
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?),
         Reflection::Authenticated => router
-            .add_service(InterceptedService::new(reflection().build_v1()?, auth.clone()))
-            .add_service(InterceptedService::new(
-                reflection().build_v1alpha()?,
-                auth.clone(),
-            )),
+            .add_service(Authenticated::new(reflection().build_v1()?, auth.clone()))
+            .add_service(Authenticated::new(reflection().build_v1alpha()?, auth.clone())),
         Reflection::Disabled => router,
     };
 
