@@ -17,6 +17,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // (src/codec.rs).
     tonic_prost_build::configure()
         .codec_path("crate::codec::ProstCodec")
-        .compile_fds(fds)?;
+        .compile_fds(fds.clone())?;
+    // The feed service once more, on its own: the server side of `ProxyBroker` answers with
+    // `crate::wire::ProxyAnswer` (a `ProxyResponse` on the wire that a cache hit sends from bytes
+    // encoded once per entry, src/wire.rs); every message type is the one generated above.
+    let mut server_only = fds;
+    for file in &mut server_only.file {
+        file.service.retain(|s| s.name() == "ProxyBroker");
+    }
+    let server_dir = out.join("wire_server");
+    std::fs::create_dir_all(&server_dir)?;
+    tonic_prost_build::configure()
+        .build_client(false)
+        .out_dir(&server_dir)
+        .codec_path("crate::codec::ProstCodec")
+        .extern_path(".proxybroker.v1.ProxyResponse", "crate::wire::ProxyAnswer")
+        .extern_path(".proxybroker.v1", "crate::pb")
+        .compile_fds(server_only)?;
     Ok(())
 }

@@ -40,6 +40,7 @@ use crate::request::{Feedback, Lookup};
 use crate::state::{Delegation, State};
 use crate::store::{BuiltStore, Change, Store, StoreStatus, build_store};
 use crate::upstream::Failure;
+use crate::wire::ProxyAnswer;
 
 pub use crate::cache::STALE_ANSWER_TTL;
 pub use crate::state::ReloadSummary;
@@ -260,6 +261,18 @@ impl Broker {
         lookup: &Lookup,
         wait_until: Option<Instant>,
     ) -> Result<pb::ProxyResponse, Error> {
+        self.request_answer(lookup, wait_until)
+            .await
+            .map(ProxyAnswer::into_response)
+    }
+
+    /// [`Broker::request_proxy`]'s answer as the server sends it: a cache hit's from the bytes
+    /// its entry encoded once ([`Cached::hit_response`]).
+    pub async fn request_answer(
+        &self,
+        lookup: &Lookup,
+        wait_until: Option<Instant>,
+    ) -> Result<ProxyAnswer, Error> {
         let state = self.state.load_full();
         let ask = Ask {
             exchange: &lookup.exchange_id,
@@ -267,10 +280,43 @@ impl Broker {
             region: lookup.region.as_deref(),
             sticky_key: lookup.sticky_key.as_deref(),
             ttl: state.embedded_ttl(),
+            started: None,
         };
         let Some(d) = &state.delegation else {
-            return self.embedded(&state, &ask).await;
+            return Box::pin(self.embedded(&state, &ask)).await.map(ProxyAnswer::from);
         };
+        let started = self.clock.now();
+        let ask = Ask {
+            started: Some(started),
+            ..ask
+        };
+        // A cache hit is chosen at once: no future is built for it, no timer armed, and the
+        // lookup's large state (below, boxed) is never allocated.
+        if let Some(picked) = self.brokering.choose_delegated_now(&ask) {
+            // An answer another call's lookup fetched after this call started is UPSTREAM.
+            let upstream = picked.payload.fetched_at >= started;
+            if upstream {
+                self.metrics.coalesced.inc();
+            } else {
+                self.metrics.cache_hits.inc();
+            }
+            return Ok(self.delegated_answer(&picked, upstream, Some(started)));
+        }
+        Box::pin(self.delegated(&state, d, lookup, &ask, started, wait_until)).await
+    }
+
+    /// [`Broker::request_answer`] when the answer is not at hand: candidates are chosen again,
+    /// and refilled from the cache or upstream (this call's own lookup or one it joins) if none
+    /// is eligible; then the fallbacks.
+    async fn delegated(
+        &self,
+        state: &State,
+        d: &Arc<Delegation>,
+        lookup: &Lookup,
+        ask: &Ask<'_>,
+        started: Instant,
+        wait_until: Option<Instant>,
+    ) -> Result<ProxyAnswer, Error> {
         // Built only when needed (a refill or a fallback): a hit does not allocate it.
         let key = || {
             CacheKey::new(
@@ -279,13 +325,14 @@ impl Broker {
                 lookup.region.as_deref(),
             )
         };
-        let started = self.clock.now();
         // Whether this call asked upstream itself (else it waited for another call's lookup).
         let asked = std::sync::atomic::AtomicBool::new(false);
-        let choice = self.brokering.choose_delegated(&ask, |exclude| {
+        let choice = self.brokering.choose_delegated(ask, |exclude| {
             asked.store(true, Ordering::Relaxed);
             let (d, key) = (d.clone(), key());
-            async move {
+            // Boxed: the lookup's state (hedged upstream calls) is large, and a hit never builds
+            // it; unboxed it would make every call's future (moved a few times per call) as big.
+            Box::pin(async move {
                 let cached = self.refill(&d, key, lookup, exclude).await?;
                 Ok(Some(Offer {
                     url: cached.proxy_url().to_owned(),
@@ -294,17 +341,24 @@ impl Broker {
                     weight: 1.0,
                     payload: cached,
                 }))
-            }
+            })
         });
         // A hit is ready at its first poll: only a call that has to wait arms a timer.
         let mut choice = std::pin::pin!(choice);
         let first = std::future::poll_fn(|cx| std::task::Poll::Ready(choice.as_mut().poll(cx))).await;
-        let choice = match (first, wait_until) {
-            (std::task::Poll::Ready(choice), _) => choice,
-            (std::task::Poll::Pending, Some(deadline)) => tokio::time::timeout_at(deadline, choice)
-                .await
-                .unwrap_or_else(|_| Err(NotPicked::Upstream(Some(RefillError::Failed(deadline_failure()))))),
-            (std::task::Poll::Pending, None) => choice.await,
+        // And it is answered as of when it started (no more clock reads); a call that waited
+        // reads the clock again.
+        let (choice, answered_at) = match (first, wait_until) {
+            (std::task::Poll::Ready(choice), _) => (choice, Some(started)),
+            (std::task::Poll::Pending, Some(deadline)) => (
+                tokio::time::timeout_at(deadline, choice)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(NotPicked::Upstream(Some(RefillError::Failed(deadline_failure()))))
+                    }),
+                None,
+            ),
+            (std::task::Poll::Pending, None) => (choice.await, None),
         };
         match choice {
             Ok(picked) => {
@@ -315,7 +369,7 @@ impl Broker {
                 } else if !asked.load(Ordering::Relaxed) {
                     self.metrics.coalesced.inc();
                 }
-                Ok(self.delegated_answer(&picked, upstream))
+                Ok(self.delegated_answer(&picked, upstream, answered_at))
             }
             Err(NotPicked::Upstream(e)) => {
                 let failures = match e {
@@ -326,15 +380,22 @@ impl Broker {
                         reason: "a concurrent upstream lookup for the same key failed".into(),
                     }])),
                 };
-                self.upstream_fallback(&state, d, &key(), &ask, failures.as_deref().map(Vec::as_slice))
-                    .await
+                Box::pin(self.upstream_fallback(
+                    state,
+                    d,
+                    &key(),
+                    ask,
+                    failures.as_deref().map(Vec::as_slice),
+                ))
+                .await
+                .map(ProxyAnswer::from)
             }
             Err(NotPicked::Exhausted(e)) => {
                 if state.config.proxy.external_service.fallback_to_embedded
-                    && let Ok(Some(picked)) = self.brokering.choose_embedded(&ask).await
+                    && let Ok(Some(picked)) = Box::pin(self.brokering.choose_embedded(ask)).await
                 {
                     tracing::debug!(exchange = %lookup.exchange_id, "upstream candidates exhausted: answering from the embedded configuration");
-                    return Ok(self.embedded_answer(&state, Some(&picked)));
+                    return Ok(self.embedded_answer(state, Some(&picked)).into());
                 }
                 Err(Error::ResourceExhausted {
                     message: e.message,
@@ -508,22 +569,33 @@ impl Broker {
         }
     }
 
-    /// A CACHE answer (UPSTREAM when this call's lookup fetched it) for `picked`.
-    fn delegated_answer(&self, picked: &Picked<Arc<Cached>>, upstream: bool) -> pb::ProxyResponse {
-        let now = self.clock.now();
-        let mut answer = if upstream {
-            picked.payload.upstream_response()
+    /// A CACHE answer (UPSTREAM when this call's lookup fetched it) for `picked`, as of `now` on
+    /// the broker's clock (`None`: read it).
+    fn delegated_answer(
+        &self,
+        picked: &Picked<Arc<Cached>>,
+        upstream: bool,
+        now: Option<Instant>,
+    ) -> ProxyAnswer {
+        let now = now.unwrap_or_else(|| self.clock.now());
+        let lease_expires_at = self.wall_time_at(picked.lease_expires_at, now);
+        if upstream {
+            let mut answer = picked.payload.upstream_response();
+            answer.lease_expires_at = Some(lease_expires_at);
+            answer.into()
         } else {
-            picked.payload.fresh_response(now)
-        };
-        answer.lease_expires_at = Some(self.wall_time(picked.lease_expires_at));
-        answer
+            picked.payload.hit_response(now, lease_expires_at)
+        }
     }
 
     /// `at` on the broker's clock as a wall-clock timestamp.
     fn wall_time(&self, at: Instant) -> prost_types::Timestamp {
-        let left = at.saturating_duration_since(self.clock.now());
-        prost_types::Timestamp::from(SystemTime::now() + left)
+        self.wall_time_at(at, self.clock.now())
+    }
+
+    /// [`Broker::wall_time`] with the broker's clock read as `now` (a moment ago).
+    fn wall_time_at(&self, at: Instant, now: Instant) -> prost_types::Timestamp {
+        prost_types::Timestamp::from(SystemTime::now() + at.saturating_duration_since(now))
     }
 
     /// Takes a validated feedback report: queues it for upstream (with `http_status` and

@@ -39,6 +39,7 @@ use std::time::Duration;
 use hashbrown::HashTable;
 use hashlink::LinkedHashMap;
 use hashlink::linked_hash_map::RawEntryMut;
+use once_cell::race::OnceBox;
 use prost::Message;
 use proxy_broker_core::ConnectionType;
 use rand::Rng;
@@ -49,6 +50,7 @@ use crate::json::{json_to_struct, json_to_value};
 use crate::pb;
 use crate::sync::lock;
 use crate::upstream::Answer;
+use crate::wire::{Head, ProxyAnswer};
 
 /// Distinct (strategy, metadata) pairs shared between entries (more are stored per entry).
 const METADATA_SHARED: u64 = 10_000;
@@ -258,6 +260,10 @@ pub struct Cached {
     ttl_seconds: u16,
     /// [`pb::FallbackPolicy`] (a handful of values).
     fallback_policy: u8,
+    /// The CACHE answer's unchanging fields, encoded on the entry's first hit
+    /// ([`Cached::hit_response`]); a pointer until then, so an entry that is never hit stays
+    /// within its 128-byte allocation.
+    head: OnceBox<Head>,
 }
 
 impl std::fmt::Debug for Cached {
@@ -321,6 +327,17 @@ impl Cached {
         // more than the upstream (or the 3600 s cap) allowed.
         response.ttl_seconds = self.remaining_ttl(now).min(response.ttl_seconds);
         response
+    }
+
+    /// [`Cached::fresh_response`] ready to send, lease end included: the unchanging fields are
+    /// encoded once per entry, on its first hit, and shared by every hit after it.
+    pub fn hit_response(&self, now: Instant, lease_expires_at: prost_types::Timestamp) -> ProxyAnswer {
+        let head = self
+            .head
+            .get_or_init(|| Box::new(Head::encode(&self.response())))
+            .clone();
+        let ttl_seconds = self.remaining_ttl(now).min(self.ttl_seconds());
+        ProxyAnswer::ready(head, ttl_seconds, pb::ProxySource::Cache, Some(lease_expires_at))
     }
 
     /// The UPSTREAM answer of the flight that fetched this entry.
@@ -711,6 +728,7 @@ impl AnswerCache {
             stale_ms: self.stale_ms,
             ttl_seconds: u16::try_from(answer.ttl_seconds.min(MAX_TTL_SECONDS)).unwrap_or(u16::MAX),
             fallback_policy: u8::try_from(i32::from(answer.fallback_policy)).unwrap_or_default(),
+            head: OnceBox::new(),
         });
         let wanted = parts(&key);
         let hash = self.hash_key(wanted);
@@ -949,9 +967,9 @@ mod tests {
 
     #[test]
     fn an_entry_stays_within_its_size_budget() {
-        // 104 bytes + the Arc's two counters = 120, one 128-byte malloc chunk; the key inline.
+        // 112 bytes + the Arc's two counters = 128, one 128-byte malloc chunk; the key inline.
         assert!(
-            std::mem::size_of::<Cached>() <= 104,
+            std::mem::size_of::<Cached>() <= 112,
             "{}",
             std::mem::size_of::<Cached>()
         );

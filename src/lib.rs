@@ -34,6 +34,7 @@ mod sync;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;
+pub mod wire;
 
 pub use config::BrokerConfig;
 pub use server::{run, serve};

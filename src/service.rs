@@ -9,12 +9,13 @@ use crate::broker::Broker;
 use crate::brokering::settings::normalise_exchange;
 use crate::brokering::watch;
 use crate::pb;
-use crate::pb::proxy_broker_server::ProxyBroker;
+use crate::pb::wire::proxy_broker_server::ProxyBroker;
 use crate::request::{Feedback, Lookup};
+use crate::wire::ProxyAnswer;
 
 /// `WatchProxy`'s stream of assignments (boxed: the watcher implementation is free to change).
 pub type WatchStream =
-    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ProxyResponse, Status>> + Send + 'static>>;
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<ProxyAnswer, Status>> + Send + 'static>>;
 
 /// The feed-facing service.
 #[derive(Debug, Clone)]
@@ -39,7 +40,7 @@ impl ProxyBroker for BrokerService {
     async fn request_proxy(
         &self,
         request: Request<pb::ProxyRequest>,
-    ) -> Result<Response<pb::ProxyResponse>, Status> {
+    ) -> Result<Response<ProxyAnswer>, Status> {
         let started = tokio::time::Instant::now();
         // How long this caller waits for upstreams: the earlier of its deadline and the server's
         // own per-call limit, less a margin to answer with the fallback instead of
@@ -52,31 +53,39 @@ impl ProxyBroker for BrokerService {
         let connection_type = request.get_ref().connection_type;
         let span = rpc_span(&request);
         let req = request.into_inner();
-        let result = async move {
-            let result = async {
-                let lookup = Lookup::try_from(req)?;
-                self.broker.request_proxy(&lookup, Some(wait_until)).await
-            }
-            .await;
-            let span = tracing::Span::current();
-            if !span.is_disabled() {
-                match &result {
-                    Ok(answer) => {
-                        span.record("source", source_label(answer.source()));
-                        span.record("upstream_endpoint", answer.upstream_endpoint.as_str());
-                        span.record("cache_hit", answer.source() == pb::ProxySource::Cache);
-                        span.record("outcome", "ok");
-                    }
-                    Err(e) => {
-                        span.record("outcome", tracing::field::display(e));
-                    }
-                }
-            }
+        // Pinned where it is built: never moved again (it is a few hundred bytes).
+        let mut answer = std::pin::pin!(async {
+            let lookup = Lookup::try_from(req)?;
+            self.broker.request_answer(&lookup, Some(wait_until)).await
+        });
+        let result = if span.is_none() {
+            // Nobody listens: no span to enter on every poll, nothing to record.
+            let result = answer.await;
             tracing::debug!("answered");
             result.map_err(Status::from)
-        }
-        .instrument(span)
-        .await;
+        } else {
+            let recorded = span.clone();
+            async move {
+                let result = answer.as_mut().await;
+                match &result {
+                    Ok(answer) => {
+                        recorded.record("source", source_label(answer.source()));
+                        // A ready answer holds its endpoint encoded: decoded for the span only.
+                        let endpoint = answer.clone().into_response().upstream_endpoint;
+                        recorded.record("upstream_endpoint", endpoint.as_str());
+                        recorded.record("cache_hit", answer.source() == pb::ProxySource::Cache);
+                        recorded.record("outcome", "ok");
+                    }
+                    Err(e) => {
+                        recorded.record("outcome", tracing::field::display(e));
+                    }
+                }
+                tracing::debug!("answered");
+                result.map_err(Status::from)
+            }
+            .instrument(span)
+            .await
+        };
         // Counters resolved once per label set and a lock-free histogram: nothing allocated here.
         let metrics = self.broker.metrics();
         let (source, code) = match &result {
@@ -166,11 +175,10 @@ impl ProxyBroker for BrokerService {
                     .map_err(Status::from)
             }
         };
-        Ok(Response::new(Box::pin(watch::assignments(
-            registration,
-            &exchange,
-            first,
-            ask,
+        let assignments = watch::assignments(registration, &exchange, first, ask);
+        Ok(Response::new(Box::pin(tokio_stream::StreamExt::map(
+            assignments,
+            |answer| answer.map(ProxyAnswer::from),
         ))))
     }
 }

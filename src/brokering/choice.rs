@@ -18,6 +18,7 @@ use std::time::Duration;
 use proxy_broker_core::redact::redact_url;
 use proxy_broker_core::{ConnectionType, Strategy};
 use rand::Rng;
+use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use super::candidates::{Candidate, MAX_CANDIDATE_TTL};
@@ -26,6 +27,10 @@ use super::marks::HandOutMarks;
 use super::settings::Budget;
 use super::sticky;
 use crate::store::{Attempt, HandOut, ProxyState, StateKey, Store, StoreError};
+
+/// Per-member scratch of one choice, on the stack up to 8 members (most sets hold one to three):
+/// a cache hit allocates none of it.
+type PerMember<T> = SmallVec<[T; 8]>;
 
 /// How the eligible candidates are ordered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,118 +165,35 @@ enum Tier {
 
 /// Chooses one of `input.members` and counts its attempt (see the module docs).
 pub async fn choose<P: Clone>(store: &dyn Store, input: Choose<'_, P>) -> Result<Choice<P>, StoreError> {
+    let urls: PerMember<&str> = input.members.iter().map(|m| &*m.url).collect();
+    let states = match store.choice_states_now(input.exchange, &urls) {
+        Some(states) => states,
+        None => store.choice_states(input.exchange, &urls).await?,
+    };
+    let mut plan = Plan::new(&input, &states);
+    if let Some(marks) = marked(&input) {
+        return Ok(plan.hand_out_marked(&input, marks));
+    }
     let Choose {
         exchange,
         connection_type,
         members,
         order,
-        cursor,
         budget,
         ttl,
         jitter,
         allow_penalised,
-        max_ejection_percent,
         now,
-        marks,
+        ..
     } = input;
-    let marks =
-        marks.filter(|_| budget.is_none() && !matches!(order, Order::Strategy(Strategy::LeastConnections)));
-    let urls: Vec<&str> = members.iter().map(|m| &*m.url).collect();
-    let states = store.choice_states(exchange, &urls).await?;
-    let clean = ProxyState::default();
-    let state = |i: usize| states.get(i).and_then(Option::as_ref).unwrap_or(&clean);
-    let ejected = counted_ejections(members.len(), max_ejection_percent, |i| {
-        state(i).ejected_until.filter(|&t| t > now)
-    });
-    let mut short = Shortfall {
-        total: members.len(),
-        ..Shortfall::default()
-    };
-    let mut usable_at: Option<Instant> = None;
-    let tiers: Vec<Tier> = (0..members.len())
-        .map(|i| {
-            // A store answering with fewer states than asked counts the rest as clean slates.
-            let st = state(i);
-            let window = st.window(connection_type);
-            let full = match (budget, window) {
-                (Some(b), Some(w)) => !w.has_headroom(b),
-                (Some(b), None) => b.attempts == 0,
-                (None, _) => false,
-            };
-            let mut at: Option<Instant> = None;
-            let mut later = |t: Option<Instant>| {
-                if let Some(t) = t {
-                    at = Some(at.map_or(t, |a| a.max(t)));
-                }
-            };
-            let banned = st.banned_until.is_some_and(|t| t > now);
-            let ejected = ejected[i];
-            if banned {
-                later(st.banned_until);
-            }
-            if ejected {
-                later(st.ejected_until);
-            }
-            if full {
-                later(
-                    window
-                        .and_then(|w| w.frees_at)
-                        .or_else(|| budget.map(|b| now + b.per)),
-                );
-            }
-            if let Some(at) = at {
-                usable_at = Some(usable_at.map_or(at, |u| u.min(at)));
-            }
-            if banned {
-                short.banned += 1;
-                Tier::Out
-            } else if ejected {
-                short.ejected += 1;
-                Tier::Out
-            } else if full {
-                short.no_headroom += 1;
-                Tier::Out
-            } else if st.penalised_until.is_some_and(|t| t > now) {
-                short.penalised += 1;
-                Tier::Penalised
-            } else {
-                Tier::Eligible
-            }
-        })
-        .collect();
-    let ranked = rank(members, order, cursor, &states);
-    let mut tried = vec![false; members.len()];
-    let passes: &[Tier] = if allow_penalised {
-        &[Tier::Eligible, Tier::Penalised]
-    } else {
-        &[Tier::Eligible]
-    };
-    for &pass in passes {
-        for &i in &ranked {
-            if tiers[i] != pass || tried[i] {
+    for &pass in passes(allow_penalised) {
+        for &i in &plan.ranked {
+            if plan.tiers[i] != pass || plan.tried[i] {
                 continue;
             }
-            tried[i] = true;
+            plan.tried[i] = true;
             let member = &members[i];
-            let lease_ttl = member
-                .expires_at
-                .map_or(ttl, |e| e.saturating_duration_since(now))
-                .min(MAX_CANDIDATE_TTL);
-            let lease = random_lease(lease_ttl, jitter);
-            if let Some(marks) = marks {
-                let lease_expires_at = lease_end(now, lease);
-                marks.mark(exchange, &member.url, lease_expires_at, now);
-                return Ok(Choice::Picked(Picked {
-                    url: member.url.clone(),
-                    payload: member.payload.clone(),
-                    lease_expires_at,
-                    expires_at: member.expires_at,
-                    used: 0,
-                    budget: None,
-                    penalised: pass == Tier::Penalised,
-                    sticky: matches!(order, Order::Sticky(_)),
-                }));
-            }
+            let lease = random_lease(lease_ttl(member, ttl, now), jitter);
             let key = StateKey {
                 proxy: &member.url,
                 exchange,
@@ -296,16 +218,175 @@ pub async fn choose<P: Clone>(store: &dyn Store, input: Choose<'_, P>) -> Result
                 }
                 Attempt::Exhausted { retry_after } => {
                     // Filled since the snapshot.
-                    short.no_headroom += 1;
+                    plan.short.no_headroom += 1;
                     let at = now + retry_after;
-                    usable_at = Some(usable_at.map_or(at, |u| u.min(at)));
+                    plan.usable_at = Some(plan.usable_at.map_or(at, |u| u.min(at)));
                 }
             }
         }
     }
-    short.exclude = members.iter().map(|m| m.url.clone()).collect();
-    short.retry_after = usable_at.map(|t| t.saturating_duration_since(now));
-    Ok(Choice::Short(short))
+    Ok(plan.into_short(members, now))
+}
+
+/// [`choose`] at once, when it needs nothing that waits: the store has the states at hand
+/// ([`Store::choice_states_now`]) and the hand-out is only marked (no budget or lease count to
+/// make in the store). `None`: call [`choose`]. A cache hit of an unbudgeted exchange is chosen
+/// this way, without a future.
+pub fn choose_now<P: Clone>(store: &dyn Store, input: &Choose<'_, P>) -> Option<Choice<P>> {
+    let marks = marked(input)?;
+    let urls: PerMember<&str> = input.members.iter().map(|m| &*m.url).collect();
+    let states = store.choice_states_now(input.exchange, &urls)?;
+    Some(Plan::new(input, &states).hand_out_marked(input, marks))
+}
+
+/// Where `input`'s hand-out is remembered when it is not counted in the store.
+fn marked<'a, P>(input: &Choose<'a, P>) -> Option<&'a HandOutMarks> {
+    input.marks.filter(|_| {
+        input.budget.is_none() && !matches!(input.order, Order::Strategy(Strategy::LeastConnections))
+    })
+}
+
+/// The tiers to pick from, best first.
+fn passes(allow_penalised: bool) -> &'static [Tier] {
+    if allow_penalised {
+        &[Tier::Eligible, Tier::Penalised]
+    } else {
+        &[Tier::Eligible]
+    }
+}
+
+/// A member's lease TTL: until it expires (upstream answers), else `ttl`.
+fn lease_ttl<P>(member: &Candidate<P>, ttl: Duration, now: Instant) -> Duration {
+    member
+        .expires_at
+        .map_or(ttl, |e| e.saturating_duration_since(now))
+        .min(MAX_CANDIDATE_TTL)
+}
+
+/// What a choice knows before handing out: each member's tier, the preferred order, and the
+/// shortfall so far.
+struct Plan {
+    tiers: PerMember<Tier>,
+    ranked: PerMember<usize>,
+    tried: PerMember<bool>,
+    short: Shortfall,
+    usable_at: Option<Instant>,
+}
+
+impl Plan {
+    fn new<P>(input: &Choose<'_, P>, states: &[Option<ProxyState>]) -> Self {
+        let Choose {
+            connection_type,
+            members,
+            order,
+            cursor,
+            budget,
+            max_ejection_percent,
+            now,
+            ..
+        } = *input;
+        let clean = ProxyState::default();
+        let state = |i: usize| states.get(i).and_then(Option::as_ref).unwrap_or(&clean);
+        let ejected = counted_ejections(members.len(), max_ejection_percent, |i| {
+            state(i).ejected_until.filter(|&t| t > now)
+        });
+        let mut short = Shortfall {
+            total: members.len(),
+            ..Shortfall::default()
+        };
+        let mut usable_at: Option<Instant> = None;
+        let tiers: PerMember<Tier> = (0..members.len())
+            .map(|i| {
+                // A store answering with fewer states than asked counts the rest as clean slates.
+                let st = state(i);
+                let window = st.window(connection_type);
+                let full = match (budget, window) {
+                    (Some(b), Some(w)) => !w.has_headroom(b),
+                    (Some(b), None) => b.attempts == 0,
+                    (None, _) => false,
+                };
+                let mut at: Option<Instant> = None;
+                let mut later = |t: Option<Instant>| {
+                    if let Some(t) = t {
+                        at = Some(at.map_or(t, |a| a.max(t)));
+                    }
+                };
+                let banned = st.banned_until.is_some_and(|t| t > now);
+                let ejected = ejected[i];
+                if banned {
+                    later(st.banned_until);
+                }
+                if ejected {
+                    later(st.ejected_until);
+                }
+                if full {
+                    later(
+                        window
+                            .and_then(|w| w.frees_at)
+                            .or_else(|| budget.map(|b| now + b.per)),
+                    );
+                }
+                if let Some(at) = at {
+                    usable_at = Some(usable_at.map_or(at, |u| u.min(at)));
+                }
+                if banned {
+                    short.banned += 1;
+                    Tier::Out
+                } else if ejected {
+                    short.ejected += 1;
+                    Tier::Out
+                } else if full {
+                    short.no_headroom += 1;
+                    Tier::Out
+                } else if st.penalised_until.is_some_and(|t| t > now) {
+                    short.penalised += 1;
+                    Tier::Penalised
+                } else {
+                    Tier::Eligible
+                }
+            })
+            .collect();
+        Self {
+            ranked: rank(members, order, cursor, states),
+            tried: smallvec::smallvec![false; members.len()],
+            tiers,
+            short,
+            usable_at,
+        }
+    }
+
+    /// Hands out the best member and marks it in `marks` (nothing in the store), or comes up
+    /// short.
+    fn hand_out_marked<P: Clone>(self, input: &Choose<'_, P>, marks: &HandOutMarks) -> Choice<P> {
+        let now = input.now;
+        for &pass in passes(input.allow_penalised) {
+            if let Some(&i) = self.ranked.iter().find(|&&i| self.tiers[i] == pass) {
+                let member = &input.members[i];
+                let lease = random_lease(lease_ttl(member, input.ttl, now), input.jitter);
+                let lease_expires_at = lease_end(now, lease);
+                marks.mark(input.exchange, &member.url, lease_expires_at, now);
+                return Choice::Picked(Picked {
+                    url: member.url.clone(),
+                    payload: member.payload.clone(),
+                    lease_expires_at,
+                    expires_at: member.expires_at,
+                    used: 0,
+                    budget: None,
+                    penalised: pass == Tier::Penalised,
+                    sticky: matches!(input.order, Order::Sticky(_)),
+                });
+            }
+        }
+        self.into_short(input.members, now)
+    }
+
+    /// Nothing could be handed out.
+    fn into_short<P>(self, members: &[Candidate<P>], now: Instant) -> Choice<P> {
+        let mut short = self.short;
+        short.exclude = members.iter().map(|m| m.url.clone()).collect();
+        short.retry_after = self.usable_at.map(|t| t.saturating_duration_since(now));
+        Choice::Short(short)
+    }
 }
 
 /// Which of `n` members count as ejected: those ejected (`ejected_until(i)` is `Some`), less the
@@ -314,11 +395,11 @@ fn counted_ejections(
     n: usize,
     max_percent: u8,
     ejected_until: impl Fn(usize) -> Option<Instant>,
-) -> Vec<bool> {
-    let mut ejected: Vec<(Instant, usize)> =
+) -> PerMember<bool> {
+    let mut ejected: PerMember<(Instant, usize)> =
         (0..n).filter_map(|i| ejected_until(i).map(|t| (t, i))).collect();
     let allowed = n * usize::from(max_percent.min(100)) / 100;
-    let mut counted = vec![false; n];
+    let mut counted: PerMember<bool> = smallvec::smallvec![false; n];
     if ejected.len() > allowed {
         // Keep the ejections that last longest; forgive the rest.
         ejected.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
@@ -336,16 +417,16 @@ fn rank<P>(
     order: Order<'_>,
     cursor: &AtomicUsize,
     states: &[Option<ProxyState>],
-) -> Vec<usize> {
+) -> PerMember<usize> {
     let n = members.len();
     if n == 0 {
-        return Vec::new();
+        return PerMember::new();
     }
     match order {
         Order::Static => (0..n).collect(),
         Order::Sticky(key) => {
             let weighted: Vec<(&str, f64)> = members.iter().map(|m| (&*m.url, m.weight)).collect();
-            sticky::rank(key, &weighted)
+            PerMember::from_vec(sticky::rank(key, &weighted))
         }
         Order::Strategy(Strategy::RoundRobin) => {
             let start = cursor.fetch_add(1, Ordering::Relaxed) % n;
@@ -355,7 +436,7 @@ fn rank<P>(
             // Efraimidis–Spirakis: sorting by u^(1/w) is a weighted draw without replacement, so the
             // first is picked in proportion to its weight and the rest are its fallbacks.
             let mut rng = rand::rng();
-            let mut keyed: Vec<(f64, usize)> = members
+            let mut keyed: PerMember<(f64, usize)> = members
                 .iter()
                 .enumerate()
                 .map(|(i, m)| {
@@ -371,7 +452,7 @@ fn rank<P>(
             keyed.into_iter().map(|(_, i)| i).collect()
         }
         Order::Strategy(Strategy::LeastConnections) => {
-            let mut order: Vec<usize> = (0..n).collect();
+            let mut order: PerMember<usize> = (0..n).collect();
             order.sort_by_key(|&i| {
                 (
                     states
@@ -690,7 +771,7 @@ mod tests {
         for (row, ends, pct, expected) in rows {
             assert_eq!(
                 counted_ejections(ends.len(), pct, |i| ends[i]),
-                expected,
+                PerMember::from_vec(expected),
                 "row {row}"
             );
         }

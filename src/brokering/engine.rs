@@ -12,13 +12,14 @@ use arc_swap::ArcSwap;
 use proxy_broker_core::redact::redact_url;
 use proxy_broker_core::{ConnectionType, ProxySettings, Strategy};
 use tokio::sync::broadcast;
+use tokio::time::Instant;
 
 use super::bans::{self, Applied, BanPolicy, Verdict};
 use super::candidates::{
     Candidate, CandidateKey, EmbeddedCandidates, EmbeddedKind, MAX_CANDIDATE_TTL, RefillOutcome,
-    UpstreamCandidates,
+    UpstreamCandidates, UpstreamSet,
 };
-use super::choice::{Choice, Choose, Order, Picked, Shortfall, choose};
+use super::choice::{Choice, Choose, Order, Picked, Shortfall, choose, choose_now};
 use super::marks::{HandOutMarks, MAX_MARKS};
 use super::outage::{OutageStatus, Transition};
 use super::settings::{BrokeringSettings, Budget, Resolved, normalise_exchange};
@@ -48,6 +49,10 @@ pub struct Ask<'a> {
     pub sticky_key: Option<&'a str>,
     /// The TTL of embedded answers (`cache_ttl_seconds`): their leases are jittered from it.
     pub ttl: Duration,
+    /// When the call started on the engine's clock, if the caller has read it: the first choice
+    /// of [`Brokering::choose_delegated`] is made at that instant instead of reading the clock
+    /// again (a cache hit reads it as few times as it can).
+    pub started: Option<Instant>,
 }
 
 /// One upstream answer offered as a candidate.
@@ -421,29 +426,26 @@ impl<P: Clone + Send + Sync + 'static> Brokering<P> {
         let settings = self.settings.load_full();
         let budget = settings.budget(&exchange, ask.connection_type).map(|r| r.budget);
         let set = self.upstream.set_of(&exchange, ask.connection_type, ask.region);
-        let order = order(ask.sticky_key, Order::Strategy(Strategy::RoundRobin));
+        let first = std::sync::atomic::AtomicBool::new(true);
         let choose_now = |allow_penalised: bool| {
             let set = set.clone();
             let exchange = exchange.clone();
             let settings = settings.clone();
+            let now = match ask.started {
+                Some(started) if first.swap(false, Ordering::Relaxed) => started,
+                _ => self.clock.now(),
+            };
             async move {
-                let now = self.clock.now();
                 let members = set.snapshot(now);
-                let input = Choose {
-                    exchange: &exchange,
-                    connection_type: ask.connection_type,
-                    members: &members,
-                    order,
-                    cursor: &set.cursor,
-                    budget,
-                    ttl: ask.ttl,
-                    jitter: settings.jitter(),
-                    allow_penalised,
-                    max_ejection_percent: UPSTREAM_MAX_EJECTION_PERCENT,
-                    now,
-                    marks: Some(&self.marks),
-                };
-                choose(&*self.store, input).await
+                let input = self.upstream_choice(&set, &members, &exchange, ask, budget, &settings, now);
+                choose(
+                    &*self.store,
+                    Choose {
+                        allow_penalised,
+                        ..input
+                    },
+                )
+                .await
             }
         };
         let mut led = 0;
@@ -508,6 +510,55 @@ impl<P: Clone + Send + Sync + 'static> Brokering<P> {
                 Some(e) => NotPicked::Upstream(e),
                 None => NotPicked::Exhausted(Self::exhausted(&exchange, ask.connection_type, budget, &s)),
             }),
+        }
+    }
+
+    /// [`Brokering::choose_delegated`]'s first choice at once, when it needs nothing that waits
+    /// ([`choose_now`]): an eligible candidate of an unbudgeted exchange, from a store that has
+    /// the states at hand. `None`: call [`Brokering::choose_delegated`] (which chooses again). The
+    /// cache-hit path: no future, no boxed store call.
+    pub fn choose_delegated_now(&self, ask: &Ask<'_>) -> Option<Picked<P>> {
+        let exchange = normalise_exchange(ask.exchange);
+        let settings = self.settings.load();
+        let budget = settings.budget(&exchange, ask.connection_type).map(|r| r.budget);
+        if budget.is_some() {
+            return None;
+        }
+        let set = self.upstream.set_of(&exchange, ask.connection_type, ask.region);
+        let now = ask.started.unwrap_or_else(|| self.clock.now());
+        let members = set.snapshot(now);
+        let input = self.upstream_choice(&set, &members, &exchange, ask, budget, &settings, now);
+        match choose_now(&*self.store, &input)? {
+            Choice::Picked(picked) => Some(picked),
+            Choice::Short(_) => None,
+        }
+    }
+
+    /// The input of a choice among the upstream candidates `members` of `set`.
+    #[allow(clippy::too_many_arguments)]
+    fn upstream_choice<'a>(
+        &'a self,
+        set: &'a UpstreamSet<P>,
+        members: &'a [Candidate<P>],
+        exchange: &'a str,
+        ask: &Ask<'a>,
+        budget: Option<Budget>,
+        settings: &BrokeringSettings,
+        now: Instant,
+    ) -> Choose<'a, P> {
+        Choose {
+            exchange,
+            connection_type: ask.connection_type,
+            members,
+            order: order(ask.sticky_key, Order::Strategy(Strategy::RoundRobin)),
+            cursor: &set.cursor,
+            budget,
+            ttl: ask.ttl,
+            jitter: settings.jitter(),
+            allow_penalised: false,
+            max_ejection_percent: UPSTREAM_MAX_EJECTION_PERCENT,
+            now,
+            marks: Some(&self.marks),
         }
     }
 

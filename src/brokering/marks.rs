@@ -14,8 +14,9 @@
 //!   was already this replica's own (the resilient store counted it locally, never on Redis).
 //!   The mark is what lets this replica apply the feedback it gets about it; the ban or failure it
 //!   records then goes to the shared store as any other.
-//! - **Digest**: 64 bits from a per-process random seed ([`RandomState`]), so nobody outside can
-//!   aim a collision; one would only make a report about a proxy never handed out count as if it
+//! - **Digest**: 64 bits of foldhash's quality hash with a per-process random seed
+//!   ([`RandomState`]; a hand-out computes one, so it is a fast hash rather than SipHash), so
+//!   nobody outside can aim a collision; one would only make a report about a proxy never handed out count as if it
 //!   had been (it then gets an entry, bounded like every entry).
 //! - **Expiry**: a mark lives until the hand-out's lease ends plus [`MARK_GRACE`] (reports often
 //!   come late: a feed connected for hours reports the ban that ends it), refreshed by every
@@ -26,12 +27,12 @@
 //! - **Listing**: marks hold no URL, so `ListProxies` shows such a proxy once feedback gave it an
 //!   entry (a ban, a penalty, a failure), as for a proxy handed out long ago.
 
-use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::BuildHasher;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use foldhash::quality::RandomState;
 use hashbrown::HashTable;
 use tokio::time::Instant;
 
@@ -70,7 +71,7 @@ impl HandOutMarks {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(HashTable::new())).collect(),
             per_shard: max.div_ceil(SHARDS).max(1),
-            seed: RandomState::new(),
+            seed: RandomState::default(),
             epoch,
         }
     }

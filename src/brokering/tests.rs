@@ -80,6 +80,7 @@ fn ask(exchange: &str) -> Ask<'_> {
         region: None,
         sticky_key: None,
         ttl: Duration::from_secs(300),
+        started: None,
     }
 }
 

@@ -448,9 +448,23 @@ impl MemoryStore {
     }
 
     /// Runs `f` on the entry of `key` if there is one.
+    /// [`Store::states`], which never waits here.
+    pub fn states_now(&self, exchange: &str, proxies: &[&str]) -> Vec<Option<ProxyState>> {
+        if self.is_empty() {
+            // Nothing banned, penalised, ejected or budgeted anywhere (the usual state of a broker
+            // whose exchanges have no budget): no key to hash, no shard to lock.
+            return vec![None; proxies.len()];
+        }
+        proxies
+            .iter()
+            .map(|proxy| self.existing(StateKey { proxy, exchange }, |e, now| self.snapshot(e, now)))
+            .collect()
+    }
+
     fn existing<R>(&self, key: StateKey<'_>, f: impl FnOnce(&mut Entry, Now) -> R) -> Option<R> {
-        let now = self.now();
         let entry = self.entries.get(&key as &dyn Pair)?;
+        // Read only for an entry there is: a choice among members without state reads no clock.
+        let now = self.now();
         let mut e = lock(&entry);
         e.last_touch = now.floor;
         Some(f(&mut e, now))
@@ -608,10 +622,11 @@ impl Store for MemoryStore {
     }
 
     async fn states(&self, exchange: &str, proxies: &[&str]) -> Result<Vec<Option<ProxyState>>, StoreError> {
-        Ok(proxies
-            .iter()
-            .map(|proxy| self.existing(StateKey { proxy, exchange }, |e, now| self.snapshot(e, now)))
-            .collect())
+        Ok(self.states_now(exchange, proxies))
+    }
+
+    fn choice_states_now(&self, exchange: &str, proxies: &[&str]) -> Option<Vec<Option<ProxyState>>> {
+        Some(self.states_now(exchange, proxies))
     }
 
     async fn ban(

@@ -358,6 +358,13 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         self.states(exchange, proxies).await
     }
 
+    /// [`Store::choice_states`] at once, when this store answers it from memory without waiting
+    /// (the in-process store, and the fleet store's local mirror): a choice then polls no boxed
+    /// future. `None` (the default): call [`Store::choice_states`].
+    fn choice_states_now(&self, _exchange: &str, _proxies: &[&str]) -> Option<Vec<Option<ProxyState>>> {
+        None
+    }
+
     /// The snapshot of one (proxy, exchange), `None` when there is no entry.
     async fn state(&self, key: StateKey<'_>) -> Result<Option<ProxyState>, StoreError> {
         Ok(self.states(key.exchange, &[key.proxy]).await?.pop().flatten())

@@ -461,6 +461,10 @@ impl Store for ResilientStore {
         self.shared.local.states(exchange, proxies).await
     }
 
+    fn choice_states_now(&self, exchange: &str, proxies: &[&str]) -> Option<Vec<Option<ProxyState>>> {
+        Some(self.shared.local.states_now(exchange, proxies))
+    }
+
     async fn ban(
         &self,
         key: StateKey<'_>,

@@ -876,7 +876,13 @@ impl proxy_broker::pb::proxy_broker_server::ProxyBroker for ScriptedService {
         Ok(tonic::Response::new(Default::default()))
     }
 
-    type WatchProxyStream = proxy_broker::service::WatchStream;
+    type WatchProxyStream = std::pin::Pin<
+        Box<
+            dyn tokio_stream::Stream<Item = Result<proxy_broker::pb::ProxyResponse, tonic::Status>>
+                + Send
+                + 'static,
+        >,
+    >;
 
     async fn watch_proxy(
         &self,

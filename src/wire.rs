@@ -1,0 +1,316 @@
+//! `ProxyResponse` as the server sends it: [`ProxyAnswer`].
+//!
+//! A cache hit answers with the same proxy, strategy, metadata and endpoint every time; only the
+//! TTL left, the source and the lease end change per call. Building a [`pb::ProxyResponse`] for
+//! each hit clones three strings and the metadata `Struct` and encodes them all again. A
+//! [`ProxyAnswer`] instead carries those unchanging fields already encoded ([`Head`], built once
+//! per cache entry on its first hit) and encodes only the three per-call fields after them.
+//! Protobuf readers take fields in any order, so the bytes decode to exactly the message a
+//! [`pb::ProxyResponse`] with the same values would.
+//!
+//! The server side of `ProxyBroker` is generated with this type as its `ProxyResponse`
+//! (`build.rs`, [`crate::pb::wire`]); clients and everything else use [`pb::ProxyResponse`].
+
+use std::sync::Arc;
+
+use prost::Message;
+use prost::bytes::{Buf, BufMut};
+use prost::encoding::{DecodeContext, WireType};
+
+use crate::pb;
+
+/// Field numbers of `ProxyResponse` written per call (see `proto/proxybroker/v1/broker.proto`).
+const TTL_SECONDS: u32 = 3;
+const SOURCE: u32 = 6;
+const LEASE_EXPIRES_AT: u32 = 8;
+
+/// The encoded fields of an answer that never change: everything but `ttl_seconds`, `source` and
+/// `lease_expires_at`. Shared by every hit on its cache entry.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Head(Arc<[u8]>);
+
+impl Head {
+    /// `response`'s fields except the three written per call (those are left out even when set).
+    pub fn encode(response: &pb::ProxyResponse) -> Self {
+        let fixed = pb::ProxyResponse {
+            ttl_seconds: 0,
+            source: 0,
+            lease_expires_at: None,
+            ..response.clone()
+        };
+        Self(Arc::from(fixed.encode_to_vec()))
+    }
+
+    /// Its size in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether it encodes no field at all.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// `Debug` tells the size only: the head holds the proxy URL, credentials included.
+impl std::fmt::Debug for Head {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Head({} bytes)", self.0.len())
+    }
+}
+
+/// A `ProxyResponse` to send: built field by field, or a [`Head`] plus the per-call fields.
+#[derive(Clone, PartialEq)]
+pub struct ProxyAnswer(Repr);
+
+#[derive(Clone, PartialEq)]
+enum Repr {
+    Built(pb::ProxyResponse),
+    Ready {
+        head: Head,
+        ttl_seconds: u32,
+        source: i32,
+        lease_expires_at: Option<prost_types::Timestamp>,
+    },
+}
+
+impl Default for ProxyAnswer {
+    fn default() -> Self {
+        Self(Repr::Built(pb::ProxyResponse::default()))
+    }
+}
+
+impl From<pb::ProxyResponse> for ProxyAnswer {
+    fn from(response: pb::ProxyResponse) -> Self {
+        Self(Repr::Built(response))
+    }
+}
+
+impl ProxyAnswer {
+    /// `head` with the fields that change per call.
+    pub fn ready(
+        head: Head,
+        ttl_seconds: u32,
+        source: pb::ProxySource,
+        lease_expires_at: Option<prost_types::Timestamp>,
+    ) -> Self {
+        Self(Repr::Ready {
+            head,
+            ttl_seconds,
+            source: source.into(),
+            lease_expires_at,
+        })
+    }
+
+    /// The same answer as a [`pb::ProxyResponse`] (a ready one is decoded from its bytes).
+    pub fn into_response(self) -> pb::ProxyResponse {
+        match self.0 {
+            Repr::Built(response) => response,
+            Repr::Ready { .. } => {
+                // A head is encoded from a valid `ProxyResponse` by this process: it decodes.
+                pb::ProxyResponse::decode(self.encode_to_vec().as_slice()).unwrap_or_default()
+            }
+        }
+    }
+
+    /// Where it came from.
+    pub fn source(&self) -> pb::ProxySource {
+        match &self.0 {
+            Repr::Built(response) => response.source(),
+            Repr::Ready { source, .. } => pb::ProxySource::try_from(*source).unwrap_or_default(),
+        }
+    }
+
+    /// Whether it is sent from a [`Head`].
+    pub fn is_ready(&self) -> bool {
+        matches!(self.0, Repr::Ready { .. })
+    }
+}
+
+/// `Debug` leaves the proxy URL out (it may carry credentials).
+impl std::fmt::Debug for ProxyAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Repr::Built(response) => f
+                .debug_struct("ProxyAnswer")
+                .field("source", &response.source())
+                .field("ttl_seconds", &response.ttl_seconds)
+                .finish_non_exhaustive(),
+            Repr::Ready {
+                head,
+                ttl_seconds,
+                source,
+                ..
+            } => f
+                .debug_struct("ProxyAnswer")
+                .field("head", head)
+                .field("source", source)
+                .field("ttl_seconds", ttl_seconds)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+impl Message for ProxyAnswer {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        match &self.0 {
+            Repr::Built(response) => response.encode_raw(buf),
+            Repr::Ready {
+                head,
+                ttl_seconds,
+                source,
+                lease_expires_at,
+            } => {
+                buf.put_slice(&head.0);
+                // As generated code does: default values are not written.
+                if *ttl_seconds != 0 {
+                    prost::encoding::uint32::encode(TTL_SECONDS, ttl_seconds, buf);
+                }
+                if *source != 0 {
+                    prost::encoding::int32::encode(SOURCE, source, buf);
+                }
+                if let Some(at) = lease_expires_at {
+                    prost::encoding::message::encode(LEASE_EXPIRES_AT, at, buf);
+                }
+            }
+        }
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        // Decoding is for completeness (the server only sends answers): as a built response.
+        if self.is_ready() {
+            let built = std::mem::take(self).into_response();
+            *self = Self(Repr::Built(built));
+        }
+        match &mut self.0 {
+            Repr::Built(response) => response.merge_field(tag, wire_type, buf, ctx),
+            Repr::Ready { .. } => Ok(()),
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        match &self.0 {
+            Repr::Built(response) => response.encoded_len(),
+            Repr::Ready {
+                head,
+                ttl_seconds,
+                source,
+                lease_expires_at,
+            } => {
+                let mut len = head.len();
+                if *ttl_seconds != 0 {
+                    len += prost::encoding::uint32::encoded_len(TTL_SECONDS, ttl_seconds);
+                }
+                if *source != 0 {
+                    len += prost::encoding::int32::encoded_len(SOURCE, source);
+                }
+                if let Some(at) = lease_expires_at {
+                    len += prost::encoding::message::encoded_len(LEASE_EXPIRES_AT, at);
+                }
+                len
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        *self = Self::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response() -> pb::ProxyResponse {
+        let mut metadata = prost_types::Struct::default();
+        metadata.fields.insert(
+            "stale".into(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::BoolValue(false)),
+            },
+        );
+        metadata.fields.insert(
+            "region".into(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue("eu".into())),
+            },
+        );
+        pb::ProxyResponse {
+            proxy_url: "socks5://user:secret@proxy.test:1080".into(),
+            strategy: "rotating".into(),
+            ttl_seconds: 300,
+            fallback_policy: pb::FallbackPolicy::DirectConnection.into(),
+            metadata: Some(metadata),
+            source: pb::ProxySource::Upstream.into(),
+            upstream_endpoint: "http://upstream.test:8080".into(),
+            lease_expires_at: Some(prost_types::Timestamp {
+                seconds: 1_800_000_000,
+                nanos: 7,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_ready_answer_decodes_to_the_response_with_its_per_call_fields() {
+        let head = Head::encode(&response());
+        let lease = prost_types::Timestamp {
+            seconds: 1_900_000_000,
+            nanos: 42,
+        };
+        let answer = ProxyAnswer::ready(head, 120, pb::ProxySource::Cache, Some(lease));
+        let bytes = answer.encode_to_vec();
+        assert_eq!(bytes.len(), answer.encoded_len());
+        let decoded = pb::ProxyResponse::decode(bytes.as_slice()).unwrap();
+        let expected = pb::ProxyResponse {
+            ttl_seconds: 120,
+            source: pb::ProxySource::Cache.into(),
+            lease_expires_at: Some(lease),
+            ..response()
+        };
+        assert_eq!(decoded, expected);
+        assert_eq!(answer.source(), pb::ProxySource::Cache);
+        assert_eq!(answer.clone().into_response(), expected);
+    }
+
+    #[test]
+    fn per_call_fields_at_their_defaults_are_left_out_as_generated_code_leaves_them() {
+        let fixed = pb::ProxyResponse {
+            proxy_url: "socks5://proxy.test:1080".into(),
+            ..Default::default()
+        };
+        let answer = ProxyAnswer::ready(Head::encode(&fixed), 0, pb::ProxySource::Unspecified, None);
+        assert_eq!(answer.encode_to_vec(), fixed.encode_to_vec());
+        assert_eq!(answer.encoded_len(), fixed.encoded_len());
+    }
+
+    #[test]
+    fn a_built_answer_encodes_as_its_response_and_decodes_back() {
+        let built = ProxyAnswer::from(response());
+        assert_eq!(built.encode_to_vec(), response().encode_to_vec());
+        let mut merged = ProxyAnswer::ready(
+            Head::encode(&pb::ProxyResponse::default()),
+            1,
+            pb::ProxySource::Cache,
+            None,
+        );
+        merged.merge(response().encode_to_vec().as_slice()).unwrap();
+        assert_eq!(merged.into_response().proxy_url, response().proxy_url);
+    }
+
+    #[test]
+    fn debug_never_shows_the_proxy_url() {
+        let ready = ProxyAnswer::ready(Head::encode(&response()), 1, pb::ProxySource::Cache, None);
+        for shown in [
+            format!("{ready:?}"),
+            format!("{:?}", ProxyAnswer::from(response())),
+        ] {
+            assert!(!shown.contains("secret") && !shown.contains("user"), "{shown}");
+        }
+    }
+}
