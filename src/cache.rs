@@ -33,13 +33,12 @@
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, TryLockError};
+use std::sync::{Arc, Mutex, OnceLock, TryLockError};
 use std::time::Duration;
 
 use hashbrown::HashTable;
 use hashlink::LinkedHashMap;
 use hashlink::linked_hash_map::RawEntryMut;
-use once_cell::race::OnceBox;
 use prost::Message;
 use proxy_broker_core::ConnectionType;
 use rand::Rng;
@@ -236,6 +235,9 @@ struct Extras {
     strategy: Box<str>,
     /// The metadata with `stale: false`.
     metadata: prost_types::Struct,
+    /// Both encoded as answer fields, on the first hit of an entry that has them
+    /// ([`Cached::hit_response`]).
+    encoded: OnceLock<Arc<[u8]>>,
 }
 
 /// One cached answer. `Debug` masks the proxy's userinfo.
@@ -260,10 +262,6 @@ pub struct Cached {
     ttl_seconds: u16,
     /// [`pb::FallbackPolicy`] (a handful of values).
     fallback_policy: u8,
-    /// The CACHE answer's unchanging fields, encoded on the entry's first hit
-    /// ([`Cached::hit_response`]); a pointer until then, so an entry that is never hit stays
-    /// within its 128-byte allocation.
-    head: OnceBox<Head>,
 }
 
 impl std::fmt::Debug for Cached {
@@ -329,13 +327,21 @@ impl Cached {
         response
     }
 
-    /// [`Cached::fresh_response`] ready to send, lease end included: the unchanging fields are
-    /// encoded once per entry, on its first hit, and shared by every hit after it.
+    /// [`Cached::fresh_response`] ready to send, lease end included: strategy and metadata are
+    /// encoded once for every entry that shares them (on the first hit), the strings are shared,
+    /// nothing is allocated per hit.
     pub fn hit_response(&self, now: Instant, lease_expires_at: prost_types::Timestamp) -> ProxyAnswer {
-        let head = self
-            .head
-            .get_or_init(|| Box::new(Head::encode(&self.response())))
+        let fixed = self
+            .extras
+            .encoded
+            .get_or_init(|| Head::fixed(&self.extras.strategy, Some(&self.extras.metadata)))
             .clone();
+        let head = Head::new(
+            self.proxy_url.clone(),
+            fixed,
+            i32::from(self.fallback_policy),
+            self.endpoint.clone(),
+        );
         let ttl_seconds = self.remaining_ttl(now).min(self.ttl_seconds());
         ProxyAnswer::ready(head, ttl_seconds, pb::ProxySource::Cache, Some(lease_expires_at))
     }
@@ -680,6 +686,7 @@ impl AnswerCache {
             Extras {
                 strategy: answer.strategy.as_str().into(),
                 metadata,
+                encoded: OnceLock::new(),
             }
         };
         if answer.metadata.is_empty() {
@@ -728,7 +735,6 @@ impl AnswerCache {
             stale_ms: self.stale_ms,
             ttl_seconds: u16::try_from(answer.ttl_seconds.min(MAX_TTL_SECONDS)).unwrap_or(u16::MAX),
             fallback_policy: u8::try_from(i32::from(answer.fallback_policy)).unwrap_or_default(),
-            head: OnceBox::new(),
         });
         let wanted = parts(&key);
         let hash = self.hash_key(wanted);
@@ -967,9 +973,9 @@ mod tests {
 
     #[test]
     fn an_entry_stays_within_its_size_budget() {
-        // 112 bytes + the Arc's two counters = 128, one 128-byte malloc chunk; the key inline.
+        // 104 bytes + the Arc's two counters = 120, one 128-byte malloc chunk; the key inline.
         assert!(
-            std::mem::size_of::<Cached>() <= 112,
+            std::mem::size_of::<Cached>() <= 104,
             "{}",
             std::mem::size_of::<Cached>()
         );

@@ -3,8 +3,9 @@
 //! A cache hit answers with the same proxy, strategy, metadata and endpoint every time; only the
 //! TTL left, the source and the lease end change per call. Building a [`pb::ProxyResponse`] for
 //! each hit clones three strings and the metadata `Struct` and encodes them all again. A
-//! [`ProxyAnswer`] instead carries those unchanging fields already encoded ([`Head`], built once
-//! per cache entry on its first hit) and encodes only the three per-call fields after them.
+//! [`ProxyAnswer`] instead carries those unchanging fields as a [`Head`] (shared strings, and the
+//! strategy and metadata encoded once for every cache entry that has them) and writes the three
+//! per-call fields after them.
 //! Protobuf readers take fields in any order, so the bytes decode to exactly the message a
 //! [`pb::ProxyResponse`] with the same values would.
 //!
@@ -19,43 +20,103 @@ use prost::encoding::{DecodeContext, WireType};
 
 use crate::pb;
 
-/// Field numbers of `ProxyResponse` written per call (see `proto/proxybroker/v1/broker.proto`).
+/// Field numbers of `ProxyResponse` (see `proto/proxybroker/v1/broker.proto`).
+const PROXY_URL: u32 = 1;
 const TTL_SECONDS: u32 = 3;
+const FALLBACK_POLICY: u32 = 4;
+const UPSTREAM_ENDPOINT: u32 = 7;
 const SOURCE: u32 = 6;
 const LEASE_EXPIRES_AT: u32 = 8;
 
-/// The encoded fields of an answer that never change: everything but `ttl_seconds`, `source` and
-/// `lease_expires_at`. Shared by every hit on its cache entry.
+/// The fields of an answer that never change: everything but `ttl_seconds`, `source` and
+/// `lease_expires_at`. The proxy URL and the endpoint are shared strings, written as they are;
+/// `strategy` and `metadata` (a `Struct`, the costly part to encode) come already encoded,
+/// shared by every cache entry with the same strategy and metadata ([`Head::fixed`]), so a hit
+/// neither allocates nor walks the metadata, and an entry that is hit holds no bytes of its own.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Head(Arc<[u8]>);
+pub struct Head {
+    proxy_url: Arc<str>,
+    fixed: Arc<[u8]>,
+    fallback_policy: i32,
+    upstream_endpoint: Arc<str>,
+}
 
 impl Head {
-    /// `response`'s fields except the three written per call (those are left out even when set).
-    pub fn encode(response: &pb::ProxyResponse) -> Self {
-        let fixed = pb::ProxyResponse {
-            ttl_seconds: 0,
-            source: 0,
-            lease_expires_at: None,
-            ..response.clone()
+    /// A head from its parts; `fixed` is [`Head::fixed`] of the answer's strategy and metadata.
+    pub fn new(
+        proxy_url: Arc<str>,
+        fixed: Arc<[u8]>,
+        fallback_policy: i32,
+        upstream_endpoint: Arc<str>,
+    ) -> Self {
+        Self {
+            proxy_url,
+            fixed,
+            fallback_policy,
+            upstream_endpoint,
+        }
+    }
+
+    /// `strategy` and `metadata` encoded as fields of a `ProxyResponse`.
+    pub fn fixed(strategy: &str, metadata: Option<&prost_types::Struct>) -> Arc<[u8]> {
+        let fields = pb::ProxyResponse {
+            strategy: strategy.to_owned(),
+            metadata: metadata.cloned(),
+            ..Default::default()
         };
-        Self(Arc::from(fixed.encode_to_vec()))
+        Arc::from(fields.encode_to_vec())
     }
 
-    /// Its size in bytes.
-    pub fn len(&self) -> usize {
-        self.0.len()
+    /// `response`'s fields except the three written per call (those are left out even when set).
+    pub fn of(response: &pb::ProxyResponse) -> Self {
+        Self::new(
+            Arc::from(response.proxy_url.as_str()),
+            Self::fixed(&response.strategy, response.metadata.as_ref()),
+            response.fallback_policy,
+            Arc::from(response.upstream_endpoint.as_str()),
+        )
     }
 
-    /// Whether it encodes no field at all.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+    fn encoded_len(&self) -> usize {
+        let mut len = string_len(PROXY_URL, &self.proxy_url) + self.fixed.len();
+        if self.fallback_policy != 0 {
+            len += prost::encoding::int32::encoded_len(FALLBACK_POLICY, &self.fallback_policy);
+        }
+        len + string_len(UPSTREAM_ENDPOINT, &self.upstream_endpoint)
     }
+
+    fn encode(&self, buf: &mut impl BufMut) {
+        put_string(PROXY_URL, &self.proxy_url, buf);
+        buf.put_slice(&self.fixed);
+        if self.fallback_policy != 0 {
+            prost::encoding::int32::encode(FALLBACK_POLICY, &self.fallback_policy, buf);
+        }
+        put_string(UPSTREAM_ENDPOINT, &self.upstream_endpoint, buf);
+    }
+}
+
+/// The encoded size of string field `tag` holding `value` (none when empty, as generated code).
+fn string_len(tag: u32, value: &str) -> usize {
+    if value.is_empty() {
+        return 0;
+    }
+    prost::encoding::key_len(tag) + prost::encoding::encoded_len_varint(value.len() as u64) + value.len()
+}
+
+/// Writes string field `tag` (nothing when empty, as generated code).
+fn put_string(tag: u32, value: &str, buf: &mut impl BufMut) {
+    if value.is_empty() {
+        return;
+    }
+    prost::encoding::encode_key(tag, WireType::LengthDelimited, buf);
+    prost::encoding::encode_varint(value.len() as u64, buf);
+    buf.put_slice(value.as_bytes());
 }
 
 /// `Debug` tells the size only: the head holds the proxy URL, credentials included.
 impl std::fmt::Debug for Head {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Head({} bytes)", self.0.len())
+        write!(f, "Head({} bytes)", self.encoded_len())
     }
 }
 
@@ -161,7 +222,7 @@ impl Message for ProxyAnswer {
                 source,
                 lease_expires_at,
             } => {
-                buf.put_slice(&head.0);
+                head.encode(buf);
                 // As generated code does: default values are not written.
                 if *ttl_seconds != 0 {
                     prost::encoding::uint32::encode(TTL_SECONDS, ttl_seconds, buf);
@@ -203,7 +264,7 @@ impl Message for ProxyAnswer {
                 source,
                 lease_expires_at,
             } => {
-                let mut len = head.len();
+                let mut len = head.encoded_len();
                 if *ttl_seconds != 0 {
                     len += prost::encoding::uint32::encoded_len(TTL_SECONDS, ttl_seconds);
                 }
@@ -258,7 +319,7 @@ mod tests {
 
     #[test]
     fn a_ready_answer_decodes_to_the_response_with_its_per_call_fields() {
-        let head = Head::encode(&response());
+        let head = Head::of(&response());
         let lease = prost_types::Timestamp {
             seconds: 1_900_000_000,
             nanos: 42,
@@ -284,7 +345,7 @@ mod tests {
             proxy_url: "socks5://proxy.test:1080".into(),
             ..Default::default()
         };
-        let answer = ProxyAnswer::ready(Head::encode(&fixed), 0, pb::ProxySource::Unspecified, None);
+        let answer = ProxyAnswer::ready(Head::of(&fixed), 0, pb::ProxySource::Unspecified, None);
         assert_eq!(answer.encode_to_vec(), fixed.encode_to_vec());
         assert_eq!(answer.encoded_len(), fixed.encoded_len());
     }
@@ -294,7 +355,7 @@ mod tests {
         let built = ProxyAnswer::from(response());
         assert_eq!(built.encode_to_vec(), response().encode_to_vec());
         let mut merged = ProxyAnswer::ready(
-            Head::encode(&pb::ProxyResponse::default()),
+            Head::of(&pb::ProxyResponse::default()),
             1,
             pb::ProxySource::Cache,
             None,
@@ -305,7 +366,7 @@ mod tests {
 
     #[test]
     fn debug_never_shows_the_proxy_url() {
-        let ready = ProxyAnswer::ready(Head::encode(&response()), 1, pb::ProxySource::Cache, None);
+        let ready = ProxyAnswer::ready(Head::of(&response()), 1, pb::ProxySource::Cache, None);
         for shown in [
             format!("{ready:?}"),
             format!("{:?}", ProxyAnswer::from(response())),
