@@ -20,13 +20,48 @@ use tonic_health::pb::health_client::HealthClient;
 pub enum Rpc {
     /// `ProxyBroker/RequestProxy`.
     RequestProxy(ProxyRequest),
+    /// `ProxyBroker/RequestProxy` made as cheaply as the generator can: the request encoded once
+    /// and the answer decoded down to its `source` (the other fields skipped unread). The broker
+    /// sees the same call as [`Rpc::RequestProxy`]; the generator's own work per call is then
+    /// about a health check's, so that a throughput ratio measures the broker and not the
+    /// generator's decoding of a larger answer (`hit-vs-health`).
+    LeanRequestProxy(LeanRequest),
     /// `grpc.health.v1.Health/Check` for the whole server.
     HealthCheck,
     /// `ProxyBroker/ReportFeedback`.
     ReportFeedback(ProxyFeedback),
 }
 
+/// A `ProxyRequest` as its encoded fields (`exchange_id`, `connection_type`, `client_id`):
+/// strings sent from shared bytes, so a call clones no string.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LeanRequest {
+    #[prost(bytes = "bytes", tag = "1")]
+    pub exchange_id: bytes::Bytes,
+    #[prost(int32, tag = "2")]
+    pub connection_type: i32,
+    #[prost(bytes = "bytes", tag = "4")]
+    pub client_id: bytes::Bytes,
+}
+
+/// The one field of a `ProxyResponse` the lean call reads; prost skips the others.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LeanAnswer {
+    #[prost(int32, tag = "6")]
+    pub source: i32,
+}
+
 impl Rpc {
+    /// [`Rpc::LeanRequestProxy`] for a WebSocket connection to `exchange` (the same request as
+    /// [`Rpc::request_proxy`] makes).
+    pub fn lean_request_proxy(exchange: &str) -> Self {
+        Rpc::LeanRequestProxy(LeanRequest {
+            exchange_id: bytes::Bytes::copy_from_slice(exchange.as_bytes()),
+            connection_type: ConnectionType::Websocket as i32,
+            client_id: bytes::Bytes::from_static(b"proxy-broker-bench"),
+        })
+    }
+
     /// RequestProxy for a WebSocket connection to `exchange`.
     pub fn request_proxy(exchange: impl Into<String>) -> Self {
         Rpc::RequestProxy(ProxyRequest {
@@ -68,6 +103,7 @@ pub struct Answer {
 pub struct Stub {
     broker: ProxyBrokerClient<Channel>,
     health: HealthClient<Channel>,
+    lean: tonic::client::Grpc<Channel>,
 }
 
 impl Stub {
@@ -75,7 +111,8 @@ impl Stub {
     pub fn new(channel: Channel) -> Self {
         Self {
             broker: ProxyBrokerClient::new(channel.clone()),
-            health: HealthClient::new(channel),
+            health: HealthClient::new(channel.clone()),
+            lean: tonic::client::Grpc::new(channel),
         }
     }
 
@@ -97,6 +134,25 @@ impl Stub {
                     source: ProxySource::try_from(answer.source).ok(),
                     endpoint: answer.upstream_endpoint,
                     proxy_url: answer.proxy_url,
+                })
+            }
+            Rpc::LeanRequestProxy(message) => {
+                self.lean
+                    .ready()
+                    .await
+                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+                    "/proxybroker.v1.ProxyBroker/RequestProxy",
+                );
+                let codec = tonic_prost::ProstCodec::<LeanRequest, LeanAnswer>::default();
+                let answer = self
+                    .lean
+                    .unary(with_timeout(message.clone(), timeout), path, codec)
+                    .await?
+                    .into_inner();
+                Ok(Answer {
+                    source: ProxySource::try_from(answer.source).ok(),
+                    ..Answer::default()
                 })
             }
             Rpc::HealthCheck => {
