@@ -318,18 +318,9 @@ impl Cached {
         }
     }
 
-    /// The CACHE answer at `now`: the TTL left (never more than the upstream allowed).
-    pub fn fresh_response(&self, now: Instant) -> pb::ProxyResponse {
-        let mut response = self.response();
-        // The entry may live up to 10 % past the answer's TTL (jitter); the feed is never told
-        // more than the upstream (or the 3600 s cap) allowed.
-        response.ttl_seconds = self.remaining_ttl(now).min(response.ttl_seconds);
-        response
-    }
-
-    /// [`Cached::fresh_response`] ready to send, lease end included: strategy and metadata are
-    /// encoded once for every entry that shares them (on the first hit), the strings are shared,
-    /// nothing is allocated per hit.
+    /// The CACHE answer at `now`, ready to send, lease end included: the TTL left (never more
+    /// than the upstream allowed). Strategy and metadata are encoded once for every entry that
+    /// shares them (on the first hit), the strings are shared, nothing is allocated per hit.
     pub fn hit_response(&self, now: Instant, lease_expires_at: prost_types::Timestamp) -> ProxyAnswer {
         let fixed = self
             .extras
@@ -342,6 +333,8 @@ impl Cached {
             i32::from(self.fallback_policy),
             self.endpoint.clone(),
         );
+        // The entry may live up to 10 % past the answer's TTL (jitter); the feed is never told
+        // more than the upstream (or the 3600 s cap) allowed.
         let ttl_seconds = self.remaining_ttl(now).min(self.ttl_seconds());
         ProxyAnswer::ready(head, ttl_seconds, pb::ProxySource::Cache, Some(lease_expires_at))
     }
@@ -1263,7 +1256,10 @@ mod tests {
                             let fresh_limit = ttl + ttl / 10 + 1;
                             if let Some(c) = &fresh {
                                 prop_assert!(age < fresh_limit, "fresh at age {age} with ttl {ttl}");
-                                prop_assert!(c.fresh_response(clock.now()).ttl_seconds as u64 <= ttl);
+                                let served = c
+                                    .hit_response(clock.now(), prost_types::Timestamp::default())
+                                    .into_response();
+                                prop_assert!(served.ttl_seconds as u64 <= ttl);
                             }
                             if stale_entry.is_some() {
                                 prop_assert!(age < fresh_limit + stale, "stale at age {age}, ttl {ttl}, window {stale}");
