@@ -12,6 +12,7 @@ use crate::broker::Broker;
 use crate::brokering::Budget;
 use crate::brokering::settings::{BudgetSource, Resolved};
 use crate::cache::ConnectionTypeKey;
+use crate::clock::wall_time;
 use crate::error::Error;
 use crate::pb;
 use crate::pb::proxy_broker_admin_server::ProxyBrokerAdmin;
@@ -395,16 +396,6 @@ fn attempt_budget(b: Budget) -> pb::AttemptBudget {
         attempts: b.attempts,
         per_seconds: u32::try_from(b.per.as_secs()).unwrap_or(u32::MAX),
     }
-}
-
-/// A monotonic instant (on the real clock) as a wall-clock timestamp.
-fn wall_time(now: tokio::time::Instant, at: tokio::time::Instant) -> prost_types::Timestamp {
-    let t = if at >= now {
-        std::time::SystemTime::now() + (at - now)
-    } else {
-        std::time::SystemTime::now() - (now - at)
-    };
-    prost_types::Timestamp::from(t)
 }
 
 fn hex_encode(s: &str) -> String {

@@ -19,7 +19,7 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::sync::{broadcast, watch};
@@ -593,9 +593,10 @@ impl Broker {
         self.wall_time_at(at, self.clock.now())
     }
 
-    /// [`Broker::wall_time`] with the broker's clock read as `now` (a moment ago).
+    /// [`Broker::wall_time`] with the broker's clock read as `now` (a moment ago); an `at`
+    /// already past is now.
     fn wall_time_at(&self, at: Instant, now: Instant) -> prost_types::Timestamp {
-        prost_types::Timestamp::from(SystemTime::now() + at.saturating_duration_since(now))
+        crate::clock::wall_time(now, at.max(now))
     }
 
     /// Takes a validated feedback report: queues it for upstream (with `http_status` and

@@ -49,3 +49,15 @@ impl Clock for ManualClock {
         Instant::now() + *self.offset.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
+
+/// `at` as a wall-clock timestamp, given that the same clock reads `now` at this moment
+/// (never a panic: an instant the system clock cannot express gives now).
+pub fn wall_time(now: Instant, at: Instant) -> prost_types::Timestamp {
+    let wall = std::time::SystemTime::now();
+    let t = if at >= now {
+        wall.checked_add(at - now)
+    } else {
+        wall.checked_sub(now - at)
+    };
+    prost_types::Timestamp::from(t.unwrap_or(wall))
+}
