@@ -127,12 +127,44 @@ pub struct ProxyAnswer(Repr);
 #[derive(Clone, PartialEq)]
 enum Repr {
     Built(pb::ProxyResponse),
-    Ready {
-        head: Head,
-        ttl_seconds: u32,
-        source: i32,
-        lease_expires_at: Option<prost_types::Timestamp>,
-    },
+    Ready(Head, PerCall),
+}
+
+/// The fields of a ready answer written per call, after its [`Head`].
+#[derive(Clone, PartialEq)]
+struct PerCall {
+    ttl_seconds: u32,
+    source: i32,
+    lease_expires_at: Option<prost_types::Timestamp>,
+}
+
+impl PerCall {
+    // As generated code does: default values are not written.
+    fn encoded_len(&self) -> usize {
+        let mut len = 0;
+        if self.ttl_seconds != 0 {
+            len += prost::encoding::uint32::encoded_len(TTL_SECONDS, &self.ttl_seconds);
+        }
+        if self.source != 0 {
+            len += prost::encoding::int32::encoded_len(SOURCE, &self.source);
+        }
+        if let Some(at) = &self.lease_expires_at {
+            len += prost::encoding::message::encoded_len(LEASE_EXPIRES_AT, at);
+        }
+        len
+    }
+
+    fn encode(&self, buf: &mut impl BufMut) {
+        if self.ttl_seconds != 0 {
+            prost::encoding::uint32::encode(TTL_SECONDS, &self.ttl_seconds, buf);
+        }
+        if self.source != 0 {
+            prost::encoding::int32::encode(SOURCE, &self.source, buf);
+        }
+        if let Some(at) = &self.lease_expires_at {
+            prost::encoding::message::encode(LEASE_EXPIRES_AT, at, buf);
+        }
+    }
 }
 
 impl Default for ProxyAnswer {
@@ -155,19 +187,21 @@ impl ProxyAnswer {
         source: pb::ProxySource,
         lease_expires_at: Option<prost_types::Timestamp>,
     ) -> Self {
-        Self(Repr::Ready {
+        Self(Repr::Ready(
             head,
-            ttl_seconds,
-            source: source.into(),
-            lease_expires_at,
-        })
+            PerCall {
+                ttl_seconds,
+                source: source.into(),
+                lease_expires_at,
+            },
+        ))
     }
 
     /// The same answer as a [`pb::ProxyResponse`] (a ready one is decoded from its bytes).
     pub fn into_response(self) -> pb::ProxyResponse {
         match self.0 {
             Repr::Built(response) => response,
-            Repr::Ready { .. } => {
+            Repr::Ready(..) => {
                 // A head is encoded from a valid `ProxyResponse` by this process: it decodes.
                 pb::ProxyResponse::decode(self.encode_to_vec().as_slice()).unwrap_or_default()
             }
@@ -178,13 +212,13 @@ impl ProxyAnswer {
     pub fn source(&self) -> pb::ProxySource {
         match &self.0 {
             Repr::Built(response) => response.source(),
-            Repr::Ready { source, .. } => pb::ProxySource::try_from(*source).unwrap_or_default(),
+            Repr::Ready(_, call) => pb::ProxySource::try_from(call.source).unwrap_or_default(),
         }
     }
 
     /// Whether it is sent from a [`Head`].
     pub fn is_ready(&self) -> bool {
-        matches!(self.0, Repr::Ready { .. })
+        matches!(self.0, Repr::Ready(..))
     }
 }
 
@@ -197,16 +231,11 @@ impl std::fmt::Debug for ProxyAnswer {
                 .field("source", &response.source())
                 .field("ttl_seconds", &response.ttl_seconds)
                 .finish_non_exhaustive(),
-            Repr::Ready {
-                head,
-                ttl_seconds,
-                source,
-                ..
-            } => f
+            Repr::Ready(head, call) => f
                 .debug_struct("ProxyAnswer")
                 .field("head", head)
-                .field("source", source)
-                .field("ttl_seconds", ttl_seconds)
+                .field("source", &call.source)
+                .field("ttl_seconds", &call.ttl_seconds)
                 .finish_non_exhaustive(),
         }
     }
@@ -216,23 +245,9 @@ impl Message for ProxyAnswer {
     fn encode_raw(&self, buf: &mut impl BufMut) {
         match &self.0 {
             Repr::Built(response) => response.encode_raw(buf),
-            Repr::Ready {
-                head,
-                ttl_seconds,
-                source,
-                lease_expires_at,
-            } => {
+            Repr::Ready(head, call) => {
                 head.encode(buf);
-                // As generated code does: default values are not written.
-                if *ttl_seconds != 0 {
-                    prost::encoding::uint32::encode(TTL_SECONDS, ttl_seconds, buf);
-                }
-                if *source != 0 {
-                    prost::encoding::int32::encode(SOURCE, source, buf);
-                }
-                if let Some(at) = lease_expires_at {
-                    prost::encoding::message::encode(LEASE_EXPIRES_AT, at, buf);
-                }
+                call.encode(buf);
             }
         }
     }
@@ -251,31 +266,14 @@ impl Message for ProxyAnswer {
         }
         match &mut self.0 {
             Repr::Built(response) => response.merge_field(tag, wire_type, buf, ctx),
-            Repr::Ready { .. } => Ok(()),
+            Repr::Ready(..) => Ok(()),
         }
     }
 
     fn encoded_len(&self) -> usize {
         match &self.0 {
             Repr::Built(response) => response.encoded_len(),
-            Repr::Ready {
-                head,
-                ttl_seconds,
-                source,
-                lease_expires_at,
-            } => {
-                let mut len = head.encoded_len();
-                if *ttl_seconds != 0 {
-                    len += prost::encoding::uint32::encoded_len(TTL_SECONDS, ttl_seconds);
-                }
-                if *source != 0 {
-                    len += prost::encoding::int32::encoded_len(SOURCE, source);
-                }
-                if let Some(at) = lease_expires_at {
-                    len += prost::encoding::message::encoded_len(LEASE_EXPIRES_AT, at);
-                }
-                len
-            }
+            Repr::Ready(head, call) => head.encoded_len() + call.encoded_len(),
         }
     }
 
