@@ -394,12 +394,38 @@ pub struct BrokerProcess {
     pub addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     stderr: Option<JoinHandle<String>>,
+    config: Option<PathBuf>,
+    env: Vec<(String, String)>,
 }
+
+/// How many times start-up is retried on new ports when the ones picked were taken meanwhile.
+const BIND_ATTEMPTS: usize = 4;
 
 impl BrokerProcess {
     /// Runs the binary with `--config <config>` (if any), a clean environment plus `env`, and
     /// loopback listen addresses.
+    ///
+    /// The ports are picked free here and bound by the child a moment later; another process may
+    /// take one in between (an outgoing connection's ephemeral port, another test's listener).
+    /// [`BrokerProcess::wait_serving`] then starts the binary again on new ports.
     pub fn spawn(config: Option<&Path>, env: &[(&str, &str)]) -> Self {
+        let config = config.map(Path::to_path_buf);
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let (child, addr, metrics_addr, stderr) = Self::launch(config.as_deref(), &env);
+        Self {
+            child,
+            addr,
+            metrics_addr,
+            stderr: Some(stderr),
+            config,
+            env,
+        }
+    }
+
+    fn launch(
+        config: Option<&Path>,
+        env: &[(String, String)],
+    ) -> (Child, SocketAddr, SocketAddr, JoinHandle<String>) {
         let (port, metrics_port) = free_ports();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let metrics_addr = SocketAddr::from(([127, 0, 0, 1], metrics_port));
@@ -428,24 +454,28 @@ impl BrokerProcess {
             let _ = pipe.read_to_end(&mut bytes).await;
             String::from_utf8_lossy(&bytes).into_owned()
         });
-        Self {
-            child,
-            addr,
-            metrics_addr,
-            stderr: Some(stderr),
-        }
+        (child, addr, metrics_addr, stderr)
     }
 
     /// Polls health until SERVING; returns a connected channel.
     pub async fn wait_serving(&mut self) -> Channel {
         let deadline = Instant::now() + STARTUP;
         let mut last = String::from("no attempt yet");
+        let mut launches = 1;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                panic!(
-                    "the broker exited during start-up ({status}):\n{}",
-                    self.stderr().await
-                );
+                let log = self.stderr().await;
+                // Only the ports this harness picked: a test that sets its own listen address
+                // and gets it refused sees the failure.
+                let ours = !self.env.iter().any(|(k, _)| k.ends_with("_LISTEN"));
+                if ours && log.contains("cannot bind") && launches < BIND_ATTEMPTS {
+                    launches += 1;
+                    let (child, addr, metrics_addr, stderr) = Self::launch(self.config.as_deref(), &self.env);
+                    (self.child, self.addr, self.metrics_addr) = (child, addr, metrics_addr);
+                    self.stderr = Some(stderr);
+                    continue;
+                }
+                panic!("the broker exited during start-up ({status}):\n{log}");
             }
             assert!(
                 Instant::now() < deadline,
