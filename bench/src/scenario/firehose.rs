@@ -50,6 +50,11 @@ pub struct FirehoseArgs {
     /// `ReportFeedback` call each.
     #[arg(long)]
     pub stream: bool,
+    /// Control run: send `grpc.health.v1.Health/Check` at the same rate instead of
+    /// `ReportFeedback` (the same number of unary calls, none of the feedback path), to tell the
+    /// cost of the calls themselves from the cost of the feedback they carry.
+    #[arg(long, conflicts_with = "stream")]
+    pub health: bool,
 }
 
 struct Fire {
@@ -105,8 +110,13 @@ pub async fn run(ctx: &Ctx, a: &FirehoseArgs) -> anyhow::Result<Vec<Table>> {
     );
 
     progress(&format!(
-        "firehose: {} ReportFeedback/s for {:.0} s",
+        "firehose: {} {}/s for {:.0} s",
         a.rate,
+        if a.health {
+            "Health/Check"
+        } else {
+            "ReportFeedback"
+        },
         duration.as_secs_f64()
     ));
     let broker_ticks = broker.cpu_ticks()?;
@@ -166,6 +176,8 @@ pub async fn run(ctx: &Ctx, a: &FirehoseArgs) -> anyhow::Result<Vec<Table>> {
     let l = summarize(&mut loaded.micros);
     let how = if a.stream {
         "feedback reports/s on ReportFeedbackStream"
+    } else if a.health {
+        "Health/Check/s (control: no feedback)"
     } else {
         "ReportFeedback/s"
     };
@@ -302,7 +314,11 @@ async fn firehose(
 ) -> anyhow::Result<Fire> {
     let thread_ticks = cpu_ticks_of("/proc/thread-self/stat")?;
     let channels = connect(addr, a.connections).await?;
-    let rpc = Rpc::feedback(proxy_url, "kucoin", true);
+    let rpc = if a.health {
+        Rpc::HealthCheck
+    } else {
+        Rpc::feedback(proxy_url, "kucoin", true)
+    };
     let permits = Arc::new(Semaphore::new(a.max_in_flight.clamp(1, Semaphore::MAX_PERMITS)));
     let recorder = Arc::new(Mutex::new(Recorder::default()));
     let started = Instant::now();
