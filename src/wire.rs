@@ -284,6 +284,8 @@ impl Message for ProxyAnswer {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     fn response() -> pb::ProxyResponse {
@@ -360,6 +362,76 @@ mod tests {
         );
         merged.merge(response().encode_to_vec().as_slice()).unwrap();
         assert_eq!(merged.into_response().proxy_url, response().proxy_url);
+    }
+
+    fn any_value() -> impl Strategy<Value = prost_types::Value> {
+        use prost_types::value::Kind;
+        prop_oneof![
+            any::<bool>().prop_map(Kind::BoolValue),
+            // Finite numbers: NaN would make equal answers compare unequal.
+            (-1e12f64..1e12).prop_map(Kind::NumberValue),
+            ".{0,40}".prop_map(Kind::StringValue),
+            Just(Kind::NullValue(0)),
+        ]
+        .prop_map(|kind| prost_types::Value { kind: Some(kind) })
+    }
+
+    fn any_response() -> impl Strategy<Value = pb::ProxyResponse> {
+        let metadata = proptest::option::of(
+            proptest::collection::btree_map(".{0,12}", any_value(), 0..5)
+                .prop_map(|fields| prost_types::Struct { fields }),
+        );
+        let source = prop_oneof![
+            Just(pb::ProxySource::Unspecified),
+            Just(pb::ProxySource::Upstream),
+            Just(pb::ProxySource::Cache),
+            Just(pb::ProxySource::Embedded),
+        ];
+        let lease = proptest::option::of(
+            (any::<i64>(), any::<i32>())
+                .prop_map(|(seconds, nanos)| prost_types::Timestamp { seconds, nanos }),
+        );
+        // URLs up to and past 128 bytes (a two-byte length prefix), strings in any script.
+        (
+            (".{0,300}", ".{0,40}", metadata, any::<i32>(), ".{0,200}"),
+            (any::<u32>(), source, lease),
+        )
+            .prop_map(
+                |(
+                    (proxy_url, strategy, metadata, fallback_policy, upstream_endpoint),
+                    (ttl_seconds, source, lease),
+                )| {
+                    pb::ProxyResponse {
+                        proxy_url,
+                        strategy,
+                        ttl_seconds,
+                        fallback_policy,
+                        metadata,
+                        source: source.into(),
+                        upstream_endpoint,
+                        lease_expires_at: lease,
+                    }
+                },
+            )
+    }
+
+    proptest! {
+        /// Whatever the values, a ready answer's bytes are as long as it says and decode to the
+        /// response a built one would send.
+        #[test]
+        fn a_ready_answer_decodes_to_its_response_for_any_values(response in any_response()) {
+            let answer = ProxyAnswer::ready(
+                Head::of(&response),
+                response.ttl_seconds,
+                response.source(),
+                response.lease_expires_at,
+            );
+            let bytes = answer.encode_to_vec();
+            prop_assert_eq!(bytes.len(), answer.encoded_len());
+            prop_assert_eq!(bytes.len(), response.encoded_len());
+            prop_assert_eq!(&pb::ProxyResponse::decode(bytes.as_slice()).unwrap(), &response);
+            prop_assert_eq!(&answer.into_response(), &response);
+        }
     }
 
     #[test]
