@@ -251,6 +251,24 @@ async fn measure(ctx: &Ctx, a: &HitVsHealthArgs, pin: bool) -> anyhow::Result<Ve
         let (h, g) = (pick(Kind::Hit, f), pick(Kind::Health, f));
         summary.row([name.to_owned(), show(h), show(g), format!("{:.2}", h / g)]);
     }
+    // Each pair's two rounds ran next to each other: their ratio shows how far one run's rounds
+    // scatter on this machine, which the medians above hide.
+    let mut per_pair: Vec<f64> = rounds
+        .chunks(2)
+        .filter_map(|pair| {
+            let of = |kind: Kind| pair.iter().find(|r| r.kind == kind).map(|r| r.per_second);
+            Some(of(Kind::Hit)? / of(Kind::Health)?.max(1e-9))
+        })
+        .collect();
+    per_pair.sort_by(f64::total_cmp);
+    let scatter = match (per_pair.first(), per_pair.last()) {
+        (Some(low), Some(high)) => format!(
+            "throughput hit / health per pair of adjacent rounds: lowest {low:.2}, median {:.2}, highest {high:.2} ({} pairs)",
+            median(&per_pair),
+            per_pair.len()
+        ),
+        _ => "no complete pair of rounds".to_owned(),
+    };
     let placement = if pin {
         format!(
             "broker pinned to core {} (`taskset -c {}`), generator (one thread) pinned to core {}",
@@ -267,6 +285,7 @@ async fn measure(ctx: &Ctx, a: &HitVsHealthArgs, pin: bool) -> anyhow::Result<Ve
             rounds.len(),
             round.as_secs_f64()
         ))
+        .note(scatter)
         .note(format!(
             "RequestProxy answers by source: {} (all must be CACHE)",
             hit_sources.sources_text()
