@@ -60,7 +60,8 @@ pub struct Broker {
     _dir: tempfile::TempDir,
 }
 
-/// Two free loopback ports (bound and released; the usual small race is acceptable here).
+/// Two free loopback ports, bound and released: another process may take one before the broker
+/// binds it, which [`Broker::start`] answers by starting again on new ports.
 fn free_ports() -> anyhow::Result<(SocketAddr, SocketAddr)> {
     let a = TcpListener::bind("127.0.0.1:0")?;
     let b = TcpListener::bind("127.0.0.1:0")?;
@@ -69,8 +70,23 @@ fn free_ports() -> anyhow::Result<(SocketAddr, SocketAddr)> {
 
 impl Broker {
     /// Writes the configuration for `spec`, spawns the broker (on `pin_core` via `taskset` when
-    /// given) and waits until it answers health checks SERVING.
+    /// given) and waits until it answers health checks SERVING. A start that fails because a
+    /// port picked for it was taken meanwhile is made again on new ports (at most 4 starts).
     pub async fn start(
+        cmd: &BrokerCommand,
+        spec: &ConfigSpec,
+        pin_core: Option<usize>,
+    ) -> anyhow::Result<Self> {
+        let mut starts = 1;
+        loop {
+            match Self::start_once(cmd, spec, pin_core).await {
+                Err(e) if starts < 4 && format!("{e:#}").contains("cannot bind") => starts += 1,
+                result => return result,
+            }
+        }
+    }
+
+    async fn start_once(
         cmd: &BrokerCommand,
         spec: &ConfigSpec,
         pin_core: Option<usize>,
