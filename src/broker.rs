@@ -293,13 +293,8 @@ impl Broker {
         // A cache hit is chosen at once: no future is built for it, no timer armed, and the
         // lookup's large state (below, boxed) is never allocated.
         if let Some(picked) = self.brokering.choose_delegated_now(&ask) {
-            // An answer another call's lookup fetched after this call started is UPSTREAM.
-            let upstream = picked.payload.fetched_at >= started;
-            if upstream {
-                self.metrics.coalesced.inc();
-            } else {
-                self.metrics.cache_hits.inc();
-            }
+            // This call asked nobody: an answer fetched since it started is another call's lookup.
+            let upstream = self.count_pick(&picked, started, false);
             return Ok(self.delegated_answer(&picked, upstream, Some(started)));
         }
         Box::pin(self.delegated(&state, d, lookup, &ask, started, wait_until)).await
@@ -362,13 +357,7 @@ impl Broker {
         };
         match choice {
             Ok(picked) => {
-                // An answer that arrived while this call waited is UPSTREAM, else CACHE.
-                let upstream = picked.payload.fetched_at >= started;
-                if !upstream {
-                    self.metrics.cache_hits.inc();
-                } else if !asked.load(Ordering::Relaxed) {
-                    self.metrics.coalesced.inc();
-                }
+                let upstream = self.count_pick(&picked, started, asked.load(Ordering::Relaxed));
                 Ok(self.delegated_answer(&picked, upstream, answered_at))
             }
             Err(NotPicked::Upstream(e)) => {
@@ -567,6 +556,19 @@ impl Broker {
             upstream_endpoint: String::new(),
             lease_expires_at: Some(self.wall_time(picked.lease_expires_at)),
         }
+    }
+
+    /// Whether `picked` is an UPSTREAM answer for a call that started at `started` (it arrived
+    /// since, else it is CACHE), counted as a cache hit, or as coalesced when the lookup that
+    /// fetched it was another call's (`asked`: this call asked upstream itself).
+    fn count_pick(&self, picked: &Picked<Arc<Cached>>, started: Instant, asked: bool) -> bool {
+        let upstream = picked.payload.fetched_at >= started;
+        if !upstream {
+            self.metrics.cache_hits.inc();
+        } else if !asked {
+            self.metrics.coalesced.inc();
+        }
+        upstream
     }
 
     /// A CACHE answer (UPSTREAM when this call's lookup fetched it) for `picked`, as of `now` on
