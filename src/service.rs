@@ -70,9 +70,7 @@ impl ProxyBroker for BrokerService {
                 match &result {
                     Ok(answer) => {
                         recorded.record("source", source_label(answer.source()));
-                        // A ready answer holds its endpoint encoded: decoded for the span only.
-                        let endpoint = answer.clone().into_response().upstream_endpoint;
-                        recorded.record("upstream_endpoint", endpoint.as_str());
+                        recorded.record("upstream_endpoint", answer.upstream_endpoint());
                         recorded.record("cache_hit", answer.source() == pb::ProxySource::Cache);
                         recorded.record("outcome", "ok");
                     }

@@ -216,6 +216,14 @@ impl ProxyAnswer {
         }
     }
 
+    /// The upstream endpoint that gave it (empty for an embedded answer).
+    pub fn upstream_endpoint(&self) -> &str {
+        match &self.0 {
+            Repr::Built(response) => &response.upstream_endpoint,
+            Repr::Ready(head, _) => &head.upstream_endpoint,
+        }
+    }
+
     /// Whether it is sent from a [`Head`].
     pub fn is_ready(&self) -> bool {
         matches!(self.0, Repr::Ready(..))
@@ -430,6 +438,7 @@ mod tests {
             prop_assert_eq!(bytes.len(), answer.encoded_len());
             prop_assert_eq!(bytes.len(), response.encoded_len());
             prop_assert_eq!(&pb::ProxyResponse::decode(bytes.as_slice()).unwrap(), &response);
+            prop_assert_eq!(answer.upstream_endpoint(), response.upstream_endpoint.as_str());
             prop_assert_eq!(&answer.into_response(), &response);
         }
     }
