@@ -447,7 +447,6 @@ impl MemoryStore {
         });
     }
 
-    /// Runs `f` on the entry of `key` if there is one.
     /// [`Store::states`], which never waits here.
     pub fn states_now(&self, exchange: &str, proxies: &[&str]) -> Vec<Option<ProxyState>> {
         if self.is_empty() {
@@ -461,6 +460,7 @@ impl MemoryStore {
             .collect()
     }
 
+    /// Runs `f` on the entry of `key` if there is one.
     fn existing<R>(&self, key: StateKey<'_>, f: impl FnOnce(&mut Entry, Now) -> R) -> Option<R> {
         let entry = self.entries.get(&key as &dyn Pair)?;
         // Read only for an entry there is: a choice among members without state reads no clock.
