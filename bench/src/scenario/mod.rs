@@ -7,6 +7,7 @@ mod firehose;
 mod fleet;
 mod fleet_redis;
 mod hedge;
+mod hit_cost;
 mod hit_vs_health;
 mod memory;
 mod startup;
@@ -24,6 +25,7 @@ pub use feedback_urls::FeedbackUrlsArgs;
 pub use firehose::FirehoseArgs;
 pub use fleet::FleetArgs;
 pub use hedge::HedgeArgs;
+pub use hit_cost::HitCostArgs;
 pub use hit_vs_health::HitVsHealthArgs;
 pub use memory::MemoryArgs;
 pub use startup::StartupArgs;
@@ -45,6 +47,9 @@ pub struct Ctx {
 pub enum Scenario {
     /// Cache-hit RequestProxy vs the same server's Health/Check, pinned cores, alternating rounds.
     HitVsHealth(HitVsHealthArgs),
+    /// Instructions the broker executes per cache hit and per Health/Check, counted by callgrind
+    /// (valgrind): the cost ratio without the machine's noise. Not part of `all`.
+    HitCost(HitCostArgs),
     /// N concurrent RequestProxy over K cold keys, then the same storm warm.
     Storm(StormArgs),
     /// N concurrent binance/websocket RequestProxy against an upstream rotating over P proxies:
@@ -90,6 +95,7 @@ pub async fn run(ctx: &Ctx, scenario: &Scenario) -> bool {
     };
     match scenario {
         Scenario::HitVsHealth(a) => report("hit-vs-health", hit_vs_health::run(ctx, a).await),
+        Scenario::HitCost(a) => report("hit-cost", hit_cost::run(ctx, a).await),
         Scenario::Storm(a) => report("storm", storm::run(ctx, a).await),
         Scenario::StormSpread(a) => report("storm-spread", storm_spread::run(ctx, a).await),
         Scenario::Hedge(a) => report("hedge", hedge::run(ctx, a).await),
@@ -138,6 +144,8 @@ mod tests {
         let hit: HitVsHealthArgs = defaults();
         assert_eq!((hit.connections, hit.streams), (8, 32));
         let _: HedgeArgs = defaults();
+        let cost: HitCostArgs = defaults();
+        assert_eq!((cost.connections, cost.streams), (8, 32));
         let _: MemoryArgs = defaults();
         let _: BigAnswerArgs = defaults();
         let _: FeedbackUrlsArgs = defaults();
