@@ -273,6 +273,37 @@ impl Broker {
         lookup: &Lookup,
         wait_until: Option<Instant>,
     ) -> Result<ProxyAnswer, Error> {
+        if let Some(answer) = self.answer_now(lookup) {
+            return Ok(answer);
+        }
+        Box::pin(self.answer_later(lookup, wait_until)).await
+    }
+
+    /// The answer when it is at hand: a cache hit of an exchange without a connection-attempt
+    /// budget, chosen at once. No future is built for it, no timer armed, no deadline needed,
+    /// and the lookup's large state is never allocated. `None`: [`Broker::request_answer`] has
+    /// to choose (and maybe wait).
+    pub fn answer_now(&self, lookup: &Lookup) -> Option<ProxyAnswer> {
+        let state = self.state.load();
+        state.delegation.as_ref()?;
+        let started = self.clock.now();
+        let ask = Ask {
+            exchange: &lookup.exchange_id,
+            connection_type: lookup.connection_type,
+            region: lookup.region.as_deref(),
+            sticky_key: lookup.sticky_key.as_deref(),
+            ttl: state.embedded_ttl(),
+            started: Some(started),
+        };
+        let picked = self.brokering.choose_delegated_now(&ask)?;
+        // This call asked nobody: an answer fetched since it started is another call's lookup.
+        let upstream = self.count_pick(&picked, started, false);
+        Some(self.delegated_answer(&picked, upstream, Some(started)))
+    }
+
+    /// [`Broker::request_answer`] when [`Broker::answer_now`] had no answer: embedded, or the
+    /// delegated choice that may refill and wait.
+    async fn answer_later(&self, lookup: &Lookup, wait_until: Option<Instant>) -> Result<ProxyAnswer, Error> {
         let state = self.state.load_full();
         let ask = Ask {
             exchange: &lookup.exchange_id,
@@ -290,13 +321,6 @@ impl Broker {
             started: Some(started),
             ..ask
         };
-        // A cache hit is chosen at once: no future is built for it, no timer armed, and the
-        // lookup's large state (below, boxed) is never allocated.
-        if let Some(picked) = self.brokering.choose_delegated_now(&ask) {
-            // This call asked nobody: an answer fetched since it started is another call's lookup.
-            let upstream = self.count_pick(&picked, started, false);
-            return Ok(self.delegated_answer(&picked, upstream, Some(started)));
-        }
         Box::pin(self.delegated(&state, d, lookup, &ask, started, wait_until)).await
     }
 

@@ -33,6 +33,40 @@ impl BrokerService {
             std::time::Duration::from_secs(broker.config().server.request_timeout_seconds.unsigned_abs());
         Self { broker, call_timeout }
     }
+
+    /// `RequestProxy` when the answer was not at hand. How long this caller waits for
+    /// upstreams: the earlier of its deadline and the server's own per-call limit, less a margin
+    /// to answer with the fallback instead of DEADLINE_EXCEEDED. The upstream lookup itself runs
+    /// under the server's budget.
+    async fn answer_later(
+        &self,
+        started: tokio::time::Instant,
+        metadata: &tonic::metadata::MetadataMap,
+        lookup: &Lookup,
+    ) -> Result<ProxyAnswer, crate::error::Error> {
+        let server_deadline = deadline_after(started, self.call_timeout);
+        let wait_until = match grpc_deadline(started, metadata) {
+            Some(caller) if caller < server_deadline => caller,
+            _ => server_deadline,
+        };
+        self.broker.request_answer(lookup, Some(wait_until)).await
+    }
+}
+
+/// Records `result` on the RPC's span (only called when someone listens).
+fn record(span: &tracing::Span, result: &Result<ProxyAnswer, crate::error::Error>) {
+    match result {
+        Ok(answer) => {
+            span.record("source", source_label(answer.source()));
+            span.record("upstream_endpoint", answer.upstream_endpoint());
+            span.record("cache_hit", answer.source() == pb::ProxySource::Cache);
+            span.record("outcome", "ok");
+        }
+        Err(e) => {
+            span.record("outcome", tracing::field::display(e));
+        }
+    }
+    tracing::debug!("answered");
 }
 
 #[tonic::async_trait]
@@ -42,48 +76,30 @@ impl ProxyBroker for BrokerService {
         request: Request<pb::ProxyRequest>,
     ) -> Result<Response<ProxyAnswer>, Status> {
         let started = tokio::time::Instant::now();
-        // How long this caller waits for upstreams: the earlier of its deadline and the server's
-        // own per-call limit, less a margin to answer with the fallback instead of
-        // DEADLINE_EXCEEDED. The upstream lookup itself runs under the server's budget.
-        let server_deadline = deadline_after(started, self.call_timeout);
-        let wait_until = match grpc_deadline(started, request.metadata()) {
-            Some(caller) if caller < server_deadline => caller,
-            _ => server_deadline,
-        };
-        let connection_type = request.get_ref().connection_type;
         let span = rpc_span(&request);
-        let req = request.into_inner();
-        // Pinned where it is built: never moved again (it is a few hundred bytes).
-        let mut answer = std::pin::pin!(async {
-            let lookup = Lookup::try_from(req)?;
-            self.broker.request_answer(&lookup, Some(wait_until)).await
-        });
-        let result = if span.is_none() {
-            // Nobody listens: no span to enter on every poll, nothing to record.
-            let result = answer.await;
-            tracing::debug!("answered");
-            result.map_err(Status::from)
-        } else {
-            let recorded = span.clone();
-            async move {
-                let result = answer.as_mut().await;
-                match &result {
-                    Ok(answer) => {
-                        recorded.record("source", source_label(answer.source()));
-                        recorded.record("upstream_endpoint", answer.upstream_endpoint());
-                        recorded.record("cache_hit", answer.source() == pb::ProxySource::Cache);
-                        recorded.record("outcome", "ok");
-                    }
-                    Err(e) => {
-                        recorded.record("outcome", tracing::field::display(e));
-                    }
+        let (metadata, _, req) = request.into_parts();
+        let connection_type = req.connection_type;
+        let result = match Lookup::try_from(req) {
+            Err(e) => Err(e),
+            // A cache hit is answered at once: no deadline worked out, no future built for it.
+            Ok(lookup) => match span.in_scope(|| self.broker.answer_now(&lookup)) {
+                Some(answer) => Ok(answer),
+                // Boxed: the waiting path's state stays out of every call's future.
+                None => {
+                    Box::pin(
+                        self.answer_later(started, &metadata, &lookup)
+                            .instrument(span.clone()),
+                    )
+                    .await
                 }
-                tracing::debug!("answered");
-                result.map_err(Status::from)
-            }
-            .instrument(span)
-            .await
+            },
         };
+        if !span.is_none() {
+            span.in_scope(|| record(&span, &result));
+        } else {
+            tracing::debug!("answered");
+        }
+        let result = result.map_err(Status::from);
         // Counters resolved once per label set and a lock-free histogram: nothing allocated here.
         let metrics = self.broker.metrics();
         let (source, code) = match &result {

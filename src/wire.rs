@@ -108,10 +108,21 @@ fn put_string(tag: u32, value: &str, buf: &mut impl BufMut) {
     if value.is_empty() {
         return;
     }
-    prost::encoding::encode_key(tag, WireType::LengthDelimited, buf);
-    prost::encoding::encode_varint(value.len() as u64, buf);
+    // The key (at most 5 bytes) and the length (at most 10) are gathered on the stack and
+    // written at once: every write into tonic's buffer checks its capacity.
+    const ROOM: usize = 16;
+    let mut prefix = [0u8; ROOM];
+    let mut cursor = &mut prefix[..];
+    prost::encoding::encode_key(tag, WireType::LengthDelimited, &mut cursor);
+    prost::encoding::encode_varint(value.len() as u64, &mut cursor);
+    let written = ROOM - cursor.len();
+    buf.put_slice(&prefix[..written]);
     buf.put_slice(value.as_bytes());
 }
+
+/// Room for a [`PerCall`]'s fields on the stack: a TTL (6 bytes), a source (11: a negative
+/// enum value is 10 varint bytes) and a lease timestamp (24) take at most 41.
+const PER_CALL_ROOM: usize = 64;
 
 /// `Debug` tells the size only: the head holds the proxy URL, credentials included.
 impl std::fmt::Debug for Head {
@@ -126,7 +137,9 @@ pub struct ProxyAnswer(Repr);
 
 #[derive(Clone, PartialEq)]
 enum Repr {
-    Built(pb::ProxyResponse),
+    /// Boxed: a `ProxyResponse` is several times the size of a ready answer, and the answer is
+    /// moved a few times on its way out; only answers that are not cache hits build one.
+    Built(Box<pb::ProxyResponse>),
     Ready(Head, PerCall),
 }
 
@@ -154,7 +167,21 @@ impl PerCall {
         len
     }
 
+    /// The fields in one write when they fit in [`PER_CALL_ROOM`] (they always do; a larger
+    /// encoding would be written field by field), instead of a dozen small writes.
     fn encode(&self, buf: &mut impl BufMut) {
+        let len = self.encoded_len();
+        if len > PER_CALL_ROOM {
+            return self.encode_fields(buf);
+        }
+        let mut room = [0u8; PER_CALL_ROOM];
+        let mut cursor = &mut room[..];
+        self.encode_fields(&mut cursor);
+        let written = PER_CALL_ROOM - cursor.len();
+        buf.put_slice(&room[..written]);
+    }
+
+    fn encode_fields(&self, buf: &mut impl BufMut) {
         if self.ttl_seconds != 0 {
             prost::encoding::uint32::encode(TTL_SECONDS, &self.ttl_seconds, buf);
         }
@@ -169,13 +196,13 @@ impl PerCall {
 
 impl Default for ProxyAnswer {
     fn default() -> Self {
-        Self(Repr::Built(pb::ProxyResponse::default()))
+        Self(Repr::Built(Box::default()))
     }
 }
 
 impl From<pb::ProxyResponse> for ProxyAnswer {
     fn from(response: pb::ProxyResponse) -> Self {
-        Self(Repr::Built(response))
+        Self(Repr::Built(Box::new(response)))
     }
 }
 
@@ -200,7 +227,7 @@ impl ProxyAnswer {
     /// The same answer as a [`pb::ProxyResponse`] (a ready one is decoded from its bytes).
     pub fn into_response(self) -> pb::ProxyResponse {
         match self.0 {
-            Repr::Built(response) => response,
+            Repr::Built(response) => *response,
             Repr::Ready(..) => {
                 // A head is encoded from a valid `ProxyResponse` by this process: it decodes.
                 pb::ProxyResponse::decode(self.encode_to_vec().as_slice()).unwrap_or_default()
@@ -270,7 +297,7 @@ impl Message for ProxyAnswer {
         // Decoding is for completeness (the server only sends answers): as a built response.
         if self.is_ready() {
             let built = std::mem::take(self).into_response();
-            *self = Self(Repr::Built(built));
+            *self = Self(Repr::Built(Box::new(built)));
         }
         match &mut self.0 {
             Repr::Built(response) => response.merge_field(tag, wire_type, buf, ctx),

@@ -10,11 +10,12 @@
 //! [`super::choice`] picks among them.
 
 use std::fmt;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use foldhash::quality::RandomState;
 use hashlink::LinkedHashMap;
 use hashlink::linked_hash_map::RawEntryMut;
 use proxy_broker_core::redact::redact_url;
@@ -375,7 +376,10 @@ impl<P> SetShard<P> {
 /// per shard: up to [`MAX_SHARDS`] shards of at least 1,024 keys, so exact below 2,048), and a
 /// set unused for [`SET_IDLE`] is dropped; candidate expiry itself is decided on the broker's
 /// clock. Why not moka (as before): its bookkeeping cost ≈ 325 bytes per key; a linked hash map
-/// node is ≈ 100 bytes with its key.
+/// node is ≈ 100 bytes with its key. Keys are hashed with foldhash's quality hash under a
+/// per-process random seed, as the hand-out marks are: std's SipHash was a quarter of a cache
+/// hit's engine work (`proxy-broker-bench hit-cost`), and the keys are validated exchange ids
+/// in a bounded map.
 pub struct UpstreamCandidates<P> {
     shards: Box<[Mutex<SetShard<P>>]>,
     hasher: RandomState,
@@ -403,7 +407,7 @@ impl<P: Clone + Send + Sync + 'static> UpstreamCandidates<P> {
             n *= 2;
         }
         let max = usize::try_from(max_keys).unwrap_or(usize::MAX);
-        let hasher = RandomState::new();
+        let hasher = RandomState::default();
         let shards = (0..n)
             .map(|i| {
                 Mutex::new(SetShard {
