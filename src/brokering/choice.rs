@@ -236,7 +236,54 @@ pub fn choose_now<P: Clone>(store: &dyn Store, input: &Choose<'_, P>) -> Option<
     let marks = marked(input)?;
     let urls: PerMember<&str> = input.members.iter().map(|m| &*m.url).collect();
     let states = store.choice_states_now(input.exchange, &urls)?;
+    // One candidate with nothing against it (most keys hold one answer): the choice a plan would
+    // make, without building one. The round-robin cursor moves as ranking would move it.
+    if let [only] = input.members
+        && states
+            .first()
+            .and_then(Option::as_ref)
+            .is_none_or(|s| unrestricted(s, input.now))
+    {
+        if let Order::Strategy(Strategy::RoundRobin) = input.order {
+            input.cursor.fetch_add(1, Ordering::Relaxed);
+        }
+        return Some(Choice::Picked(hand_out_marked(
+            input,
+            marks,
+            only,
+            Tier::Eligible,
+        )));
+    }
     Some(Plan::new(input, &states).hand_out_marked(input, marks))
+}
+
+/// Neither banned, ejected nor penalised at `now`: eligible wherever no budget applies.
+fn unrestricted(state: &ProxyState, now: Instant) -> bool {
+    let live = |t: Option<Instant>| t.is_some_and(|t| t > now);
+    !live(state.banned_until) && !live(state.ejected_until) && !live(state.penalised_until)
+}
+
+/// Hands out `member` from tier `pass`, marking it in `marks` (nothing in the store).
+fn hand_out_marked<P: Clone>(
+    input: &Choose<'_, P>,
+    marks: &HandOutMarks,
+    member: &Candidate<P>,
+    pass: Tier,
+) -> Picked<P> {
+    let now = input.now;
+    let lease = random_lease(lease_ttl(member, input.ttl, now), input.jitter);
+    let lease_expires_at = lease_end(now, lease);
+    marks.mark(input.exchange, &member.url, lease_expires_at, now);
+    Picked {
+        url: member.url.clone(),
+        payload: member.payload.clone(),
+        lease_expires_at,
+        expires_at: member.expires_at,
+        used: 0,
+        budget: None,
+        penalised: pass == Tier::Penalised,
+        sticky: matches!(input.order, Order::Sticky(_)),
+    }
 }
 
 /// Where `input`'s hand-out is remembered when it is not counted in the store.
@@ -358,26 +405,12 @@ impl Plan {
     /// Hands out the best member and marks it in `marks` (nothing in the store), or comes up
     /// short.
     fn hand_out_marked<P: Clone>(self, input: &Choose<'_, P>, marks: &HandOutMarks) -> Choice<P> {
-        let now = input.now;
         for &pass in passes(input.allow_penalised) {
             if let Some(&i) = self.ranked.iter().find(|&&i| self.tiers[i] == pass) {
-                let member = &input.members[i];
-                let lease = random_lease(lease_ttl(member, input.ttl, now), input.jitter);
-                let lease_expires_at = lease_end(now, lease);
-                marks.mark(input.exchange, &member.url, lease_expires_at, now);
-                return Choice::Picked(Picked {
-                    url: member.url.clone(),
-                    payload: member.payload.clone(),
-                    lease_expires_at,
-                    expires_at: member.expires_at,
-                    used: 0,
-                    budget: None,
-                    penalised: pass == Tier::Penalised,
-                    sticky: matches!(input.order, Order::Sticky(_)),
-                });
+                return Choice::Picked(hand_out_marked(input, marks, &input.members[i], pass));
             }
         }
-        self.into_short(input.members, now)
+        self.into_short(input.members, input.now)
     }
 
     /// Nothing could be handed out.
@@ -786,6 +819,98 @@ mod tests {
         let mut input = input(&m, Order::Static, &cursor, None, true);
         input.max_ejection_percent = 50;
         assert_eq!(pick(&s, input).await.as_deref(), Some("http://a:1"));
+    }
+
+    /// `choose_now`'s shortcut for a lone candidate makes the choice a plan makes, in every
+    /// standing, and moves the round-robin cursor alike.
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_candidate_is_chosen_at_once_as_a_plan_chooses_it() {
+        type Setup = fn(&MemoryStore) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>>;
+        let cases: Vec<(&str, Setup, u8)> = vec![
+            ("no state", |_| Box::pin(async {}), 100),
+            (
+                "ban over",
+                |s| {
+                    Box::pin(async move {
+                        s.ban(
+                            key("http://a:1"),
+                            BanLength::Exactly(Duration::from_secs(5)),
+                            true,
+                        )
+                        .await
+                        .unwrap();
+                        tokio::time::advance(Duration::from_secs(6)).await;
+                    })
+                },
+                100,
+            ),
+            (
+                "banned",
+                |s| {
+                    Box::pin(async move {
+                        s.ban(
+                            key("http://a:1"),
+                            BanLength::Exactly(Duration::from_secs(60)),
+                            true,
+                        )
+                        .await
+                        .unwrap();
+                    })
+                },
+                100,
+            ),
+            (
+                "penalised",
+                |s| {
+                    Box::pin(async move {
+                        s.penalise(key("http://a:1"), Duration::from_secs(30), true)
+                            .await
+                            .unwrap();
+                    })
+                },
+                100,
+            ),
+            (
+                "ejected at 100 %",
+                |s| Box::pin(async move { s.eject(key("http://a:1"), true).await.map(drop).unwrap() }),
+                100,
+            ),
+            (
+                "ejected at 50 % (forgiven)",
+                |s| Box::pin(async move { s.eject(key("http://a:1"), true).await.map(drop).unwrap() }),
+                50,
+            ),
+        ];
+        let outcome = |c: &Choice<usize>| match c {
+            Choice::Picked(p) => format!("{} penalised={}", p.url, p.penalised),
+            Choice::Short(s) => format!("short {:?}", (s.banned, s.ejected, s.penalised)),
+        };
+        let m = members(&["http://a:1"]);
+        for (name, setup, max_ejection_percent) in cases {
+            for allow_penalised in [false, true] {
+                let s = store();
+                setup(&s).await;
+                let marks = HandOutMarks::new(100, Instant::now());
+                let (fast_cursor, plan_cursor) = (AtomicUsize::new(0), AtomicUsize::new(0));
+                let rr = Order::Strategy(Strategy::RoundRobin);
+                let mut fast = input(&m, rr, &fast_cursor, None, allow_penalised);
+                let mut plan = input(&m, rr, &plan_cursor, None, allow_penalised);
+                fast.marks = Some(&marks);
+                plan.marks = Some(&marks);
+                fast.max_ejection_percent = max_ejection_percent;
+                plan.max_ejection_percent = max_ejection_percent;
+                let got = choose_now(&s, &fast).expect("the memory store has its states at hand");
+                let states = s.states_now("binance", &["http://a:1"]);
+                let want = Plan::new(&plan, &states).hand_out_marked(&plan, &marks);
+                let case = format!("{name}, allow_penalised {allow_penalised}");
+                assert_eq!(outcome(&got), outcome(&want), "{case}");
+                assert_eq!(
+                    fast_cursor.load(Ordering::Relaxed),
+                    plan_cursor.load(Ordering::Relaxed),
+                    "{case}"
+                );
+            }
+        }
     }
 
     #[test]
