@@ -3,10 +3,13 @@
 //!
 //! `hit-vs-health` measures the issue's goal (throughput on a pinned core), but on a noisy 2-core VM
 //! one pair of its rounds moves by ±15 %, more than the difference it looks for. An instruction
-//! count does not depend on what else the machine does: the same binary and calls give the same
-//! count to within a fraction of a per cent. It is the broker's own work (user space, every thread),
-//! not a throughput: cache misses, the kernel's share of a call (its syscalls are counted as one
-//! instruction each) and lock waits are not in it.
+//! count does not depend on how fast the machine runs at the moment. What still moves it is how
+//! calls share the server's wake-ups and writes (more in flight at once, fewer instructions per
+//! call): rounds of one kind differ by up to about 5 %, the median ratio of two runs by about 1 %.
+//! A handler's own inclusive count (`--dumps`, then `callgrind_annotate --inclusive=yes`) repeats
+//! to within a few instructions. It is the broker's own work (user space, every thread), not a
+//! throughput: cache misses, the kernel's share of a call (a syscall counts as one instruction)
+//! and lock waits are not in it.
 //!
 //! The broker runs under `valgrind --tool=callgrind` (about 50 times slower); `callgrind_control`
 //! zeroes the counters before each round and dumps them after it, while the generator is idle, so
@@ -312,10 +315,11 @@ fn tables(a: &HitCostArgs, rounds: &[Round]) -> Table {
             count(errors)
         ))
         .note(
-            "instructions of every broker thread in user space between callgrind_control --zero and --dump; \
-             the same binary and calls give the same count to within a fraction of a per cent, whatever the \
-             machine is doing. hit / health here is the cost ratio of the broker's own code; the issue's goal \
-             (throughput ≥ 0.95 × health) is hit-vs-health's",
+            "instructions of every broker thread in user space between callgrind_control --zero and --dump, \
+             whatever the machine is doing; rounds of one kind differ by up to about 5 % (how calls share \
+             wake-ups and writes), so compare medians or a handler's inclusive count (--dumps, \
+             callgrind_annotate --inclusive=yes). hit / health is the cost ratio of the broker's own code; \
+             the issue's goal (throughput ≥ 0.95 × health) is hit-vs-health's",
         );
     table
 }
