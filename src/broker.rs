@@ -287,14 +287,7 @@ impl Broker {
         let state = self.state.load();
         state.delegation.as_ref()?;
         let started = self.clock.now();
-        let ask = Ask {
-            exchange: &lookup.exchange_id,
-            connection_type: lookup.connection_type,
-            region: lookup.region.as_deref(),
-            sticky_key: lookup.sticky_key.as_deref(),
-            ttl: state.embedded_ttl(),
-            started: Some(started),
-        };
+        let ask = ask_for(lookup, &state, Some(started));
         let picked = self.brokering.choose_delegated_now(&ask)?;
         // This call asked nobody: an answer fetched since it started is another call's lookup.
         let upstream = self.count_pick(&picked, started, false);
@@ -305,14 +298,7 @@ impl Broker {
     /// delegated choice that may refill and wait.
     async fn answer_later(&self, lookup: &Lookup, wait_until: Option<Instant>) -> Result<ProxyAnswer, Error> {
         let state = self.state.load_full();
-        let ask = Ask {
-            exchange: &lookup.exchange_id,
-            connection_type: lookup.connection_type,
-            region: lookup.region.as_deref(),
-            sticky_key: lookup.sticky_key.as_deref(),
-            ttl: state.embedded_ttl(),
-            started: None,
-        };
+        let ask = ask_for(lookup, &state, None);
         let Some(d) = &state.delegation else {
             return Box::pin(self.embedded(&state, &ask)).await.map(ProxyAnswer::from);
         };
@@ -701,4 +687,17 @@ fn summarise(failures: &[Failure]) -> String {
         .map(|f| format!("{}: {}", f.endpoint, f.reason))
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// What the engine is asked for `lookup` (embedded leases jittered from `state`'s TTL), started
+/// at `started` on the broker's clock when the caller has read it.
+fn ask_for<'a>(lookup: &'a Lookup, state: &State, started: Option<Instant>) -> Ask<'a> {
+    Ask {
+        exchange: &lookup.exchange_id,
+        connection_type: lookup.connection_type,
+        region: lookup.region.as_deref(),
+        sticky_key: lookup.sticky_key.as_deref(),
+        ttl: state.embedded_ttl(),
+        started,
+    }
 }

@@ -23,6 +23,7 @@ use anyhow::{Context, bail, ensure};
 use clap::Parser;
 use proxy_broker_client::pb::ProxySource;
 
+use super::hit_vs_health::Kind;
 use super::{Ctx, progress};
 use crate::broker::{Broker, BrokerCommand};
 use crate::config::ConfigSpec;
@@ -53,21 +54,6 @@ pub struct HitCostArgs {
     /// of a temporary one; it must be empty or not exist.
     #[arg(long)]
     pub dumps: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Hit,
-    Health,
-}
-
-impl Kind {
-    fn name(self) -> &'static str {
-        match self {
-            Kind::Hit => "RequestProxy (cache hit)",
-            Kind::Health => "Health/Check",
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -177,12 +163,7 @@ async fn measure(a: &HitCostArgs, broker: &Broker, dir: &Path) -> anyhow::Result
     }
     let mut rounds = Vec::new();
     for pair in 0..a.pairs.max(1) {
-        let order = if pair % 2 == 0 {
-            [Kind::Hit, Kind::Health]
-        } else {
-            [Kind::Health, Kind::Hit]
-        };
-        for kind in order {
+        for kind in Kind::abba(pair) {
             progress(&format!("hit-cost: pair {} {}", pair + 1, kind.name()));
             let rpc = match kind {
                 Kind::Hit => &hit,

@@ -47,14 +47,24 @@ pub struct HitVsHealthArgs {
     pub max_calls_per_round: u64,
 }
 
+/// The two calls compared (also by `hit-cost`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(super) enum Kind {
     Hit,
     Health,
 }
 
 impl Kind {
-    fn name(self) -> &'static str {
+    /// The order of pair `pair`'s two rounds: ABBA, so drift hits both calls alike.
+    pub(super) fn abba(pair: usize) -> [Kind; 2] {
+        if pair.is_multiple_of(2) {
+            [Kind::Hit, Kind::Health]
+        } else {
+            [Kind::Health, Kind::Hit]
+        }
+    }
+
+    pub(super) fn name(self) -> &'static str {
         match self {
             Kind::Hit => "RequestProxy (cache hit)",
             Kind::Health => "Health/Check",
@@ -143,12 +153,7 @@ async fn measure(ctx: &Ctx, a: &HitVsHealthArgs, pin: bool) -> anyhow::Result<Ve
     let mut rounds = Vec::new();
     let mut hit_sources = crate::load::Recorder::default();
     for pair in 0..a.pairs.max(1) {
-        let order = if pair % 2 == 0 {
-            [Kind::Hit, Kind::Health]
-        } else {
-            [Kind::Health, Kind::Hit]
-        };
-        for kind in order {
+        for kind in Kind::abba(pair) {
             progress(&format!("hit-vs-health: pair {} {}", pair + 1, kind.name()));
             let rpc = match kind {
                 Kind::Hit => &hit,
