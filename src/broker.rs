@@ -295,8 +295,12 @@ impl Broker {
     }
 
     /// [`Broker::request_answer`] when [`Broker::answer_now`] had no answer: embedded, or the
-    /// delegated choice that may refill and wait.
-    async fn answer_later(&self, lookup: &Lookup, wait_until: Option<Instant>) -> Result<ProxyAnswer, Error> {
+    /// delegated choice that may refill and wait (it does not try [`Broker::answer_now`] again).
+    pub async fn answer_later(
+        &self,
+        lookup: &Lookup,
+        wait_until: Option<Instant>,
+    ) -> Result<ProxyAnswer, Error> {
         let state = self.state.load_full();
         let ask = ask_for(lookup, &state, None);
         let Some(d) = &state.delegation else {

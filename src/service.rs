@@ -49,7 +49,8 @@ impl BrokerService {
             Some(caller) if caller < server_deadline => caller,
             _ => server_deadline,
         };
-        self.broker.request_answer(lookup, Some(wait_until)).await
+        // `answer_now` came up empty just before: not asked again.
+        self.broker.answer_later(lookup, Some(wait_until)).await
     }
 }
 
