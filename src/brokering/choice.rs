@@ -26,7 +26,7 @@ use super::lease::{lease_end, random_lease};
 use super::marks::HandOutMarks;
 use super::settings::Budget;
 use super::sticky;
-use crate::store::{Attempt, HandOut, ProxyState, StateKey, Store, StoreError};
+use crate::store::{Attempt, HandOut, ProxyState, Standing, StateKey, Store, StoreError};
 
 /// Per-member scratch of one choice, on the stack up to 8 members (most sets hold one to three):
 /// a cache hit allocates none of it.
@@ -242,7 +242,7 @@ pub fn choose_now<P: Clone>(store: &dyn Store, input: &Choose<'_, P>) -> Option<
         && states
             .first()
             .and_then(Option::as_ref)
-            .is_none_or(|s| unrestricted(s, input.now))
+            .is_none_or(|s| matches!(s.standing(input.now), Standing::Ok))
     {
         if let Order::Strategy(Strategy::RoundRobin) = input.order {
             input.cursor.fetch_add(1, Ordering::Relaxed);
@@ -255,12 +255,6 @@ pub fn choose_now<P: Clone>(store: &dyn Store, input: &Choose<'_, P>) -> Option<
         )));
     }
     Some(Plan::new(input, &states).hand_out_marked(input, marks))
-}
-
-/// Neither banned, ejected nor penalised at `now`: eligible wherever no budget applies.
-fn unrestricted(state: &ProxyState, now: Instant) -> bool {
-    let live = |t: Option<Instant>| t.is_some_and(|t| t > now);
-    !live(state.banned_until) && !live(state.ejected_until) && !live(state.penalised_until)
 }
 
 /// Hands out `member` from tier `pass`, marking it in `marks` (nothing in the store).
