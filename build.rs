@@ -20,7 +20,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .compile_fds(fds.clone())?;
     // The feed service once more, on its own: the server side of `ProxyBroker` answers with
     // `crate::wire::ProxyAnswer` (a `ProxyResponse` on the wire that a cache hit sends from bytes
-    // encoded once per entry, src/wire.rs); every message type is the one generated above.
+    // encoded once per entry, src/wire.rs) and takes `crate::wire::ProxyQuery` as its
+    // `ProxyRequest` (short strings held inline, src/wire/query.rs); every other message type is
+    // the one generated above.
     let mut server_only = fds;
     for file in &mut server_only.file {
         file.service.retain(|s| s.name() == "ProxyBroker");
@@ -32,6 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .out_dir(&server_dir)
         .codec_path("crate::codec::ProstCodec")
         .extern_path(".proxybroker.v1.ProxyResponse", "crate::wire::ProxyAnswer")
+        .extern_path(".proxybroker.v1.ProxyRequest", "crate::wire::ProxyQuery")
         .extern_path(".proxybroker.v1", "crate::pb")
         .compile_fds(server_only)?;
     Ok(())

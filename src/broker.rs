@@ -291,7 +291,7 @@ impl Broker {
         let picked = self.brokering.choose_delegated_now(&ask)?;
         // This call asked nobody: an answer fetched since it started is another call's lookup.
         let upstream = self.count_pick(&picked, started, false);
-        Some(self.delegated_answer(&picked, upstream, Some(started)))
+        Some(self.delegated_answer(picked, upstream, Some(started)))
     }
 
     /// [`Broker::request_answer`] when [`Broker::answer_now`] had no answer: embedded, or the
@@ -372,7 +372,7 @@ impl Broker {
         match choice {
             Ok(picked) => {
                 let upstream = self.count_pick(&picked, started, asked.load(Ordering::Relaxed));
-                Ok(self.delegated_answer(&picked, upstream, answered_at))
+                Ok(self.delegated_answer(picked, upstream, answered_at))
             }
             Err(NotPicked::Upstream(e)) => {
                 let failures = match e {
@@ -589,7 +589,7 @@ impl Broker {
     /// the broker's clock (`None`: read it).
     fn delegated_answer(
         &self,
-        picked: &Picked<Arc<Cached>>,
+        picked: Picked<Arc<Cached>>,
         upstream: bool,
         now: Option<Instant>,
     ) -> ProxyAnswer {
@@ -600,6 +600,7 @@ impl Broker {
             answer.lease_expires_at = Some(lease_expires_at);
             answer.into()
         } else {
+            // The answer keeps the entry the choice took (no reference counted again).
             picked.payload.hit_response(now, lease_expires_at)
         }
     }

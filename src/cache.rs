@@ -49,7 +49,7 @@ use crate::json::{json_to_struct, json_to_value};
 use crate::pb;
 use crate::sync::lock;
 use crate::upstream::Answer;
-use crate::wire::{Head, ProxyAnswer};
+use crate::wire::{Head, HeadRef, HeadSource, ProxyAnswer};
 
 /// Distinct (strategy, metadata) pairs shared between entries (more are stored per entry).
 const METADATA_SHARED: u64 = 10_000;
@@ -264,6 +264,22 @@ pub struct Cached {
     fallback_policy: u8,
 }
 
+/// A hit's answer is sent from the entry: its proxy, its extras encoded (once, shared), its
+/// fallback policy and endpoint.
+impl HeadSource for Cached {
+    fn head(&self) -> HeadRef<'_> {
+        HeadRef {
+            proxy_url: &self.proxy_url,
+            fixed: self
+                .extras
+                .encoded
+                .get_or_init(|| Head::fixed(&self.extras.strategy, Some(&self.extras.metadata))),
+            fallback_policy: i32::from(self.fallback_policy),
+            upstream_endpoint: &self.endpoint,
+        }
+    }
+}
+
 impl std::fmt::Debug for Cached {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cached")
@@ -319,24 +335,18 @@ impl Cached {
     }
 
     /// The CACHE answer at `now`, ready to send, lease end included: the TTL left (never more
-    /// than the upstream allowed). Strategy and metadata are encoded once for every entry that
-    /// shares them (on the first hit), the strings are shared, nothing is allocated per hit.
-    pub fn hit_response(&self, now: Instant, lease_expires_at: prost_types::Timestamp) -> ProxyAnswer {
-        let fixed = self
-            .extras
-            .encoded
-            .get_or_init(|| Head::fixed(&self.extras.strategy, Some(&self.extras.metadata)))
-            .clone();
-        let head = Head::new(
-            self.proxy_url.clone(),
-            fixed,
-            i32::from(self.fallback_policy),
-            self.endpoint.clone(),
-        );
+    /// than the upstream allowed). The answer reads the entry itself when it is sent
+    /// ([`HeadSource`]): strategy and metadata are encoded once for every entry that shares them
+    /// (on the first hit), and nothing is allocated or counted per hit but the per-call fields.
+    pub fn hit_response(
+        self: Arc<Self>,
+        now: Instant,
+        lease_expires_at: prost_types::Timestamp,
+    ) -> ProxyAnswer {
         // The entry may live up to 10 % past the answer's TTL (jitter); the feed is never told
         // more than the upstream (or the 3600 s cap) allowed.
         let ttl_seconds = self.remaining_ttl(now).min(self.ttl_seconds());
-        ProxyAnswer::ready(head, ttl_seconds, pb::ProxySource::Cache, Some(lease_expires_at))
+        ProxyAnswer::ready(self, ttl_seconds, pb::ProxySource::Cache, Some(lease_expires_at))
     }
 
     /// The UPSTREAM answer of the flight that fetched this entry.
@@ -1256,7 +1266,7 @@ mod tests {
                             let fresh_limit = ttl + ttl / 10 + 1;
                             if let Some(c) = &fresh {
                                 prop_assert!(age < fresh_limit, "fresh at age {age} with ttl {ttl}");
-                                let served = c
+                                let served = c.clone()
                                     .hit_response(clock.now(), prost_types::Timestamp::default())
                                     .into_response();
                                 prop_assert!(served.ttl_seconds as u64 <= ttl);

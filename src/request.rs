@@ -5,29 +5,33 @@ use proxy_broker_core::ConnectionType;
 use proxy_broker_core::redact::{redact_text, redact_url};
 use proxy_broker_core::validate::{check_exchange_id, check_proxy_url, check_sticky_key};
 
+use compact_str::CompactString;
+
 use crate::error::Error;
 use crate::pb;
+use crate::wire::ProxyQuery;
 
 pub use proxy_broker_core::validate::{
     HTTP_STATUS_RANGE, MAX_CLIENT_ID_LEN, MAX_ERROR_DETAILS_LEN, MAX_METADATA_BYTES, MAX_PROXY_URL_LEN,
     MAX_REGION_LEN, MAX_RETRY_AFTER_SECONDS, MAX_STICKY_KEY_LEN,
 };
 
-/// A validated `RequestProxy` call.
+/// A validated `RequestProxy` call. Its strings are the decoded request's own
+/// ([`crate::wire::ProxyQuery`]): short ones inline, so a cache hit allocates none.
 #[derive(Debug, Clone)]
 pub struct Lookup {
     /// Exchange id as sent (matching is case-insensitive).
-    pub exchange_id: String,
+    pub exchange_id: CompactString,
     /// HTTP or WebSocket.
     pub connection_type: ConnectionType,
     /// Preferred region; `None` when absent or empty.
-    pub region: Option<String>,
+    pub region: Option<CompactString>,
     /// The feed's id; may be empty.
-    pub client_id: String,
+    pub client_id: CompactString,
     /// Free-form context for upstreams.
     pub metadata: Option<prost_types::Struct>,
     /// Keeps this caller on one proxy (≤ 128 printable ASCII); `None` when absent or empty.
-    pub sticky_key: Option<String>,
+    pub sticky_key: Option<CompactString>,
 }
 
 /// Earliest feedback `timestamp` accepted: 1970-01-01T00:00:00Z, in Unix seconds.
@@ -97,6 +101,14 @@ impl TryFrom<pb::ProxyRequest> for Lookup {
     type Error = Error;
 
     fn try_from(req: pb::ProxyRequest) -> Result<Self, Error> {
+        Lookup::try_from(ProxyQuery::from(req))
+    }
+}
+
+impl TryFrom<ProxyQuery> for Lookup {
+    type Error = Error;
+
+    fn try_from(req: ProxyQuery) -> Result<Self, Error> {
         exchange_id("exchange_id", &req.exchange_id)?;
         let connection_type = connection_type("connection_type", req.connection_type)?;
         let region = req.region.filter(|r| !r.is_empty());

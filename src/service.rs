@@ -11,7 +11,7 @@ use crate::brokering::watch;
 use crate::pb;
 use crate::pb::wire::proxy_broker_server::ProxyBroker;
 use crate::request::{Feedback, Lookup};
-use crate::wire::ProxyAnswer;
+use crate::wire::{ProxyAnswer, ProxyQuery};
 
 /// `WatchProxy`'s stream of assignments (boxed: the watcher implementation is free to change).
 pub type WatchStream =
@@ -72,10 +72,7 @@ fn record(span: &tracing::Span, result: &Result<ProxyAnswer, crate::error::Error
 
 #[tonic::async_trait]
 impl ProxyBroker for BrokerService {
-    async fn request_proxy(
-        &self,
-        request: Request<pb::ProxyRequest>,
-    ) -> Result<Response<ProxyAnswer>, Status> {
+    async fn request_proxy(&self, request: Request<ProxyQuery>) -> Result<Response<ProxyAnswer>, Status> {
         let started = tokio::time::Instant::now();
         let span = rpc_span(&request);
         let (metadata, _, req) = request.into_parts();
@@ -162,7 +159,7 @@ impl ProxyBroker for BrokerService {
     /// as a `RequestProxy` would); HTTP/2 keepalive ends it when the peer is gone.
     async fn watch_proxy(
         &self,
-        request: Request<pb::ProxyRequest>,
+        request: Request<ProxyQuery>,
     ) -> Result<Response<Self::WatchProxyStream>, Status> {
         let started = tokio::time::Instant::now();
         let server_deadline = deadline_after(started, self.call_timeout);
@@ -201,7 +198,7 @@ impl ProxyBroker for BrokerService {
 /// The RPC's span, only when someone listens: OTLP export is on, or the `proxy_broker::rpc`
 /// target is enabled at DEBUG (e.g. `RUST_LOG=proxy_broker=debug`). Otherwise it is
 /// `Span::none()`, and building it costs nothing on the cache-hit path.
-fn rpc_span(request: &Request<pb::ProxyRequest>) -> tracing::Span {
+fn rpc_span(request: &Request<ProxyQuery>) -> tracing::Span {
     if !crate::telemetry::rpc_spans_wanted()
         && !tracing::enabled!(target: "proxy_broker::rpc", tracing::Level::DEBUG)
     {

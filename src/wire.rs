@@ -1,4 +1,5 @@
-//! `ProxyResponse` as the server sends it: [`ProxyAnswer`].
+//! `ProxyResponse` as the server sends it: [`ProxyAnswer`]; `ProxyRequest` as it receives it:
+//! [`ProxyQuery`] (see [`query`]).
 //!
 //! A cache hit answers with the same proxy, strategy, metadata and endpoint every time; only the
 //! TTL left, the source and the lease end change per call. Building a [`pb::ProxyResponse`] for
@@ -19,6 +20,9 @@ use prost::bytes::{Buf, BufMut};
 use prost::encoding::{DecodeContext, WireType};
 
 use crate::pb;
+
+mod query;
+pub use query::ProxyQuery;
 
 /// Field numbers of `ProxyResponse` (see `proto/proxybroker/v1/broker.proto`).
 const PROXY_URL: u32 = 1;
@@ -77,21 +81,69 @@ impl Head {
         )
     }
 
+    /// Its parts, as a [`HeadSource`] gives them.
+    pub fn parts(&self) -> HeadRef<'_> {
+        HeadRef {
+            proxy_url: &self.proxy_url,
+            fixed: &self.fixed,
+            fallback_policy: self.fallback_policy,
+            upstream_endpoint: &self.upstream_endpoint,
+        }
+    }
+}
+
+impl HeadSource for Head {
+    fn head(&self) -> HeadRef<'_> {
+        self.parts()
+    }
+}
+
+/// Where a ready answer reads its unchanging fields from when it is sent. A cache entry is one
+/// itself: the answer holds the entry (the one reference the choice already took), not copies
+/// of its three shared strings, whose reference counts every hit would otherwise take and give
+/// back (atomic operations that cost far more than their one instruction each).
+pub trait HeadSource: Send + Sync {
+    /// The fields: the proxy URL, `fixed` ([`Head::fixed`] of strategy and metadata), the
+    /// fallback policy and the endpoint.
+    fn head(&self) -> HeadRef<'_>;
+}
+
+/// A [`Head`]'s fields, borrowed from a [`HeadSource`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct HeadRef<'a> {
+    /// The proxy to use (may hold credentials).
+    pub proxy_url: &'a str,
+    /// [`Head::fixed`] of the answer's strategy and metadata.
+    pub fixed: &'a [u8],
+    /// `FallbackPolicy` as sent.
+    pub fallback_policy: i32,
+    /// The endpoint that gave the answer.
+    pub upstream_endpoint: &'a str,
+}
+
+/// `Debug` tells the size only: the proxy URL may hold credentials.
+impl std::fmt::Debug for HeadRef<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HeadRef({} bytes)", self.encoded_len())
+    }
+}
+
+impl HeadRef<'_> {
     fn encoded_len(&self) -> usize {
-        let mut len = string_len(PROXY_URL, &self.proxy_url) + self.fixed.len();
+        let mut len = string_len(PROXY_URL, self.proxy_url) + self.fixed.len();
         if self.fallback_policy != 0 {
             len += prost::encoding::int32::encoded_len(FALLBACK_POLICY, &self.fallback_policy);
         }
-        len + string_len(UPSTREAM_ENDPOINT, &self.upstream_endpoint)
+        len + string_len(UPSTREAM_ENDPOINT, self.upstream_endpoint)
     }
 
     fn encode(&self, buf: &mut impl BufMut) {
-        put_string(PROXY_URL, &self.proxy_url, buf);
-        buf.put_slice(&self.fixed);
+        put_string(PROXY_URL, self.proxy_url, buf);
+        buf.put_slice(self.fixed);
         if self.fallback_policy != 0 {
             prost::encoding::int32::encode(FALLBACK_POLICY, &self.fallback_policy, buf);
         }
-        put_string(UPSTREAM_ENDPOINT, &self.upstream_endpoint, buf);
+        put_string(UPSTREAM_ENDPOINT, self.upstream_endpoint, buf);
     }
 }
 
@@ -127,20 +179,21 @@ const PER_CALL_ROOM: usize = 64;
 /// `Debug` tells the size only: the head holds the proxy URL, credentials included.
 impl std::fmt::Debug for Head {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Head({} bytes)", self.encoded_len())
+        write!(f, "Head({} bytes)", self.parts().encoded_len())
     }
 }
 
-/// A `ProxyResponse` to send: built field by field, or a [`Head`] plus the per-call fields.
-#[derive(Clone, PartialEq)]
+/// A `ProxyResponse` to send: built field by field, or a [`HeadSource`] plus the per-call
+/// fields.
+#[derive(Clone)]
 pub struct ProxyAnswer(Repr);
 
-#[derive(Clone, PartialEq)]
+#[derive(Clone)]
 enum Repr {
     /// Boxed: a `ProxyResponse` is several times the size of a ready answer, and the answer is
     /// moved a few times on its way out; only answers that are not cache hits build one.
     Built(Box<pb::ProxyResponse>),
-    Ready(Head, PerCall),
+    Ready(Arc<dyn HeadSource>, PerCall),
 }
 
 /// The fields of a ready answer written per call, after its [`Head`].
@@ -207,9 +260,9 @@ impl From<pb::ProxyResponse> for ProxyAnswer {
 }
 
 impl ProxyAnswer {
-    /// `head` with the fields that change per call.
+    /// `head`'s fields with the fields that change per call.
     pub fn ready(
-        head: Head,
+        head: Arc<dyn HeadSource>,
         ttl_seconds: u32,
         source: pb::ProxySource,
         lease_expires_at: Option<prost_types::Timestamp>,
@@ -247,7 +300,7 @@ impl ProxyAnswer {
     pub fn upstream_endpoint(&self) -> &str {
         match &self.0 {
             Repr::Built(response) => &response.upstream_endpoint,
-            Repr::Ready(head, _) => &head.upstream_endpoint,
+            Repr::Ready(head, _) => head.head().upstream_endpoint,
         }
     }
 
@@ -268,7 +321,7 @@ impl std::fmt::Debug for ProxyAnswer {
                 .finish_non_exhaustive(),
             Repr::Ready(head, call) => f
                 .debug_struct("ProxyAnswer")
-                .field("head", head)
+                .field("head", &head.head())
                 .field("source", &call.source)
                 .field("ttl_seconds", &call.ttl_seconds)
                 .finish_non_exhaustive(),
@@ -281,7 +334,7 @@ impl Message for ProxyAnswer {
         match &self.0 {
             Repr::Built(response) => response.encode_raw(buf),
             Repr::Ready(head, call) => {
-                head.encode(buf);
+                head.head().encode(buf);
                 call.encode(buf);
             }
         }
@@ -308,7 +361,7 @@ impl Message for ProxyAnswer {
     fn encoded_len(&self) -> usize {
         match &self.0 {
             Repr::Built(response) => response.encoded_len(),
-            Repr::Ready(head, call) => head.encoded_len() + call.encoded_len(),
+            Repr::Ready(head, call) => head.head().encoded_len() + call.encoded_len(),
         }
     }
 
@@ -359,7 +412,7 @@ mod tests {
             seconds: 1_900_000_000,
             nanos: 42,
         };
-        let answer = ProxyAnswer::ready(head, 120, pb::ProxySource::Cache, Some(lease));
+        let answer = ProxyAnswer::ready(Arc::new(head), 120, pb::ProxySource::Cache, Some(lease));
         let bytes = answer.encode_to_vec();
         assert_eq!(bytes.len(), answer.encoded_len());
         let decoded = pb::ProxyResponse::decode(bytes.as_slice()).unwrap();
@@ -380,7 +433,7 @@ mod tests {
             proxy_url: "socks5://proxy.test:1080".into(),
             ..Default::default()
         };
-        let answer = ProxyAnswer::ready(Head::of(&fixed), 0, pb::ProxySource::Unspecified, None);
+        let answer = ProxyAnswer::ready(Arc::new(Head::of(&fixed)), 0, pb::ProxySource::Unspecified, None);
         assert_eq!(answer.encode_to_vec(), fixed.encode_to_vec());
         assert_eq!(answer.encoded_len(), fixed.encoded_len());
     }
@@ -390,7 +443,7 @@ mod tests {
         let built = ProxyAnswer::from(response());
         assert_eq!(built.encode_to_vec(), response().encode_to_vec());
         let mut merged = ProxyAnswer::ready(
-            Head::of(&pb::ProxyResponse::default()),
+            Arc::new(Head::of(&pb::ProxyResponse::default())),
             1,
             pb::ProxySource::Cache,
             None,
@@ -456,7 +509,7 @@ mod tests {
         #[test]
         fn a_ready_answer_decodes_to_its_response_for_any_values(response in any_response()) {
             let answer = ProxyAnswer::ready(
-                Head::of(&response),
+                Arc::new(Head::of(&response)),
                 response.ttl_seconds,
                 response.source(),
                 response.lease_expires_at,
@@ -472,7 +525,7 @@ mod tests {
 
     #[test]
     fn debug_never_shows_the_proxy_url() {
-        let ready = ProxyAnswer::ready(Head::of(&response()), 1, pb::ProxySource::Cache, None);
+        let ready = ProxyAnswer::ready(Arc::new(Head::of(&response())), 1, pb::ProxySource::Cache, None);
         for shown in [
             format!("{ready:?}"),
             format!("{:?}", ProxyAnswer::from(response())),

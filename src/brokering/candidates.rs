@@ -289,6 +289,18 @@ impl<P: Clone> UpstreamSet<P> {
     }
 
     /// The live candidates at `now` (expired ones are dropped).
+    /// `f` of the set's member when it holds exactly one live member (most sets), run under the
+    /// set's lock: no snapshot is built for it. `None` when it holds none or several (then
+    /// [`UpstreamSet::snapshot`]). `f` must not touch this set.
+    pub fn with_lone<R>(&self, now: Instant, f: impl FnOnce(&Candidate<P>) -> R) -> Option<R> {
+        let mut members = self.lock();
+        members.retain(|(_, c)| c.expires_at.is_none_or(|e| e > now));
+        match members.as_slice() {
+            [(_, only)] => Some(f(only)),
+            _ => None,
+        }
+    }
+
     pub fn snapshot(&self, now: Instant) -> Vec<Candidate<P>> {
         let mut members = self.lock();
         members.retain(|(_, c)| c.expires_at.is_none_or(|e| e > now));

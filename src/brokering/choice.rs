@@ -234,26 +234,29 @@ pub async fn choose<P: Clone>(store: &dyn Store, input: Choose<'_, P>) -> Result
 /// this way, without a future.
 pub fn choose_now<P: Clone>(store: &dyn Store, input: &Choose<'_, P>) -> Option<Choice<P>> {
     let marks = marked(input)?;
+    if let [only] = input.members {
+        // Most keys hold one answer: its state alone, without a vector.
+        let state = store.choice_state_now(input.exchange, &only.url)?;
+        // Nothing against it: the choice a plan would make, without building one. The
+        // round-robin cursor moves as ranking would move it.
+        if state
+            .as_ref()
+            .is_none_or(|s| matches!(s.standing(input.now), Standing::Ok))
+        {
+            if let Order::Strategy(Strategy::RoundRobin) = input.order {
+                input.cursor.fetch_add(1, Ordering::Relaxed);
+            }
+            return Some(Choice::Picked(hand_out_marked(
+                input,
+                marks,
+                only,
+                Tier::Eligible,
+            )));
+        }
+        return Some(Plan::new(input, std::slice::from_ref(&state)).hand_out_marked(input, marks));
+    }
     let urls: PerMember<&str> = input.members.iter().map(|m| &*m.url).collect();
     let states = store.choice_states_now(input.exchange, &urls)?;
-    // One candidate with nothing against it (most keys hold one answer): the choice a plan would
-    // make, without building one. The round-robin cursor moves as ranking would move it.
-    if let [only] = input.members
-        && states
-            .first()
-            .and_then(Option::as_ref)
-            .is_none_or(|s| matches!(s.standing(input.now), Standing::Ok))
-    {
-        if let Order::Strategy(Strategy::RoundRobin) = input.order {
-            input.cursor.fetch_add(1, Ordering::Relaxed);
-        }
-        return Some(Choice::Picked(hand_out_marked(
-            input,
-            marks,
-            only,
-            Tier::Eligible,
-        )));
-    }
     Some(Plan::new(input, &states).hand_out_marked(input, marks))
 }
 

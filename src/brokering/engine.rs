@@ -526,9 +526,17 @@ impl<P: Clone + Send + Sync + 'static> Brokering<P> {
         }
         let set = self.upstream.set_of(&exchange, ask.connection_type, ask.region);
         let now = ask.started.unwrap_or_else(|| self.clock.now());
-        let members = set.snapshot(now);
-        let input = self.upstream_choice(&set, &members, &exchange, ask, budget, &settings, now);
-        match choose_now(&*self.store, &input)? {
+        let choose = |members: &[Candidate<P>]| {
+            let input = self.upstream_choice(&set, members, &exchange, ask, budget, &settings, now);
+            choose_now(&*self.store, &input)
+        };
+        // A lone member (most keys) is chosen in place, under the set's lock (the store's and
+        // the marks' locks are taken inside it, never the other way round).
+        let choice = match set.with_lone(now, |only| choose(std::slice::from_ref(only))) {
+            Some(choice) => choice,
+            None => choose(&set.snapshot(now)),
+        };
+        match choice? {
             Choice::Picked(picked) => Some(picked),
             Choice::Short(_) => None,
         }

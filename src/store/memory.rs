@@ -460,6 +460,14 @@ impl MemoryStore {
             .collect()
     }
 
+    /// [`MemoryStore::states_now`] of one proxy, without a vector.
+    pub fn state_now(&self, exchange: &str, proxy: &str) -> Option<ProxyState> {
+        if self.is_empty() {
+            return None;
+        }
+        self.existing(StateKey { proxy, exchange }, |e, now| self.snapshot(e, now))
+    }
+
     /// Runs `f` on the entry of `key` if there is one.
     fn existing<R>(&self, key: StateKey<'_>, f: impl FnOnce(&mut Entry, Now) -> R) -> Option<R> {
         let entry = self.entries.get(&key as &dyn Pair)?;
@@ -627,6 +635,10 @@ impl Store for MemoryStore {
 
     fn choice_states_now(&self, exchange: &str, proxies: &[&str]) -> Option<Vec<Option<ProxyState>>> {
         Some(self.states_now(exchange, proxies))
+    }
+
+    fn choice_state_now(&self, exchange: &str, proxy: &str) -> Option<Option<ProxyState>> {
+        Some(self.state_now(exchange, proxy))
     }
 
     async fn ban(

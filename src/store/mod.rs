@@ -365,6 +365,13 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         None
     }
 
+    /// [`Store::choice_states_now`] of one proxy (the usual candidate set holds one): its state,
+    /// or `Some(None)` when it has none. The in-process store answers it without allocating.
+    fn choice_state_now(&self, exchange: &str, proxy: &str) -> Option<Option<ProxyState>> {
+        self.choice_states_now(exchange, &[proxy])
+            .map(|states| states.into_iter().next().flatten())
+    }
+
     /// The snapshot of one (proxy, exchange), `None` when there is no entry.
     async fn state(&self, key: StateKey<'_>) -> Result<Option<ProxyState>, StoreError> {
         Ok(self.states(key.exchange, &[key.proxy]).await?.pop().flatten())

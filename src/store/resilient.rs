@@ -465,6 +465,10 @@ impl Store for ResilientStore {
         Some(self.shared.local.states_now(exchange, proxies))
     }
 
+    fn choice_state_now(&self, exchange: &str, proxy: &str) -> Option<Option<ProxyState>> {
+        Some(self.shared.local.state_now(exchange, proxy))
+    }
+
     async fn ban(
         &self,
         key: StateKey<'_>,
