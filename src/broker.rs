@@ -273,7 +273,7 @@ impl Broker {
         lookup: &Lookup,
         wait_until: Option<Instant>,
     ) -> Result<ProxyAnswer, Error> {
-        if let Some(answer) = self.answer_now(lookup) {
+        if let Some(answer) = self.answer_now(lookup, Instant::now()) {
             return Ok(answer);
         }
         Box::pin(self.answer_later(lookup, wait_until)).await
@@ -282,11 +282,12 @@ impl Broker {
     /// The answer when it is at hand: a cache hit of an exchange without a connection-attempt
     /// budget, chosen at once. No future is built for it, no timer armed, no deadline needed,
     /// and the lookup's large state is never allocated. `None`: [`Broker::request_answer`] has
-    /// to choose (and maybe wait).
-    pub fn answer_now(&self, lookup: &Lookup) -> Option<ProxyAnswer> {
+    /// to choose (and maybe wait). `read_at` is the caller's reading of tokio's clock as the
+    /// call started (the service has one): the broker's clock is not read again.
+    pub fn answer_now(&self, lookup: &Lookup, read_at: Instant) -> Option<ProxyAnswer> {
         let state = self.state.load();
         state.delegation.as_ref()?;
-        let started = self.clock.now();
+        let started = self.clock.at(read_at);
         let ask = ask_for(lookup, &state, Some(started));
         let picked = self.brokering.choose_delegated_now(&ask)?;
         // This call asked nobody: an answer fetched since it started is another call's lookup.

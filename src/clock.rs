@@ -14,6 +14,14 @@ use tokio::time::Instant;
 pub trait Clock: Send + Sync + Debug + 'static {
     /// Now.
     fn now(&self) -> Instant;
+
+    /// This clock's time when tokio's clock read `reading` (a moment ago): [`Clock::now`] for a
+    /// caller that has just read tokio's clock, without reading it again. The default, for a
+    /// clock that does not follow tokio's, is [`Clock::now`].
+    fn at(&self, reading: Instant) -> Instant {
+        let _ = reading;
+        self.now()
+    }
 }
 
 /// The real clock (tokio's, so `#[tokio::test(start_paused = true)]` controls it).
@@ -23,6 +31,10 @@ pub struct SystemClock;
 impl Clock for SystemClock {
     fn now(&self) -> Instant {
         Instant::now()
+    }
+
+    fn at(&self, reading: Instant) -> Instant {
+        reading
     }
 }
 
@@ -46,7 +58,11 @@ impl ManualClock {
 
 impl Clock for ManualClock {
     fn now(&self) -> Instant {
-        Instant::now() + *self.offset.lock().unwrap_or_else(|e| e.into_inner())
+        self.at(Instant::now())
+    }
+
+    fn at(&self, reading: Instant) -> Instant {
+        reading + *self.offset.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

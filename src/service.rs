@@ -80,7 +80,7 @@ impl ProxyBroker for BrokerService {
         let result = match Lookup::try_from(req) {
             Err(e) => Err(e),
             // A cache hit is answered at once: no deadline worked out, no future built for it.
-            Ok(lookup) => match span.in_scope(|| self.broker.answer_now(&lookup)) {
+            Ok(lookup) => match span.in_scope(|| self.broker.answer_now(&lookup, started)) {
                 Some(answer) => Ok(answer),
                 // Boxed: the waiting path's state stays out of every call's future.
                 None => {

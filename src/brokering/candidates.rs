@@ -438,16 +438,23 @@ impl<P: Clone + Send + Sync + 'static> UpstreamCandidates<P> {
 
     /// The set of `key`, created empty if need be.
     pub fn set(&self, key: &CandidateKey) -> Arc<UpstreamSet<P>> {
-        self.set_of(&key.exchange, key.connection_type, key.region.as_deref())
+        self.set_of(
+            &key.exchange,
+            key.connection_type,
+            key.region.as_deref(),
+            Instant::now(),
+        )
     }
 
     /// The set of (`exchange`, `connection_type`, `region`), created empty if need be; the key
-    /// is allocated only then (`exchange` lower-case).
+    /// is allocated only then (`exchange` lower-case). `now` is the caller's reading of the clock
+    /// (the engine's choice has one already: a hit reads the clock once less).
     pub fn set_of(
         &self,
         exchange: &str,
         connection_type: ConnectionType,
         region: Option<&str>,
+        now: Instant,
     ) -> Arc<UpstreamSet<P>> {
         let wanted = KeyRef {
             exchange,
@@ -455,7 +462,6 @@ impl<P: Clone + Send + Sync + 'static> UpstreamCandidates<P> {
             region,
         };
         let hash = self.hasher.hash_one(&wanted);
-        let now = Instant::now();
         let mut shard = crate::sync::lock(self.shard(hash));
         shard.expire(now);
         match shard.map.raw_entry_mut().from_hash(hash, |k| wanted.matches(k)) {
@@ -570,17 +576,26 @@ mod tests {
             };
             assert_eq!(sets.hasher.hash_one(&key), sets.hasher.hash_one(&borrowed));
             let set = sets.set(&key);
-            assert!(Arc::ptr_eq(&set, &sets.set_of("binance", WS, region)));
+            assert!(Arc::ptr_eq(
+                &set,
+                &sets.set_of("binance", WS, region, Instant::now())
+            ));
             assert!(Arc::ptr_eq(&set, &sets.get(&key).unwrap()));
         }
         // Another region, type or exchange is another set.
-        let eu = sets.set_of("binance", WS, Some("eu"));
-        assert!(!Arc::ptr_eq(&eu, &sets.set_of("binance", WS, Some("us"))));
+        let eu = sets.set_of("binance", WS, Some("eu"), Instant::now());
         assert!(!Arc::ptr_eq(
             &eu,
-            &sets.set_of("binance", ConnectionType::Http, Some("eu"))
+            &sets.set_of("binance", WS, Some("us"), Instant::now())
         ));
-        assert!(!Arc::ptr_eq(&eu, &sets.set_of("bybit", WS, Some("eu"))));
+        assert!(!Arc::ptr_eq(
+            &eu,
+            &sets.set_of("binance", ConnectionType::Http, Some("eu"), Instant::now())
+        ));
+        assert!(!Arc::ptr_eq(
+            &eu,
+            &sets.set_of("bybit", WS, Some("eu"), Instant::now())
+        ));
     }
 
     #[test]

@@ -425,7 +425,12 @@ impl<P: Clone + Send + Sync + 'static> Brokering<P> {
         let exchange = normalise_exchange(ask.exchange);
         let settings = self.settings.load_full();
         let budget = settings.budget(&exchange, ask.connection_type).map(|r| r.budget);
-        let set = self.upstream.set_of(&exchange, ask.connection_type, ask.region);
+        let set = self.upstream.set_of(
+            &exchange,
+            ask.connection_type,
+            ask.region,
+            ask.started.unwrap_or_else(|| self.clock.now()),
+        );
         let first = std::sync::atomic::AtomicBool::new(true);
         let choose_now = |allow_penalised: bool| {
             let set = set.clone();
@@ -524,8 +529,10 @@ impl<P: Clone + Send + Sync + 'static> Brokering<P> {
         if budget.is_some() {
             return None;
         }
-        let set = self.upstream.set_of(&exchange, ask.connection_type, ask.region);
         let now = ask.started.unwrap_or_else(|| self.clock.now());
+        let set = self
+            .upstream
+            .set_of(&exchange, ask.connection_type, ask.region, now);
         let choose = |members: &[Candidate<P>]| {
             let input = self.upstream_choice(&set, members, &exchange, ask, budget, &settings, now);
             choose_now(&*self.store, &input)
