@@ -77,3 +77,19 @@ pub fn wall_time(now: Instant, at: Instant) -> prost_types::Timestamp {
     };
     prost_types::Timestamp::from(t.unwrap_or(wall))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_is_now_for_a_reading_just_taken() {
+        let reading = Instant::now();
+        assert_eq!(SystemClock.at(reading), reading);
+        let manual = ManualClock::new();
+        manual.advance(Duration::from_secs(90));
+        assert_eq!(manual.at(reading), reading + Duration::from_secs(90));
+        // `now` is `at` of a fresh reading: never behind the earlier reading's time.
+        assert!(manual.now() >= manual.at(reading));
+    }
+}

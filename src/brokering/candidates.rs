@@ -386,8 +386,9 @@ impl<P> SetShard<P> {
 
 /// Upstream candidate sets by key: at most `max_keys` keys (least recently used dropped first,
 /// per shard: up to [`MAX_SHARDS`] shards of at least 1,024 keys, so exact below 2,048), and a
-/// set unused for [`SET_IDLE`] is dropped; candidate expiry itself is decided on the broker's
-/// clock. Why not moka (as before): its bookkeeping cost ≈ 325 bytes per key; a linked hash map
+/// set unused for [`SET_IDLE`] is dropped (idle time on the reading its callers give: the engine
+/// passes its choice's reading of the broker's clock); candidate expiry itself is decided on the
+/// broker's clock. Why not moka (as before): its bookkeeping cost ≈ 325 bytes per key; a linked hash map
 /// node is ≈ 100 bytes with its key. Keys are hashed with foldhash's quality hash under a
 /// per-process random seed, as the hand-out marks are: std's SipHash cost about 240 of the
 /// 1,800 instructions of a cache hit's engine work (`proxy-broker-bench hit-cost`), and the keys
@@ -622,6 +623,22 @@ mod tests {
         assert_eq!(set.snapshot(later).len(), 2, "b expired");
         assert!(set.remove("http://c:1"));
         assert_eq!(set.snapshot(later).len(), 1);
+    }
+
+    #[test]
+    fn a_set_s_idle_time_is_counted_on_the_reading_its_caller_gives() {
+        let sets = UpstreamCandidates::<u32>::default();
+        let now = Instant::now();
+        let first = sets.set_of("kucoin", WS, None, now);
+        let before_limit = now + SET_IDLE - Duration::from_secs(1);
+        assert!(Arc::ptr_eq(
+            &first,
+            &sets.set_of("kucoin", WS, None, before_limit)
+        ));
+        // Idle for SET_IDLE since that use, by the caller's reading: dropped and made anew.
+        let after = before_limit + SET_IDLE;
+        assert!(!Arc::ptr_eq(&first, &sets.set_of("kucoin", WS, None, after)));
+        assert_eq!(sets.len(), 1);
     }
 
     #[tokio::test(start_paused = true)]
