@@ -176,57 +176,6 @@ fn put_string(tag: u32, value: &str, buf: &mut impl BufMut) {
 /// enum value is 10 varint bytes) and a lease timestamp (24) take at most 41.
 const PER_CALL_ROOM: usize = 64;
 
-/// A [`PerCall`]'s bytes as they are gathered: [`PER_CALL_ROOM`] bytes on the stack.
-struct Room {
-    bytes: [u8; PER_CALL_ROOM],
-    len: usize,
-    overflowed: bool,
-}
-
-impl Default for Room {
-    fn default() -> Self {
-        Self {
-            bytes: [0; PER_CALL_ROOM],
-            len: 0,
-            overflowed: false,
-        }
-    }
-}
-
-impl Room {
-    fn push(&mut self, byte: u8) {
-        match self.bytes.get_mut(self.len) {
-            Some(slot) => {
-                *slot = byte;
-                self.len += 1;
-            }
-            None => self.overflowed = true,
-        }
-    }
-
-    /// `value` as a protobuf varint (seven bits a byte, low bits first).
-    fn varint(&mut self, mut value: u64) {
-        while value >= 0x80 {
-            self.push((value as u8) | 0x80);
-            value >>= 7;
-        }
-        self.push(value as u8);
-    }
-
-    /// A field key (the field numbers here are below 16: one byte).
-    fn key(&mut self, tag: u32, wire_type: WireType) {
-        self.varint(u64::from((tag << 3) | wire_type as u32));
-    }
-
-    /// What was written, unless it did not fit.
-    fn written(&self) -> Option<&[u8]> {
-        if self.overflowed {
-            return None;
-        }
-        self.bytes.get(..self.len)
-    }
-}
-
 /// `Debug` tells the size only: the head holds the proxy URL, credentials included.
 impl std::fmt::Debug for Head {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -271,46 +220,18 @@ impl PerCall {
         len
     }
 
-    /// The fields in one write, instead of a dozen small writes: gathered on the stack by hand
-    /// (prost's `encode_varint` checks the buffer's room for every byte, and a `Timestamp` is
-    /// measured twice on its way through `message::encode`). They always fit in
-    /// [`PER_CALL_ROOM`]; if they ever did not, prost writes them field by field.
+    /// The fields in one write when they fit in [`PER_CALL_ROOM`] (they always do; a larger
+    /// encoding would be written field by field), instead of a dozen small writes.
     fn encode(&self, buf: &mut impl BufMut) {
-        let mut room = Room::default();
-        if self.ttl_seconds != 0 {
-            room.key(TTL_SECONDS, WireType::Varint);
-            room.varint(u64::from(self.ttl_seconds));
+        let len = self.encoded_len();
+        if len > PER_CALL_ROOM {
+            return self.encode_fields(buf);
         }
-        if self.source != 0 {
-            room.key(SOURCE, WireType::Varint);
-            // As prost writes an `int32`: a negative value sign-extended to ten bytes.
-            room.varint(i64::from(self.source) as u64);
-        }
-        if let Some(at) = &self.lease_expires_at {
-            let (seconds, nanos) = (at.seconds as u64, i64::from(at.nanos) as u64);
-            let mut len = 0;
-            if seconds != 0 {
-                len += 1 + prost::encoding::encoded_len_varint(seconds);
-            }
-            if nanos != 0 {
-                len += 1 + prost::encoding::encoded_len_varint(nanos);
-            }
-            room.key(LEASE_EXPIRES_AT, WireType::LengthDelimited);
-            room.varint(len as u64);
-            // `Timestamp`'s fields: 1 `seconds` (int64), 2 `nanos` (int32).
-            if seconds != 0 {
-                room.key(1, WireType::Varint);
-                room.varint(seconds);
-            }
-            if nanos != 0 {
-                room.key(2, WireType::Varint);
-                room.varint(nanos);
-            }
-        }
-        match room.written() {
-            Some(bytes) => buf.put_slice(bytes),
-            None => self.encode_fields(buf),
-        }
+        let mut room = [0u8; PER_CALL_ROOM];
+        let mut cursor = &mut room[..];
+        self.encode_fields(&mut cursor);
+        let written = PER_CALL_ROOM - cursor.len();
+        buf.put_slice(&room[..written]);
     }
 
     fn encode_fields(&self, buf: &mut impl BufMut) {
@@ -603,7 +524,7 @@ mod tests {
     }
 
     proptest! {
-        /// The per-call fields gathered by hand are the bytes prost writes for them.
+        /// The per-call fields gathered on the stack are the bytes prost writes for them.
         #[test]
         fn per_call_fields_are_written_as_prost_writes_them(
             ttl_seconds in any::<u32>(),
