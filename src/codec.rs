@@ -1,4 +1,5 @@
-//! The protobuf codec of every generated service: tonic-prost's, with a smaller encode buffer.
+//! The protobuf codec of every generated service: tonic-prost's, with a smaller encode buffer
+//! and fewer steps per message.
 //!
 //! tonic allocates the encoder's buffer when a response starts and keeps it for the whole call
 //! (8 KiB by default, `tonic::codec::BufferSettings`). For a unary call that is one short-lived
@@ -7,20 +8,31 @@
 //! `ProxyResponse` is ~100–300 bytes; larger ones and admin pages grow the buffer as needed), so the
 //! encoder starts at [`ENCODE_BUFFER`]. Decoding keeps tonic's default (a request may be up to
 //! `server.max_message_bytes`, and its buffer is released when the call has read it).
-//! Hand-written because tonic-prost has no setting for it; `build.rs` points the generated code
-//! here with `codec_path`.
+//!
+//! Two steps of tonic-prost's are left out, both on every call (BENCHMARKS "Session 12"):
+//! - [`Decode`] decodes from the message's bytes as one slice. tonic hands a decoder the whole
+//!   message in one contiguous buffer behind its `DecodeBuf`, whose every `chunk` and `advance`
+//!   (a few per field) goes through two layers of checks; on a slice they are a bounds check.
+//! - [`Encode`] writes the message without working out its length first: prost's
+//!   `Message::encode` does so only to refuse a buffer that is too small, and tonic's grows.
+//!
+//! Hand-written because tonic-prost has no setting for any of it; `build.rs` points the generated
+//! code here with `codec_path`. Errors are tonic-prost's: a request that does not decode is
+//! INTERNAL with prost's message.
 
 use std::marker::PhantomData;
 
-use tonic::codec::{BufferSettings, Codec};
-use tonic_prost::{ProstDecoder, ProstEncoder};
+use prost::bytes::Buf;
+use tonic::Status;
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
 /// Initial capacity of a response's encode buffer, in bytes.
 pub const ENCODE_BUFFER: usize = 512;
 /// tonic's default: how many bytes of ready messages a stream batches into one write.
 const YIELD_THRESHOLD: usize = 32 * 1024;
 
-/// [`tonic_prost::ProstCodec`] with an [`ENCODE_BUFFER`]-byte encode buffer.
+/// tonic-prost's `ProstCodec` with an [`ENCODE_BUFFER`]-byte encode buffer, [`Encode`] and
+/// [`Decode`].
 #[derive(Debug, Clone, Copy)]
 pub struct ProstCodec<T, U>(PhantomData<fn() -> (T, U)>);
 
@@ -37,15 +49,63 @@ where
 {
     type Encode = T;
     type Decode = U;
-    type Encoder = ProstEncoder<T>;
-    type Decoder = ProstDecoder<U>;
+    type Encoder = Encode<T>;
+    type Decoder = Decode<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        ProstEncoder::new(BufferSettings::new(ENCODE_BUFFER, YIELD_THRESHOLD))
+        Encode(PhantomData)
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        ProstDecoder::new(BufferSettings::default())
+        Decode(PhantomData)
+    }
+}
+
+/// Writes a `T` into tonic's buffer (see the module docs).
+#[derive(Debug, Clone, Copy)]
+pub struct Encode<T>(PhantomData<fn(T)>);
+
+impl<T: prost::Message> Encoder for Encode<T> {
+    type Item = T;
+    type Error = Status;
+
+    fn encode(&mut self, item: T, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        // `encode_raw` is the whole encoding; `encode` adds only the capacity check, which
+        // tonic's growing buffer always passes.
+        item.encode_raw(buf);
+        Ok(())
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(ENCODE_BUFFER, YIELD_THRESHOLD)
+    }
+}
+
+/// Reads a `U` from the message tonic has gathered (see the module docs).
+#[derive(Debug, Clone, Copy)]
+pub struct Decode<U>(PhantomData<fn() -> U>);
+
+impl<U: prost::Message + Default> Decoder for Decode<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        let len = buf.remaining();
+        let decoded = match buf.chunk().get(..len) {
+            Some(message) => {
+                let decoded = U::decode(message);
+                buf.advance(len);
+                decoded
+            }
+            // Not contiguous (tonic's buffer always is): through the `Buf`, as tonic-prost does.
+            None => U::decode(&mut *buf),
+        };
+        // As tonic-prost maps it (gRPC's status codes: a parse error is INTERNAL).
+        decoded.map(Some).map_err(|e| Status::internal(e.to_string()))
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::default()
     }
 }
 

@@ -856,3 +856,62 @@ async fn admin_rpcs_report_delegation_off_and_an_empty_cache_when_upstreams_are_
     assert!(status.message().starts_with("target"), "{status:?}");
     broker.stop().await;
 }
+
+/// Sends `message` (of any type) to `path` as its request, as a client of another schema would.
+async fn send_as<M: Message + Default + Send + 'static>(
+    broker: &TestBroker,
+    path: &'static str,
+    message: M,
+) -> Result<ProxyResponse, Status> {
+    let mut grpc = tonic::client::Grpc::new(broker.channel.clone());
+    grpc.ready().await.expect("the channel connects");
+    let codec = tonic_prost::ProstCodec::<M, ProxyResponse>::default();
+    grpc.unary(
+        tonic::Request::new(message),
+        tonic::codegen::http::uri::PathAndQuery::from_static(path),
+        codec,
+    )
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn a_request_that_does_not_decode_is_internal_with_prost_s_error_and_the_server_keeps_serving() {
+    let b = broker().await;
+    // Field 1 as a varint: `exchange_id` is a string.
+    let wrong = prost_types::Duration { seconds: 7, nanos: 0 };
+    let expected = ProxyRequest::decode(wrong.encode_to_vec().as_slice())
+        .unwrap_err()
+        .to_string();
+    let status = send_as(&b, "/proxybroker.v1.ProxyBroker/RequestProxy", wrong)
+        .await
+        .unwrap_err();
+    // What tonic-prost's decoder answers: INTERNAL with prost's message, naming the field.
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    assert_eq!(status.message(), expected);
+    assert!(
+        status.message().contains("ProxyRequest.exchange_id"),
+        "{status:?}"
+    );
+    // `exchange_id` that is not UTF-8 (the request decoder's slow path): prost's error again.
+    let bytes = NotUtf8 {
+        exchange_id: vec![0xff, 0xfe, b'x'],
+    };
+    let expected = ProxyRequest::decode(bytes.encode_to_vec().as_slice())
+        .unwrap_err()
+        .to_string();
+    let status = send_as(&b, "/proxybroker.v1.ProxyBroker/RequestProxy", bytes)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    assert_eq!(status.message(), expected);
+    assert_binance_http(ask(&b, request()).await);
+    b.stop().await;
+}
+
+/// `ProxyRequest`'s field 1 as bytes, so that a test can send a non-UTF-8 `exchange_id`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct NotUtf8 {
+    #[prost(bytes = "vec", tag = "1")]
+    exchange_id: Vec<u8>,
+}
