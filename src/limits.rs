@@ -170,8 +170,13 @@ where
         // A client stream of many messages may take as long as it likes in all, but not
         // `timeout` between two of them.
         let idle = request.uri().path() == FEEDBACK_STREAM_PATH;
-        self.inner
-            .call(request.map(|body| Body::new(TimedBody::new(body, timeout, idle))))
+        // Boxed as tonic's own boxed body, which `Body::new` takes as it is; any other body it
+        // would wrap once more to convert its errors (one more layer on every poll and drop).
+        self.inner.call(request.map(|body| {
+            Body::new(http_body_util::BodyExt::boxed_unsync(TimedBody::new(
+                body, timeout, idle,
+            )))
+        }))
     }
 }
 
