@@ -54,13 +54,19 @@ pub fn check_exchange_id(id: &str) -> Result<(), String> {
             id.len()
         ));
     }
-    if let Some(c) = id
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        return Err(format!("contains {c:?} (1..=64 characters of [A-Za-z0-9._-])"));
-    }
-    Ok(())
+    // Byte by byte (every call's exchange is checked): a byte past ASCII is refused like any
+    // other, and as every byte before it is ASCII, it starts the character the error names.
+    let Some(at) = id
+        .bytes()
+        .position(|b| !(b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')))
+    else {
+        return Ok(());
+    };
+    let c = id
+        .get(at..)
+        .and_then(|rest| rest.chars().next())
+        .unwrap_or_default();
+    Err(format!("contains {c:?} (1..=64 characters of [A-Za-z0-9._-])"))
 }
 
 /// A URL shown redacted, computed only when displayed.
@@ -488,5 +494,37 @@ mod tests {
         assert!(check_exchange_id("").is_err());
         assert!(check_exchange_id(&"a".repeat(65)).is_err());
         assert!(check_exchange_id("bin ance").is_err());
+    }
+
+    #[test]
+    fn an_exchange_id_error_names_the_first_character_outside_the_charset() {
+        let err = check_exchange_id("bin ance").unwrap_err();
+        assert!(err.starts_with("contains ' '"), "{err}");
+        let err = check_exchange_id("bin\u{e4}nce/x").unwrap_err();
+        assert!(err.starts_with("contains '\u{e4}'"), "{err}");
+        let err = check_exchange_id("\u{1f600}").unwrap_err();
+        assert!(err.starts_with("contains '\u{1f600}'"), "{err}");
+    }
+
+    proptest::proptest! {
+        /// The byte-wise check says what the rule says character by character, and names the
+        /// same character.
+        #[test]
+        fn the_exchange_id_check_is_the_character_rule(id in "[a-zA-Z0-9._ /-]{0,70}|\\PC{0,70}") {
+            let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+            let expected = if id.is_empty() || id.len() > MAX_EXCHANGE_ID_LEN {
+                None
+            } else {
+                Some(id.chars().find(|c| !allowed(*c)))
+            };
+            match (check_exchange_id(&id), expected) {
+                (Ok(()), Some(None)) | (Err(_), None) => {}
+                (Err(err), Some(Some(c))) => {
+                    let prefix = format!("contains {c:?}");
+                    proptest::prop_assert!(err.starts_with(&prefix), "{} for {:?}", err, id);
+                }
+                (got, want) => proptest::prop_assert!(false, "{:?} for {:?}, rule {:?}", got, id, want),
+            }
+        }
     }
 }
