@@ -875,36 +875,34 @@ async fn send_as<M: Message + Default + Send + 'static>(
     .map(tonic::Response::into_inner)
 }
 
+/// Sends `message` as a `RequestProxy` request: it must be refused as tonic-prost's decoder
+/// refuses it (INTERNAL with prost's message); returns the message.
+async fn assert_refused_as_prost_refuses<M: Message + Default + Send + 'static>(
+    broker: &TestBroker,
+    message: M,
+) -> String {
+    let expected = ProxyRequest::decode(message.encode_to_vec().as_slice())
+        .expect_err("the message is not a ProxyRequest")
+        .to_string();
+    let status = send_as(broker, "/proxybroker.v1.ProxyBroker/RequestProxy", message)
+        .await
+        .expect_err("the broker refuses it");
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    assert_eq!(status.message(), expected);
+    expected
+}
+
 #[tokio::test]
 async fn a_request_that_does_not_decode_is_internal_with_prost_s_error_and_the_server_keeps_serving() {
     let b = broker().await;
     // Field 1 as a varint: `exchange_id` is a string.
-    let wrong = prost_types::Duration { seconds: 7, nanos: 0 };
-    let expected = ProxyRequest::decode(wrong.encode_to_vec().as_slice())
-        .unwrap_err()
-        .to_string();
-    let status = send_as(&b, "/proxybroker.v1.ProxyBroker/RequestProxy", wrong)
-        .await
-        .unwrap_err();
-    // What tonic-prost's decoder answers: INTERNAL with prost's message, naming the field.
-    assert_eq!(status.code(), Code::Internal, "{status:?}");
-    assert_eq!(status.message(), expected);
-    assert!(
-        status.message().contains("ProxyRequest.exchange_id"),
-        "{status:?}"
-    );
-    // `exchange_id` that is not UTF-8 (the request decoder's slow path): prost's error again.
-    let bytes = NotUtf8 {
+    let message = assert_refused_as_prost_refuses(&b, prost_types::Duration { seconds: 7, nanos: 0 }).await;
+    assert!(message.contains("ProxyRequest.exchange_id"), "{message}");
+    // `exchange_id` that is not UTF-8 (the request decoder's slow path).
+    let not_utf8 = NotUtf8 {
         exchange_id: vec![0xff, 0xfe, b'x'],
     };
-    let expected = ProxyRequest::decode(bytes.encode_to_vec().as_slice())
-        .unwrap_err()
-        .to_string();
-    let status = send_as(&b, "/proxybroker.v1.ProxyBroker/RequestProxy", bytes)
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::Internal, "{status:?}");
-    assert_eq!(status.message(), expected);
+    assert_refused_as_prost_refuses(&b, not_utf8).await;
     assert_binance_http(ask(&b, request()).await);
     b.stop().await;
 }
