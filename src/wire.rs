@@ -172,9 +172,14 @@ fn put_string(tag: u32, value: &str, buf: &mut impl BufMut) {
     buf.put_slice(value.as_bytes());
 }
 
-/// Room for a [`PerCall`]'s fields on the stack: a TTL (6 bytes), a source (11: a negative
-/// enum value is 10 varint bytes) and a lease timestamp (24) take at most 41.
+/// The most a [`PerCall`]'s fields take: a TTL (key and a `u32`: 6 bytes), a source (11: a
+/// negative enum value is 10 varint bytes) and a lease timestamp (key, length, and two fields of
+/// a key and up to 10 bytes: 24).
+const PER_CALL_MAX: usize = 6 + 11 + 24;
+/// Room for a [`PerCall`]'s fields on the stack.
 const PER_CALL_ROOM: usize = 64;
+// Any values fit, so writing them on the stack cannot run out of room.
+const _: () = assert!(PER_CALL_MAX <= PER_CALL_ROOM);
 
 /// `Debug` tells the size only: the head holds the proxy URL, credentials included.
 impl std::fmt::Debug for Head {
@@ -220,13 +225,9 @@ impl PerCall {
         len
     }
 
-    /// The fields in one write when they fit in [`PER_CALL_ROOM`] (they always do; a larger
-    /// encoding would be written field by field), instead of a dozen small writes.
+    /// The fields in one write (they always fit in [`PER_CALL_ROOM`]), instead of a dozen
+    /// small writes.
     fn encode(&self, buf: &mut impl BufMut) {
-        let len = self.encoded_len();
-        if len > PER_CALL_ROOM {
-            return self.encode_fields(buf);
-        }
         let mut room = [0u8; PER_CALL_ROOM];
         let mut cursor = &mut room[..];
         self.encode_fields(&mut cursor);
@@ -542,6 +543,19 @@ mod tests {
             prop_assert_eq!(&ours, &prost);
             prop_assert_eq!(ours.len(), call.encoded_len());
         }
+    }
+
+    #[test]
+    fn per_call_max_is_the_largest_encoding() {
+        let largest = PerCall {
+            ttl_seconds: u32::MAX,
+            source: -1,
+            lease_expires_at: Some(prost_types::Timestamp {
+                seconds: -1,
+                nanos: -1,
+            }),
+        };
+        assert_eq!(largest.encoded_len(), PER_CALL_MAX);
     }
 
     #[test]
