@@ -53,25 +53,30 @@ pub fn token_matches<T: AsRef<[u8]>>(accepted: &[T], presented: &[u8]) -> bool {
 impl BearerAuth {
     /// Admits a call with these headers, or says why not.
     pub fn check(&self, headers: &http::HeaderMap) -> Result<(), Status> {
-        let state = self.broker.state_guard();
-        if state.tokens.is_empty() {
-            return Ok(());
-        }
-        let Some(value) = headers.get(http::header::AUTHORIZATION) else {
-            return Err(Status::unauthenticated(
-                "missing `authorization: Bearer <token>` metadata",
-            ));
-        };
-        let presented = value.as_bytes();
-        let token = presented
-            .strip_prefix(b"Bearer ")
-            .or_else(|| presented.strip_prefix(b"bearer "))
-            .ok_or_else(|| Status::unauthenticated("authorization metadata is not `Bearer <token>`"))?;
-        if token_matches(&state.tokens, token) {
-            Ok(())
-        } else {
-            Err(Status::unauthenticated("invalid bearer token"))
-        }
+        check_tokens(&self.broker.state_guard().tokens, headers)
+    }
+}
+
+/// Admits a call with these headers when `tokens` (a state's accepted tokens) is empty or holds
+/// the bearer token they present, or says why not.
+pub fn check_tokens(tokens: &[String], headers: &http::HeaderMap) -> Result<(), Status> {
+    if tokens.is_empty() {
+        return Ok(());
+    }
+    let Some(value) = headers.get(http::header::AUTHORIZATION) else {
+        return Err(Status::unauthenticated(
+            "missing `authorization: Bearer <token>` metadata",
+        ));
+    };
+    let presented = value.as_bytes();
+    let token = presented
+        .strip_prefix(b"Bearer ")
+        .or_else(|| presented.strip_prefix(b"bearer "))
+        .ok_or_else(|| Status::unauthenticated("authorization metadata is not `Bearer <token>`"))?;
+    if token_matches(tokens, token) {
+        Ok(())
+    } else {
+        Err(Status::unauthenticated("invalid bearer token"))
     }
 }
 

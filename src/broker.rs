@@ -285,11 +285,16 @@ impl Broker {
     /// to choose (and maybe wait). `read_at` is the caller's reading of tokio's clock as the
     /// call started (the service has one): the broker's clock is not read again.
     pub fn answer_now(&self, lookup: &Lookup, read_at: Instant) -> Option<ProxyAnswer> {
-        let state = self.state.load();
+        self.answer_now_in(&self.state.load(), lookup, read_at)
+    }
+
+    /// [`Broker::answer_now`] on `state`, a state in force the caller has loaded already (the
+    /// cache-hit path loads one per call, for its auth check and its answer).
+    pub fn answer_now_in(&self, state: &State, lookup: &Lookup, read_at: Instant) -> Option<ProxyAnswer> {
         state.delegation.as_ref()?;
         let started = self.clock.at(read_at);
-        let ask = ask_for(lookup, &state, Some(started));
-        let picked = self.brokering.choose_delegated_now(&ask)?;
+        let ask = ask_for(lookup, state, Some(started));
+        let picked = self.brokering.choose_delegated_now(&ask, &state.brokering)?;
         // This call asked nobody: an answer fetched since it started is another call's lookup.
         let upstream = self.count_pick(&picked, started, false);
         Some(self.delegated_answer(picked, upstream, Some(started)))

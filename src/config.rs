@@ -83,6 +83,9 @@ pub struct ServerConfig {
     pub request_timeout_seconds: i64,
     /// Watch the configuration file (and credential files) and apply valid changes.
     pub reload: bool,
+    /// Answer `RequestProxy` cache hits from their ready bytes in front of tonic's generic unary
+    /// path (`crate::hit`); `false` sends every call through tonic.
+    pub fast_cache_hits: bool,
 }
 
 /// Server reflection access.
@@ -130,6 +133,7 @@ impl Default for ServerConfig {
             http2_keepalive_timeout_seconds: 10,
             request_body_timeout_seconds: 10,
             request_timeout_seconds: 30,
+            fast_cache_hits: true,
             reload: true,
         }
     }

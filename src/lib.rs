@@ -20,6 +20,7 @@ pub mod config;
 pub mod error;
 pub mod feedback;
 pub mod flight;
+pub mod hit;
 pub mod json;
 pub mod limits;
 pub mod metrics;

@@ -16,6 +16,7 @@ use crate::admin::AdminService;
 use crate::auth::{Authenticated, BearerAuth};
 use crate::broker::Broker;
 use crate::config::{BrokerConfig, Reflection};
+use crate::hit::HitPath;
 use crate::pb;
 use crate::pb::proxy_broker_admin_server::ProxyBrokerAdminServer;
 use crate::pb::wire::proxy_broker_server::ProxyBrokerServer;
@@ -154,9 +155,16 @@ pub async fn serve(
         .layer(crate::limits::AdmissionLayer::new(feed_stack, other_stack))
         // Health stays open so that probes work whatever the auth settings.
         .add_service(health_service)
-        .add_service(Authenticated::new(
-            ProxyBrokerServer::new(BrokerService::new(broker.clone())).max_decoding_message_size(max_message),
-            auth.clone(),
+        // Cache hits are answered in front of tonic's generic path (see `hit`).
+        .add_service(HitPath::new(
+            Authenticated::new(
+                ProxyBrokerServer::new(BrokerService::new(broker.clone()))
+                    .max_decoding_message_size(max_message),
+                auth.clone(),
+            ),
+            BrokerService::new(broker.clone()),
+            max_message,
+            server_cfg.fast_cache_hits,
         ))
         .add_service(Authenticated::new(
             ProxyBrokerAdminServer::new(AdminService::new(broker.clone()))

@@ -11,6 +11,7 @@ use crate::brokering::watch;
 use crate::pb;
 use crate::pb::wire::proxy_broker_server::ProxyBroker;
 use crate::request::{Feedback, Lookup};
+use crate::state::State;
 use crate::wire::{ProxyAnswer, ProxyQuery};
 
 /// `WatchProxy`'s stream of assignments (boxed: the watcher implementation is free to change).
@@ -51,6 +52,55 @@ impl BrokerService {
         };
         // `answer_now` came up empty just before: not asked again.
         self.broker.answer_later(lookup, Some(wait_until)).await
+    }
+}
+
+impl BrokerService {
+    /// The broker's state in force (one load: [`crate::hit::HitPath`] checks auth and answers
+    /// with it).
+    pub fn state(&self) -> Arc<State> {
+        self.broker.state()
+    }
+
+    /// `RequestProxy` for [`crate::hit::HitPath`]: the answer, on `state`, to the request
+    /// encoded in `message` when the broker has it at hand (counted as `request_proxy` counts it), else
+    /// `None` (the call then goes through tonic and `request_proxy`, which decides everything
+    /// else: a request that does not decode or is invalid, a miss).
+    pub fn answer_at_once(
+        &self,
+        state: &State,
+        message: &[u8],
+        started: tokio::time::Instant,
+    ) -> Option<ProxyAnswer> {
+        use prost::Message;
+        let query = ProxyQuery::decode(message).ok()?;
+        let connection_type = query.connection_type;
+        let lookup = Lookup::try_from(query).ok()?;
+        let answer = self.broker.answer_now_in(state, &lookup, started)?;
+        tracing::debug!("answered");
+        let answered = Ok(answer);
+        self.count(&answered, connection_type, started);
+        answered.ok()
+    }
+
+    /// The request counter and duration histogram for one `RequestProxy`.
+    fn count(
+        &self,
+        result: &Result<ProxyAnswer, Status>,
+        connection_type: i32,
+        started: tokio::time::Instant,
+    ) {
+        // Counters resolved once per label set and a lock-free histogram: nothing allocated here.
+        let metrics = self.broker.metrics();
+        let (source, code) = match result {
+            Ok(answer) => (source_index(answer.source()), 0),
+            Err(status) => (crate::metrics::SOURCES.len() - 1, status.code() as usize),
+        };
+        metrics
+            .requests
+            .get(source, connection_type_index(connection_type), code)
+            .inc();
+        metrics.request_duration.observe(started.elapsed());
     }
 }
 
@@ -98,17 +148,7 @@ impl ProxyBroker for BrokerService {
             tracing::debug!("answered");
         }
         let result = result.map_err(Status::from);
-        // Counters resolved once per label set and a lock-free histogram: nothing allocated here.
-        let metrics = self.broker.metrics();
-        let (source, code) = match &result {
-            Ok(answer) => (source_index(answer.source()), 0),
-            Err(status) => (crate::metrics::SOURCES.len() - 1, status.code() as usize),
-        };
-        metrics
-            .requests
-            .get(source, connection_type_index(connection_type), code)
-            .inc();
-        metrics.request_duration.observe(started.elapsed());
+        self.count(&result, connection_type, started);
         result.map(Response::new)
     }
 
@@ -199,9 +239,7 @@ impl ProxyBroker for BrokerService {
 /// target is enabled at DEBUG (e.g. `RUST_LOG=proxy_broker=debug`). Otherwise it is
 /// `Span::none()`, and building it costs nothing on the cache-hit path.
 fn rpc_span(request: &Request<ProxyQuery>) -> tracing::Span {
-    if !crate::telemetry::rpc_spans_wanted()
-        && !tracing::enabled!(target: "proxy_broker::rpc", tracing::Level::DEBUG)
-    {
+    if !rpc_spans_wanted() {
         return tracing::Span::none();
     }
     let span = tracing::info_span!(
@@ -221,6 +259,13 @@ fn rpc_span(request: &Request<ProxyQuery>) -> tracing::Span {
     );
     crate::telemetry::adopt_remote_parent(&span, request.metadata());
     span
+}
+
+/// Whether `RequestProxy` calls get a span: OTLP export is on, or the `proxy_broker::rpc` target
+/// is enabled at DEBUG.
+pub fn rpc_spans_wanted() -> bool {
+    crate::telemetry::rpc_spans_wanted()
+        || tracing::enabled!(target: "proxy_broker::rpc", tracing::Level::DEBUG)
 }
 
 /// `source` label values: lower case.

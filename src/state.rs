@@ -11,6 +11,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::brokering::Ejection;
+use crate::brokering::settings::BrokeringSettings;
 use crate::cache::{AnswerCache, CacheKey, Cached};
 use crate::clock::Clock;
 use crate::config::BrokerConfig;
@@ -53,6 +54,9 @@ pub struct State {
     pub delegation: Option<Arc<Delegation>>,
     /// Bearer tokens accepted from callers (empty: no auth).
     pub tokens: Arc<Vec<String>>,
+    /// The `brokering:` block's settings, normalised as the engine keeps them: a cache hit reads
+    /// them from the one state it loads (the engine's own copy serves everything else).
+    pub brokering: Arc<BrokeringSettings>,
 }
 
 impl std::fmt::Debug for State {
@@ -111,6 +115,7 @@ impl ReloadSummary {
                 || a.request_body_timeout_seconds != b.request_body_timeout_seconds
                 || a.request_timeout_seconds != b.request_timeout_seconds
                 || a.reflection != b.reflection
+                || a.fast_cache_hits != b.fast_cache_hits
                 || old.store != new.store,
         }
     }
@@ -137,10 +142,12 @@ impl State {
         } else {
             None
         };
+        let brokering = Arc::new(config.brokering.settings().normalised());
         Ok(State {
             config: Arc::new(config),
             delegation,
             tokens,
+            brokering,
         })
     }
 

@@ -521,10 +521,10 @@ impl<P: Clone + Send + Sync + 'static> Brokering<P> {
     /// [`Brokering::choose_delegated`]'s first choice at once, when it needs nothing that waits
     /// ([`choose_now`]): an eligible candidate of an unbudgeted exchange, from a store that has
     /// the states at hand. `None`: call [`Brokering::choose_delegated`] (which chooses again). The
-    /// cache-hit path: no future, no boxed store call.
-    pub fn choose_delegated_now(&self, ask: &Ask<'_>) -> Option<Picked<P>> {
+    /// cache-hit path: no future, no boxed store call. `settings` are the caller's (the broker's
+    /// state in force holds them too, so a hit loads one state, not two).
+    pub fn choose_delegated_now(&self, ask: &Ask<'_>, settings: &BrokeringSettings) -> Option<Picked<P>> {
         let exchange = normalise_exchange(ask.exchange);
-        let settings = self.settings.load();
         let budget = settings.budget(&exchange, ask.connection_type).map(|r| r.budget);
         if budget.is_some() {
             return None;
@@ -534,7 +534,7 @@ impl<P: Clone + Send + Sync + 'static> Brokering<P> {
             .upstream
             .set_of(&exchange, ask.connection_type, ask.region, now);
         let choose = |members: &[Candidate<P>]| {
-            let input = self.upstream_choice(&set, members, &exchange, ask, budget, &settings, now);
+            let input = self.upstream_choice(&set, members, &exchange, ask, budget, settings, now);
             choose_now(&*self.store, &input)
         };
         // A lone member (most keys) is chosen in place, under the set's lock (the store's and

@@ -1,0 +1,272 @@
+//! The cache hit's own path: a `RequestProxy` whose answer is at hand is answered here, without
+//! tonic's generic unary machinery; every other call goes to the generated server unchanged.
+//!
+//! A cache hit's answer is bytes ready to send (`crate::wire`). tonic's generic unary path
+//! would still take it through a message decoder with its own 8 KiB buffer, the boxed handler
+//! future, `MetadataMap` conversions and a stream-based encoder that frames the message and builds
+//! the trailers: in instructions about a seventh of a whole call, more than a hit's own work
+//! (BENCHMARKS "Session 13"). So [`HitPath`], in front of the generated server, reads the
+//! request's one message, and if the broker answers it at once ([`Broker::answer_now`]) sends
+//! that answer as one gRPC frame and `grpc-status: 0`, what tonic would send for it byte for byte
+//! (`tests/hit_path.rs` compares the two).
+//!
+//! Only the plainest call is taken: a `RequestProxy` with no `grpc-encoding`, one uncompressed
+//! message of at most `server.max_message_bytes` and then the end of the body, no trailers, while
+//! no per-RPC span is wanted. Anything else, and every call the broker cannot answer at once (a
+//! miss, an invalid request, a budgeted exchange), goes to the generated server with the body as
+//! it arrived (the bytes read so far, then the rest), so tonic decides its status exactly as it
+//! does without this path. tonic has no hook for a handler that answers from bytes (its
+//! `Grpc` always encodes through a codec and a stream), hence the hand-written framing here.
+//!
+//! [`Broker::answer_now`]: crate::broker::Broker::answer_now
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue};
+use http_body::{Body as HttpBody, Frame};
+use http_body_util::BodyExt;
+use tonic::Status;
+use tonic::body::Body;
+use tonic::server::NamedService;
+use tower::Service;
+
+use crate::service::BrokerService;
+
+/// The path of the one call this module answers.
+pub const REQUEST_PROXY_PATH: &str = "/proxybroker.v1.ProxyBroker/RequestProxy";
+/// A gRPC message's prefix: the compressed flag and the length (big-endian `u32`).
+const PREFIX: usize = 5;
+
+/// The generated `ProxyBroker` server `S`, with cache hits answered in front of it (see the module
+/// docs).
+#[derive(Debug, Clone)]
+pub struct HitPath<S> {
+    inner: S,
+    service: BrokerService,
+    max_message: usize,
+    enabled: bool,
+}
+
+impl<S> HitPath<S> {
+    /// `inner` (the generated server of `service` behind its auth check), taking requests of
+    /// at most `max_message` bytes, as `inner` does (`max_decoding_message_size`). Not `enabled`
+    /// (`server.fast_cache_hits: false`): every call goes to `inner`.
+    pub fn new(inner: S, service: BrokerService, max_message: usize, enabled: bool) -> Self {
+        Self {
+            inner,
+            service,
+            max_message,
+            enabled,
+        }
+    }
+}
+
+impl<S: NamedService> NamedService for HitPath<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+type BoxFuture<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
+
+impl<S> Service<http::Request<Body>> for HitPath<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = futures_util::future::Either<S::Future, BoxFuture<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        use futures_util::future::Either;
+        if !self.enabled
+            || request.uri().path() != REQUEST_PROXY_PATH
+            || request.headers().contains_key("grpc-encoding")
+            || crate::service::rpc_spans_wanted()
+        {
+            return Either::Left(self.inner.call(request));
+        }
+        // The one state load of the call: its auth check and its answer.
+        let state = self.service.state();
+        if crate::auth::check_tokens(&state.tokens, request.headers()).is_err() {
+            // Refused by `inner`'s own check, with its status.
+            return Either::Left(self.inner.call(request));
+        }
+        // The service that was made ready goes with this call; its clone waits for the next.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let service = self.service.clone();
+        let max_message = self.max_message;
+        Either::Right(Box::pin(async move {
+            let (parts, body) = request.into_parts();
+            let body = match read_message(body, max_message).await {
+                Read::Message(message) => {
+                    let started = tokio::time::Instant::now();
+                    if let Some(answer) = service.answer_at_once(&state, &message[PREFIX..], started) {
+                        return Ok(answered(answer));
+                    }
+                    Body::new(http_body_util::Full::new(message))
+                }
+                Read::Other(replay) => Body::new(replay),
+            };
+            drop(state);
+            inner.call(http::Request::from_parts(parts, body)).await
+        }))
+    }
+}
+
+/// What [`read_message`] found.
+enum Read {
+    /// One uncompressed message of at most the limit, with its prefix, and the end of the body.
+    Message(Bytes),
+    /// Anything else, to be read again from the start.
+    Other(Replay),
+}
+
+/// Reads the body until it ends, as long as it can still be one uncompressed message of at most
+/// `max_message` bytes with nothing after it.
+async fn read_message(mut body: Body, max_message: usize) -> Read {
+    let mut read = Bytes::new();
+    let mut more: Option<BytesMut> = None;
+    let stop = loop {
+        // Stop as soon as it can no longer be one message within the limit.
+        let buffered = more.as_deref().unwrap_or(&read);
+        match expected_len(buffered, max_message) {
+            Some(expected) if buffered.len() > expected => break None,
+            None if buffered.len() >= PREFIX => break None,
+            _ => {}
+        }
+        match body.frame().await {
+            None => {
+                let message = more.map_or(read, BytesMut::freeze);
+                return match expected_len(&message, max_message) {
+                    Some(expected) if expected == message.len() => Read::Message(message),
+                    _ => Read::Other(Replay::new(message, None, body)),
+                };
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => match &mut more {
+                    Some(more) => more.put(data),
+                    None if read.is_empty() => read = data,
+                    None => {
+                        let mut joined = BytesMut::with_capacity(read.len() + data.len());
+                        joined.put(std::mem::take(&mut read));
+                        joined.put(data);
+                        more = Some(joined);
+                    }
+                },
+                Err(frame) => break Some(Ok(frame)),
+            },
+            Some(Err(status)) => break Some(Err(status)),
+        }
+    };
+    Read::Other(Replay::new(more.map_or(read, BytesMut::freeze), stop, body))
+}
+
+/// The length of the one message `bytes` starts with, prefix included: `None` when the prefix is
+/// not all there yet, says compressed, or gives a length over `max_message`.
+fn expected_len(bytes: &[u8], max_message: usize) -> Option<usize> {
+    let prefix: [u8; PREFIX] = bytes.get(..PREFIX)?.try_into().ok()?;
+    let [0, length @ ..] = prefix else { return None };
+    let length = usize::try_from(u32::from_be_bytes(length)).ok()?;
+    (length <= max_message).then_some(length + PREFIX)
+}
+
+/// A request body read again: the bytes read, then the frame or error that stopped the reading,
+/// then the rest of the body.
+struct Replay {
+    read: Option<Bytes>,
+    stop: Option<Result<Frame<Bytes>, Status>>,
+    rest: Body,
+}
+
+impl Replay {
+    fn new(read: Bytes, stop: Option<Result<Frame<Bytes>, Status>>, rest: Body) -> Self {
+        Self {
+            read: (!read.is_empty()).then_some(read),
+            stop,
+            rest,
+        }
+    }
+}
+
+impl HttpBody for Replay {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        if let Some(read) = self.read.take() {
+            return Poll::Ready(Some(Ok(Frame::data(read))));
+        }
+        if let Some(stop) = self.stop.take() {
+            return Poll::Ready(Some(stop));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.read.is_none() && self.stop.is_none() && self.rest.is_end_stream()
+    }
+}
+
+/// The response tonic sends for `answer`: `content-type: application/grpc`, the message as one
+/// frame, and `grpc-status: 0` as the trailers.
+fn answered(answer: crate::wire::ProxyAnswer) -> http::Response<Body> {
+    use prost::Message;
+    let length = answer.encoded_len();
+    let mut frame = BytesMut::with_capacity(PREFIX + length);
+    frame.put_u8(0);
+    // A ready answer is a few hundred bytes; a built one is bounded by the answer limits.
+    frame.put_u32(u32::try_from(length).unwrap_or(u32::MAX));
+    answer.encode_raw(&mut frame);
+    let mut response = http::Response::new(Body::new(Answered {
+        message: Some(frame.freeze()),
+        ended: false,
+    }));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    response
+}
+
+/// A successful unary response's body: the message, then `grpc-status: 0`.
+struct Answered {
+    message: Option<Bytes>,
+    ended: bool,
+}
+
+impl HttpBody for Answered {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        if let Some(message) = self.message.take() {
+            return Poll::Ready(Some(Ok(Frame::data(message))));
+        }
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        self.ended = true;
+        let mut trailers = HeaderMap::with_capacity(1);
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
+    }
+}
