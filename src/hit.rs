@@ -23,9 +23,10 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body::{Body as HttpBody, Frame};
 use http_body_util::BodyExt;
 use tonic::Status;
@@ -33,7 +34,11 @@ use tonic::body::Body;
 use tonic::server::NamedService;
 use tower::Service;
 
+use crate::limits::{TimedBody, timed};
 use crate::service::BrokerService;
+
+/// The request header that names a compression: a call that has it is left to tonic.
+static GRPC_ENCODING: HeaderName = HeaderName::from_static("grpc-encoding");
 
 /// The path of the one call this module answers.
 pub const REQUEST_PROXY_PATH: &str = "/proxybroker.v1.ProxyBroker/RequestProxy";
@@ -47,18 +52,28 @@ pub struct HitPath<S> {
     inner: S,
     service: BrokerService,
     max_message: usize,
+    body_timeout: Duration,
     enabled: bool,
 }
 
 impl<S> HitPath<S> {
     /// `inner` (the generated server of `service` behind its auth check), taking requests of
-    /// at most `max_message` bytes, as `inner` does (`max_decoding_message_size`). Not `enabled`
+    /// at most `max_message` bytes, as `inner` does (`max_decoding_message_size`). A
+    /// `RequestProxy` body must arrive within `body_timeout` ([`crate::limits::TimedBody`]: the
+    /// body timeout layer leaves this call to this service, enabled or not). Not `enabled`
     /// (`server.fast_cache_hits: false`): every call goes to `inner`.
-    pub fn new(inner: S, service: BrokerService, max_message: usize, enabled: bool) -> Self {
+    pub fn new(
+        inner: S,
+        service: BrokerService,
+        max_message: usize,
+        body_timeout: Duration,
+        enabled: bool,
+    ) -> Self {
         Self {
             inner,
             service,
             max_message,
+            body_timeout,
             enabled,
         }
     }
@@ -86,18 +101,21 @@ where
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         use futures_util::future::Either;
+        if request.uri().path() != REQUEST_PROXY_PATH {
+            return Either::Left(self.inner.call(request));
+        }
+        let timeout = self.body_timeout;
         if !self.enabled
-            || request.uri().path() != REQUEST_PROXY_PATH
-            || request.headers().contains_key("grpc-encoding")
+            || request.headers().contains_key(&GRPC_ENCODING)
             || crate::service::rpc_spans_wanted()
         {
-            return Either::Left(self.inner.call(request));
+            return Either::Left(self.inner.call(request.map(|body| timed(body, timeout, false))));
         }
         // The one state load of the call: its auth check and its answer.
         let state = self.service.state();
         if crate::auth::check_tokens(&state.tokens, request.headers()).is_err() {
             // Refused by `inner`'s own check, with its status.
-            return Either::Left(self.inner.call(request));
+            return Either::Left(self.inner.call(request.map(|body| timed(body, timeout, false))));
         }
         // The service that was made ready goes with this call; its clone waits for the next.
         let clone = self.inner.clone();
@@ -106,12 +124,14 @@ where
         let max_message = self.max_message;
         Either::Right(Box::pin(async move {
             let (parts, body) = request.into_parts();
+            let body = TimedBody::new(body, timeout, false);
             let body = match read_message(body, max_message).await {
                 Read::Message(message) => {
                     let started = tokio::time::Instant::now();
                     if let Some(answer) = service.answer_at_once(&state, &message[PREFIX..], started) {
                         return Ok(answered(answer));
                     }
+                    // The body has ended: nothing left to time.
                     Body::new(http_body_util::Full::new(message))
                 }
                 Read::Other(replay) => Body::new(replay),
@@ -132,7 +152,7 @@ enum Read {
 
 /// Reads the body until it ends, as long as it can still be one uncompressed message of at most
 /// `max_message` bytes with nothing after it.
-async fn read_message(mut body: Body, max_message: usize) -> Read {
+async fn read_message(mut body: TimedBody, max_message: usize) -> Read {
     let mut read = Bytes::new();
     let mut more: Option<BytesMut> = None;
     let stop = loop {
@@ -184,11 +204,11 @@ fn expected_len(bytes: &[u8], max_message: usize) -> Option<usize> {
 struct Replay {
     read: Option<Bytes>,
     stop: Option<Result<Frame<Bytes>, Status>>,
-    rest: Body,
+    rest: TimedBody,
 }
 
 impl Replay {
-    fn new(read: Bytes, stop: Option<Result<Frame<Bytes>, Status>>, rest: Body) -> Self {
+    fn new(read: Bytes, stop: Option<Result<Frame<Bytes>, Status>>, rest: TimedBody) -> Self {
         Self {
             read: (!read.is_empty()).then_some(read),
             stop,

@@ -9,7 +9,8 @@
 //!   lookups in flight (`upstream_max_in_flight`, per endpoint and overall, in `broker` and
 //!   `upstream`), feedback bytes queued (`feedback`), streams per connection and bytes buffered
 //!   per connection (HTTP/2 settings in `server`), and how long a request body may take to arrive
-//!   ([`BodyTimeoutLayer`]), so a stalled stream holds nothing shared.
+//!   ([`BodyTimeoutLayer`]; `RequestProxy`'s body is read and timed by [`crate::hit::HitPath`]),
+//!   so a stalled stream holds nothing shared.
 //! - **Everything else** (admin, reflection) goes through load shedding and the global
 //!   `max_concurrent_requests` limit: an admin listing can be expensive, and operators can retry.
 //!
@@ -123,6 +124,8 @@ where
 
 /// Fails a call whose request body has not fully arrived within `timeout` of its headers, so a
 /// stream that sends headers and never a body ends instead of waiting for the call timeout.
+/// `RequestProxy` is left to [`crate::hit::HitPath`], which reads that body itself and applies the
+/// same [`TimedBody`] to it without boxing it.
 #[derive(Debug, Clone, Copy)]
 pub struct BodyTimeoutLayer {
     timeout: Duration,
@@ -166,34 +169,54 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let timeout = self.timeout;
+        let path = request.uri().path();
+        if path == crate::hit::REQUEST_PROXY_PATH {
+            // `hit::HitPath` reads this body itself and times it there, unboxed.
+            return self.inner.call(request);
+        }
         // A client stream of many messages may take as long as it likes in all, but not
         // `timeout` between two of them.
-        let idle = request.uri().path() == FEEDBACK_STREAM_PATH;
-        // Boxed as tonic's own boxed body, which `Body::new` takes as it is; any other body it
-        // would wrap once more to convert its errors (one more layer on every poll and drop).
-        self.inner.call(request.map(|body| {
-            Body::new(http_body_util::BodyExt::boxed_unsync(TimedBody::new(
-                body, timeout, idle,
-            )))
-        }))
+        let idle = path == FEEDBACK_STREAM_PATH;
+        let timeout = self.timeout;
+        self.inner.call(request.map(|body| timed(body, timeout, idle)))
     }
+}
+
+/// `body` failing as [`TimedBody`] says, as a tonic body: boxed as tonic's own boxed body, which
+/// `Body::new` takes as it is (any other body it would wrap once more to convert its errors: one
+/// more layer on every poll and drop).
+pub fn timed(body: Body, timeout: Duration, idle: bool) -> Body {
+    Body::new(http_body_util::BodyExt::boxed_unsync(TimedBody::new(
+        body, timeout, idle,
+    )))
 }
 
 /// A request body that fails when it has not ended `timeout` after it first kept the call
 /// waiting. The timer starts only then: a request whose message came with its headers (the usual
 /// case) costs no timer and no clock read. With `idle`, every frame that arrives restarts it (a
 /// client stream: the limit is on the silence between messages).
-struct TimedBody {
-    inner: Body,
+pub struct TimedBody<B = Body> {
+    inner: B,
     timeout: Duration,
     idle: bool,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     ended: bool,
 }
 
-impl TimedBody {
-    fn new(inner: Body, timeout: Duration, idle: bool) -> Self {
+impl<B> std::fmt::Debug for TimedBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TimedBody")
+            .field("timeout", &self.timeout)
+            .field("idle", &self.idle)
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> TimedBody<B> {
+    /// `inner`, failing when it has not ended `timeout` after it first kept its reader waiting
+    /// (with `idle`: `timeout` after the last frame).
+    pub fn new(inner: B, timeout: Duration, idle: bool) -> Self {
         Self {
             inner,
             timeout,
@@ -204,7 +227,7 @@ impl TimedBody {
     }
 }
 
-impl HttpBody for TimedBody {
+impl<B: HttpBody<Data = Bytes, Error = tonic::Status> + Unpin> HttpBody for TimedBody<B> {
     type Data = Bytes;
     type Error = tonic::Status;
 

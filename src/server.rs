@@ -164,6 +164,7 @@ pub async fn serve(
             ),
             BrokerService::new(broker.clone()),
             max_message,
+            body_timeout,
             server_cfg.fast_cache_hits,
         ))
         .add_service(Authenticated::new(
