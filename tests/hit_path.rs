@@ -493,3 +493,18 @@ async fn a_body_that_stalls_part_way_ends_after_the_body_timeout_as_without_the_
     let hit = call(fast.addr, Out::message(&query("kucoin"))).await.response();
     assert_eq!(hit.source(), ProxySource::Cache);
 }
+
+#[tokio::test]
+async fn without_delegation_every_call_goes_through_tonic() {
+    let yaml =
+        "proxy:\n  enabled: true\n  default:\n    websocket:\n      url: \"socks5://embedded.test:1080\"\n";
+    let broker = Arc::new(Broker::new(common::load(Some(yaml), &[]).unwrap()).unwrap());
+    let (addr, calls) = serve_counted(broker, true).await;
+    for n in 1..=3 {
+        let answer = call(addr, Out::message(&query("kucoin"))).await.response();
+        assert_eq!(answer.source(), ProxySource::Embedded);
+        assert_eq!(answer.proxy_url, "socks5://embedded.test:1080");
+        // Nothing is cached without delegation: every answer is made on tonic's path.
+        assert_eq!(calls.load(Ordering::SeqCst), n);
+    }
+}
