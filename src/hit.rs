@@ -37,14 +37,12 @@ use tonic::body::Body;
 use tonic::server::NamedService;
 use tower::Service;
 
-use crate::limits::{TimedBody, timed};
+use crate::limits::{REQUEST_PROXY_PATH, TimedBody, timed};
 use crate::service::BrokerService;
 
 /// The request header that names a compression: a call that has it is left to tonic.
 static GRPC_ENCODING: HeaderName = HeaderName::from_static("grpc-encoding");
 
-/// The path of the one call this module answers.
-pub const REQUEST_PROXY_PATH: &str = "/proxybroker.v1.ProxyBroker/RequestProxy";
 /// A gRPC message's prefix: the compressed flag and the length (big-endian `u32`).
 const PREFIX: usize = 5;
 

@@ -35,6 +35,8 @@ use tower::{BoxError, Layer, Service, ServiceExt};
 pub const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
 /// Path prefix of the feed calls, which are never shed.
 pub const FEED_PREFIX: &str = "/proxybroker.v1.ProxyBroker/";
+/// The call whose body [`crate::hit::HitPath`] reads, and times, itself.
+pub const REQUEST_PROXY_PATH: &str = "/proxybroker.v1.ProxyBroker/RequestProxy";
 /// The client-streaming feedback call, whose body timeout counts silence, not the whole stream.
 pub const FEEDBACK_STREAM_PATH: &str = "/proxybroker.v1.ProxyBroker/ReportFeedbackStream";
 
@@ -170,7 +172,7 @@ where
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let path = request.uri().path();
-        if path == crate::hit::REQUEST_PROXY_PATH {
+        if path == REQUEST_PROXY_PATH {
             // `hit::HitPath` reads this body itself and times it there, unboxed.
             return self.inner.call(request);
         }
