@@ -167,13 +167,7 @@ async fn read_message(mut body: TimedBody, max_message: usize) -> Read {
             _ => {}
         }
         match body.frame().await {
-            None => {
-                let message = more.map_or(read, BytesMut::freeze);
-                return match expected_len(&message, max_message) {
-                    Some(expected) if expected == message.len() => Read::Message(message),
-                    _ => Read::Other(Replay::new(message, None, body)),
-                };
-            }
+            None => break None,
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => match &mut more {
                     Some(more) => more.put(data),
@@ -189,8 +183,17 @@ async fn read_message(mut body: TimedBody, max_message: usize) -> Read {
             },
             Some(Err(status)) => break Some(Err(status)),
         }
+        // The usual message comes in one frame that ends the stream: known here without
+        // polling the body again (in hyper, one more look for data and one for trailers).
+        if body.is_end_stream() {
+            break None;
+        }
     };
-    Read::Other(Replay::new(more.map_or(read, BytesMut::freeze), stop, body))
+    let read = more.map_or(read, BytesMut::freeze);
+    match (&stop, expected_len(&read, max_message)) {
+        (None, Some(expected)) if expected == read.len() && body.is_end_stream() => Read::Message(read),
+        _ => Read::Other(Replay::new(read, stop, body)),
+    }
 }
 
 /// The length of the one message `bytes` starts with, prefix included: `None` when the prefix is
