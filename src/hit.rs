@@ -25,17 +25,20 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::future::Either;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body::{Body as HttpBody, Frame};
 use http_body_util::BodyExt;
 use tonic::Status;
 use tonic::body::Body;
 use tonic::server::NamedService;
-use tower::Service;
+use tower::util::Oneshot;
+use tower::{Service, ServiceExt};
 
 use crate::limits::{REQUEST_PROXY_PATH, TimedBody, timed};
 use crate::service::BrokerService;
@@ -47,9 +50,18 @@ static GRPC_ENCODING: HeaderName = HeaderName::from_static("grpc-encoding");
 const PREFIX: usize = 5;
 
 /// The generated `ProxyBroker` server `S`, with cache hits answered in front of it (see the module
-/// docs).
-#[derive(Debug, Clone)]
-pub struct HitPath<S> {
+/// docs). Cloned for every call (tonic's router does): one reference count.
+#[derive(Debug)]
+pub struct HitPath<S>(Arc<Shared<S>>);
+
+impl<S> Clone for HitPath<S> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+#[derive(Debug)]
+struct Shared<S> {
     inner: S,
     service: BrokerService,
     max_message: usize,
@@ -70,13 +82,13 @@ impl<S> HitPath<S> {
         body_timeout: Duration,
         enabled: bool,
     ) -> Self {
-        Self {
+        Self(Arc::new(Shared {
             inner,
             service,
             max_message,
             body_timeout,
             enabled,
-        }
+        }))
     }
 }
 
@@ -88,50 +100,49 @@ type BoxFuture<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
 
 impl<S> Service<http::Request<Body>> for HitPath<S>
 where
-    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + Sync + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
 {
     type Response = http::Response<Body>;
     type Error = S::Error;
-    type Future = futures_util::future::Either<S::Future, BoxFuture<Self::Response, S::Error>>;
+    type Future = Either<Oneshot<S, http::Request<Body>>, BoxFuture<Self::Response, S::Error>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Each call that reaches `inner` readies a clone of it (`oneshot`); a hit needs nothing.
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        use futures_util::future::Either;
+        let shared = &*self.0;
+        let pass = |request| Either::Left(shared.inner.clone().oneshot(request));
         if request.uri().path() != REQUEST_PROXY_PATH {
-            return Either::Left(self.inner.call(request));
+            return pass(request);
         }
-        let timeout = self.body_timeout;
-        if !self.enabled
+        let timeout = shared.body_timeout;
+        if !shared.enabled
             || request.headers().contains_key(&GRPC_ENCODING)
             || crate::service::rpc_spans_wanted()
         {
-            return Either::Left(self.inner.call(request.map(|body| timed(body, timeout, false))));
+            return pass(request.map(|body| timed(body, timeout, false)));
         }
         // The one state load of the call: its auth check and its answer.
-        let state = self.service.state();
+        let state = shared.service.state();
         // Without delegation nothing is cached: every answer is the embedded configuration's,
         // made on tonic's path. A refused token gets `inner`'s own check and status.
         if state.delegation.is_none() || crate::auth::check_tokens(&state.tokens, request.headers()).is_err()
         {
-            return Either::Left(self.inner.call(request.map(|body| timed(body, timeout, false))));
+            return pass(request.map(|body| timed(body, timeout, false)));
         }
-        // The service that was made ready goes with this call; its clone waits for the next.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let service = self.service.clone();
-        let max_message = self.max_message;
+        let shared = self.0.clone();
         Either::Right(Box::pin(async move {
             let (parts, body) = request.into_parts();
             let body = TimedBody::new(body, timeout, false);
-            let body = match read_message(body, max_message).await {
+            let body = match read_message(body, shared.max_message).await {
                 Read::Message(message) => {
                     let started = tokio::time::Instant::now();
-                    if let Some(answer) = service.answer_at_once(&state, &message[PREFIX..], started) {
+                    let answer = shared.service.answer_at_once(&state, &message[PREFIX..], started);
+                    if let Some(answer) = answer {
                         return Ok(answered(answer));
                     }
                     // The body has ended: nothing left to time.
@@ -140,7 +151,8 @@ where
                 Read::Other(replay) => Body::new(replay),
             };
             drop(state);
-            inner.call(http::Request::from_parts(parts, body)).await
+            let request = http::Request::from_parts(parts, body);
+            shared.inner.clone().oneshot(request).await
         }))
     }
 }
