@@ -18,8 +18,9 @@
 //! lookup or the store's count such a call makes), goes to the generated server with the body as
 //! it arrived (the bytes read so far, then the rest), so tonic decides its status exactly as it
 //! does without this path. The body timeout of every `RequestProxy` is applied here
-//! ([`TimedBody`], unboxed when this path reads the body). tonic has no hook for a handler that answers from bytes (its
-//! `Grpc` always encodes through a codec and a stream), hence the hand-written framing here.
+//! ([`TimedBody`], unboxed when this path reads the body). tonic has no hook for a handler that
+//! answers from bytes (its `Grpc` always encodes through a codec and a stream), hence the
+//! hand-written framing here.
 //!
 //! [`Broker::answer_now`]: crate::broker::Broker::answer_now
 
@@ -45,6 +46,8 @@ use crate::service::BrokerService;
 
 /// The request header that names a compression: a call that has it is left to tonic.
 static GRPC_ENCODING: HeaderName = HeaderName::from_static("grpc-encoding");
+/// The trailer that carries a call's status.
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// A gRPC message's prefix: the compressed flag and the length (big-endian `u32`).
 const PREFIX: usize = 5;
@@ -262,10 +265,17 @@ impl HttpBody for Replay {
 fn answered(answer: crate::wire::ProxyAnswer) -> http::Response<Body> {
     use prost::Message;
     let length = answer.encoded_len();
+    let Ok(prefix_length) = u32::try_from(length) else {
+        // tonic's status for a message it cannot frame. Not reached: an answer is a few hundred
+        // bytes (URLs, strategy and metadata are capped far below).
+        return Status::resource_exhausted(format!(
+            "Cannot return body with more than 4GB of data but got {length} bytes"
+        ))
+        .into_http();
+    };
     let mut frame = BytesMut::with_capacity(PREFIX + length);
     frame.put_u8(0);
-    // A ready answer is a few hundred bytes; a built one is bounded by the answer limits.
-    frame.put_u32(u32::try_from(length).unwrap_or(u32::MAX));
+    frame.put_u32(prefix_length);
     answer.encode_raw(&mut frame);
     let mut response = http::Response::new(Body::new(Answered {
         message: Some(frame.freeze()),
@@ -300,7 +310,7 @@ impl HttpBody for Answered {
         }
         self.ended = true;
         let mut trailers = HeaderMap::with_capacity(1);
-        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        trailers.insert(GRPC_STATUS.clone(), HeaderValue::from_static("0"));
         Poll::Ready(Some(Ok(Frame::trailers(trailers))))
     }
 
