@@ -120,7 +120,7 @@ impl Broker {
         let metrics = Arc::new(Metrics::new());
         let state = State::build(config, None, &clock, &metrics)?;
         let brokering = Brokering::new(
-            state.config.brokering.settings(),
+            state.brokering.clone(),
             &state.config.proxy,
             state.ejection(),
             store,
@@ -223,11 +223,8 @@ impl Broker {
             current.retire_endpoint_metrics(&next);
             self.brokering.clear_upstream_candidates();
         }
-        self.brokering.reload(
-            next.config.brokering.settings(),
-            &next.config.proxy,
-            next.ejection(),
-        );
+        self.brokering
+            .reload(next.brokering.clone(), &next.config.proxy, next.ejection());
         // Watchers ask again only when what answers are made of changed: each re-ask counts a
         // connection attempt, so a reload of, say, log settings must not spend the fleet's budgets.
         let answers_changed =

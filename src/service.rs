@@ -53,9 +53,7 @@ impl BrokerService {
         // `answer_now` came up empty just before: not asked again.
         self.broker.answer_later(lookup, Some(wait_until)).await
     }
-}
 
-impl BrokerService {
     /// The broker's state in force (one load: [`crate::hit::HitPath`] checks auth and answers
     /// with it).
     pub fn state(&self) -> Arc<State> {

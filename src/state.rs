@@ -54,8 +54,8 @@ pub struct State {
     pub delegation: Option<Arc<Delegation>>,
     /// Bearer tokens accepted from callers (empty: no auth).
     pub tokens: Arc<Vec<String>>,
-    /// The `brokering:` block's settings, normalised as the engine keeps them: a cache hit reads
-    /// them from the one state it loads (the engine's own copy serves everything else).
+    /// The `brokering:` block's settings ([`BrokeringSettings::shared`]), the same `Arc` the
+    /// engine holds: a cache hit reads them from the one state it loads.
     pub brokering: Arc<BrokeringSettings>,
 }
 
@@ -142,7 +142,7 @@ impl State {
         } else {
             None
         };
-        let brokering = Arc::new(config.brokering.settings().normalised());
+        let brokering = config.brokering.settings().shared();
         Ok(State {
             config: Arc::new(config),
             delegation,

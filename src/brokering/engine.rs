@@ -222,10 +222,11 @@ fn order<'a>(sticky_key: Option<&'a str>, default: Order<'a>) -> Order<'a> {
 }
 
 impl<P: Clone + Send + Sync + 'static> Brokering<P> {
-    /// An engine for `settings` over `store`; embedded candidates from `proxy` (the validated
-    /// `proxy:` block); `ejection` from `proxy.external_service`. `clock` must be the store's.
+    /// An engine for `settings` ([`BrokeringSettings::shared`]) over `store`; embedded candidates
+    /// from `proxy` (the validated `proxy:` block); `ejection` from `proxy.external_service`.
+    /// `clock` must be the store's.
     pub fn new(
-        settings: BrokeringSettings,
+        settings: Arc<BrokeringSettings>,
         proxy: &ProxySettings,
         ejection: Ejection,
         store: Arc<dyn Store>,
@@ -233,7 +234,7 @@ impl<P: Clone + Send + Sync + 'static> Brokering<P> {
     ) -> Self {
         let marks = HandOutMarks::new(MAX_MARKS, clock.now());
         Self {
-            settings: ArcSwap::from_pointee(settings.normalised()),
+            settings: ArcSwap::new(settings),
             embedded: ArcSwap::from_pointee(EmbeddedCandidates::new(proxy)),
             upstream: UpstreamCandidates::default(),
             store,
@@ -246,8 +247,9 @@ impl<P: Clone + Send + Sync + 'static> Brokering<P> {
 
     /// Applies reloaded settings. State (windows, bans, leases, outage reports, upstream
     /// candidates) is kept; embedded lists are rebuilt (their round-robin cursors restart).
-    pub fn reload(&self, settings: BrokeringSettings, proxy: &ProxySettings, ejection: Ejection) {
-        self.settings.store(Arc::new(settings.normalised()));
+    /// `settings` as [`BrokeringSettings::shared`] makes them.
+    pub fn reload(&self, settings: Arc<BrokeringSettings>, proxy: &ProxySettings, ejection: Ejection) {
+        self.settings.store(settings);
         self.embedded.store(Arc::new(EmbeddedCandidates::new(proxy)));
         self.eject_after_failures
             .store(ejection.after_failures, Ordering::Relaxed);
@@ -522,7 +524,7 @@ impl<P: Clone + Send + Sync + 'static> Brokering<P> {
     /// ([`choose_now`]): an eligible candidate of an unbudgeted exchange, from a store that has
     /// the states at hand. `None`: call [`Brokering::choose_delegated`] (which chooses again). The
     /// cache-hit path: no future, no boxed store call. `settings` are the caller's (the broker's
-    /// state in force holds them too, so a hit loads one state, not two).
+    /// state in force holds the same `Arc` as this engine, so a hit loads one state, not two).
     pub fn choose_delegated_now(&self, ask: &Ask<'_>, settings: &BrokeringSettings) -> Option<Picked<P>> {
         let exchange = normalise_exchange(ask.exchange);
         let budget = settings.budget(&exchange, ask.connection_type).map(|r| r.budget);

@@ -11,6 +11,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use proxy_broker_core::ConnectionType;
@@ -247,6 +248,12 @@ impl BrokeringSettings {
             .map(|(k, v)| (normalise_exchange(&k).into_owned(), v))
             .collect();
         self
+    }
+
+    /// [`BrokeringSettings::normalised`], shared: what the engine and the broker's state both
+    /// hold (one copy per configuration in force).
+    pub fn shared(self) -> Arc<Self> {
+        Arc::new(self.normalised())
     }
 
     /// The settings of `exchange` (lower-case), if configured.

@@ -70,7 +70,7 @@ fn engine<P: Clone + Send + Sync + 'static>(
         after_failures: 3,
         max_percent: 100,
     };
-    Arc::new(Brokering::new(settings, proxy, ejection, store, clock))
+    Arc::new(Brokering::new(settings.shared(), proxy, ejection, store, clock))
 }
 
 fn ask(exchange: &str) -> Ask<'_> {
